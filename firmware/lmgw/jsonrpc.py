@@ -1,0 +1,221 @@
+"""Sans-I/O JSON-RPC 2.0 peer for the LMGW channel.
+
+Both ends of the channel are peers: either may call the other, several calls
+may be in flight, and every call carries a deadline.  This module turns text
+frames into events and calls into text frames; it never touches a socket or
+a clock, so it is tested without I/O.
+
+Batches are not supported: a JSON array is answered with ``INVALID_REQUEST``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+JSONRPC = "2.0"
+
+# Standard JSON-RPC 2.0 codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# LMGW codes (-32000 to -32099 are reserved for implementations).
+CALL_TIMEOUT = -32000
+NOT_CONNECTED = -32001
+FORBIDDEN = -32002
+# -32010 to -32029: load manager (Modbus) errors, see docs/protocol.md.
+
+MAX_ID_LENGTH = 64
+
+RequestId = Union[str, int]
+
+
+class RpcError(Exception):
+    """A JSON-RPC error object, raised by handlers and delivered to callers."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+    def __repr__(self) -> str:
+        return f"RpcError({self.code}, {self.message!r}, {self.data!r})"
+
+
+@dataclass(frozen=True)
+class Request:
+    """The peer calls one of our methods; answer with ``Peer.result/error``."""
+
+    id: RequestId
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Notification:
+    """The peer calls one of our methods and expects no answer."""
+
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Response:
+    """The answer to one of our calls: ``error`` is set or ``result`` is."""
+
+    id: RequestId
+    method: str
+    result: Any = None
+    error: RpcError | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A frame to send back at once (the answer to a malformed frame)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A frame that needs no answer and matched nothing (late or stray response)."""
+
+    reason: str
+
+
+Event = Union[Request, Notification, Response, Reply, Ignored]
+
+
+def encode(message: dict[str, Any]) -> str:
+    """Compact JSON, UTF-8 safe, as sent on the wire."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def error_frame(request_id: RequestId | None, error: RpcError) -> str:
+    return encode({"jsonrpc": JSONRPC, "id": request_id, "error": error.to_json()})
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+
+
+@dataclass
+class Peer:
+    """State of one end of a JSON-RPC session.
+
+    ``call`` returns the frame to send; ``receive`` turns an incoming frame
+    into an event.  Deadlines belong to the caller: when it stops waiting it
+    calls ``cancel`` so that a late answer is ignored.
+    """
+
+    max_pending: int = 1024
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _pending: dict[RequestId, str] = field(default_factory=dict)
+
+    # -- outgoing ---------------------------------------------------------
+
+    def call(self, method: str, params: dict[str, Any]) -> tuple[int, str]:
+        """Start a call; return its id and the frame to send."""
+        if len(self._pending) >= self.max_pending:
+            raise RpcError(INTERNAL_ERROR, f"too many calls in flight ({self.max_pending})")
+        request_id = next(self._ids)
+        self._pending[request_id] = method
+        return request_id, encode({"jsonrpc": JSONRPC, "id": request_id, "method": method, "params": params})
+
+    def notify(self, method: str, params: dict[str, Any]) -> str:
+        return encode({"jsonrpc": JSONRPC, "method": method, "params": params})
+
+    def result(self, request_id: RequestId, result: Any) -> str:
+        return encode({"jsonrpc": JSONRPC, "id": request_id, "result": result})
+
+    def error(self, request_id: RequestId, error: RpcError) -> str:
+        return error_frame(request_id, error)
+
+    def cancel(self, request_id: RequestId) -> None:
+        """Forget a call (its caller gave up); a late answer is then ignored."""
+        self._pending.pop(request_id, None)
+
+    def fail_all(self, error: RpcError) -> list[Response]:
+        """Fail every call in flight (the connection is gone)."""
+        failed = [Response(rid, method, error=error) for rid, method in self._pending.items()]
+        self._pending.clear()
+        return failed
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- incoming ---------------------------------------------------------
+
+    def receive(self, frame: str | bytes) -> Event:
+        """Parse one frame into one event."""
+        if isinstance(frame, bytes):
+            return Reply(error_frame(None, RpcError(INVALID_REQUEST, "binary frames are not allowed; send JSON text")))
+        try:
+            message = json.loads(frame)
+        except (ValueError, RecursionError) as exc:
+            return Reply(error_frame(None, RpcError(PARSE_ERROR, f"frame is not valid JSON: {exc}")))
+        if not isinstance(message, dict):
+            return Reply(error_frame(None, RpcError(INVALID_REQUEST, "frame must be a JSON object (batches are not supported)")))
+        if message.get("jsonrpc") != JSONRPC:
+            return Reply(error_frame(_id_or_none(message), RpcError(INVALID_REQUEST, 'member "jsonrpc" must be "2.0"')))
+        if "method" in message:
+            return self._receive_call(message)
+        if "result" in message or "error" in message:
+            return self._receive_response(message)
+        return Reply(error_frame(_id_or_none(message), RpcError(INVALID_REQUEST, 'frame has neither "method" nor "result"/"error"')))
+
+    def _receive_call(self, message: dict[str, Any]) -> Event:
+        request_id = message.get("id")
+        has_id = "id" in message
+        if has_id and not _valid_id(request_id):
+            return Reply(error_frame(None, RpcError(INVALID_REQUEST, f'"id" must be an integer or a string of 1 to {MAX_ID_LENGTH} characters')))
+        method = message["method"]
+        if not isinstance(method, str) or not method:
+            return self._bad_call(has_id, request_id, RpcError(INVALID_REQUEST, '"method" must be a non-empty string'))
+        params = message.get("params", {})
+        if not isinstance(params, dict):
+            return self._bad_call(has_id, request_id, RpcError(INVALID_PARAMS, '"params" must be an object (named parameters)'))
+        if not has_id:
+            return Notification(method, params)
+        return Request(request_id, method, params)
+
+    @staticmethod
+    def _bad_call(has_id: bool, request_id: Any, error: RpcError) -> Event:
+        if not has_id:
+            return Ignored(f"malformed notification: {error.message}")
+        return Reply(error_frame(request_id, error))
+
+    def _receive_response(self, message: dict[str, Any]) -> Event:
+        request_id = message.get("id")
+        if not _valid_id(request_id):
+            return Ignored(f"response with unusable id {request_id!r}: {message.get('error')!r}")
+        method = self._pending.pop(request_id, None)
+        if method is None:
+            return Ignored(f"response to unknown or expired call {request_id!r}")
+        if "error" in message:
+            error = message["error"]
+            if not (isinstance(error, dict) and isinstance(error.get("code"), int) and isinstance(error.get("message"), str)):
+                return Response(request_id, method, error=RpcError(INTERNAL_ERROR, f"peer sent a malformed error object: {error!r}"))
+            return Response(request_id, method, error=RpcError(error["code"], error["message"], error.get("data")))
+        return Response(request_id, method, result=message["result"])
+
+
+def _id_or_none(message: dict[str, Any]) -> RequestId | None:
+    request_id = message.get("id")
+    return request_id if _valid_id(request_id) else None

@@ -1,0 +1,104 @@
+"""Method tables: named handlers with declared, validated parameters.
+
+A handler is an ``async`` function taking the validated params as keyword
+arguments.  Validation happens before the handler runs, so a handler never
+sees a missing, unknown or mistyped parameter; the caller gets
+``INVALID_PARAMS`` with the parameter's name in ``data``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from .jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND, RpcError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Awaitable[Any]]
+Check = Callable[[Any], None]
+"""Raises ``ValueError`` with a message a caller can act on."""
+
+_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type | tuple[type, ...]
+    required: bool = True
+    default: Any = None
+    check: Check | None = None
+
+    def type_name(self) -> str:
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        return " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+    def accepts(self, value: Any) -> bool:
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            return False  # JSON true is not the number 1
+        if isinstance(value, int) and float in kinds:
+            return True
+        return isinstance(value, kinds)
+
+
+def validate(spec: Sequence[Param], params: dict[str, Any]) -> dict[str, Any]:
+    """Return the params with defaults applied, or raise ``INVALID_PARAMS``."""
+    known = {p.name for p in spec}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise RpcError(INVALID_PARAMS, f"unknown parameter {unknown[0]!r}; expected {sorted(known)}", {"param": unknown[0]})
+    values: dict[str, Any] = {}
+    for p in spec:
+        if p.name not in params:
+            if p.required:
+                raise RpcError(INVALID_PARAMS, f"missing parameter {p.name!r} ({p.type_name()})", {"param": p.name})
+            values[p.name] = p.default
+            continue
+        value = params[p.name]
+        if not p.accepts(value):
+            raise RpcError(INVALID_PARAMS, f"parameter {p.name!r} must be {p.type_name()}", {"param": p.name})
+        if p.check is not None:
+            try:
+                p.check(value)
+            except ValueError as exc:
+                raise RpcError(INVALID_PARAMS, f"parameter {p.name!r}: {exc}", {"param": p.name}) from None
+        values[p.name] = value
+    return values
+
+
+@dataclass(frozen=True)
+class _Method:
+    handler: Handler
+    params: tuple[Param, ...]
+
+
+class MethodTable:
+    """The methods one end of the channel offers to the other."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, _Method] = {}
+
+    def add(self, name: str, handler: Handler, params: Sequence[Param] = ()) -> None:
+        if name in self._methods:
+            raise ValueError(f"method {name} registered twice")
+        self._methods[name] = _Method(handler, tuple(params))
+
+    def names(self) -> list[str]:
+        return sorted(self._methods)
+
+    async def dispatch(self, method: str, params: dict[str, Any]) -> Any:
+        """Validate and run one call; every failure becomes an ``RpcError``."""
+        entry = self._methods.get(method)
+        if entry is None:
+            raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}", {"methods": self.names()})
+        kwargs = validate(entry.params, params)
+        try:
+            return await entry.handler(**kwargs)
+        except RpcError:
+            raise
+        except Exception as exc:
+            log.exception("method %s failed", method)
+            raise RpcError(INTERNAL_ERROR, f"{method} failed: {type(exc).__name__}: {exc}") from exc

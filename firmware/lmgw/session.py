@@ -1,0 +1,106 @@
+"""The asyncio edge of the JSON-RPC peer: one session per WebSocket connection.
+
+``RpcSession.run`` reads frames until the connection closes, answering the
+peer's calls concurrently (several may be in flight) and resolving our own.
+Every outgoing call has a timeout; on close, calls in flight fail with
+``NOT_CONNECTED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from .jsonrpc import CALL_TIMEOUT, NOT_CONNECTED, Ignored, Notification, Peer, Reply, Request, Response, RpcError
+from .methods import MethodTable
+
+log = logging.getLogger(__name__)
+
+
+class RpcSession:
+    def __init__(self, connection: Connection, methods: MethodTable, *, name: str, call_timeout: float = 30.0) -> None:
+        self.connection = connection
+        self.methods = methods
+        self.name = name
+        self.call_timeout = call_timeout
+        self._peer = Peer()
+        self._waiters: dict[Any, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Call a method of the peer and return its result or raise ``RpcError``."""
+        timeout = self.call_timeout if timeout is None else timeout
+        request_id, frame = self._peer.call(method, params or {})
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = waiter
+        try:
+            await self.connection.send(frame)
+            return await asyncio.wait_for(waiter, timeout)
+        except ConnectionClosed:
+            raise RpcError(NOT_CONNECTED, f"connection to {self.name} closed during {method}") from None
+        except asyncio.TimeoutError:
+            raise RpcError(CALL_TIMEOUT, f"{self.name} did not answer {method} within {timeout:g} s") from None
+        finally:
+            self._waiters.pop(request_id, None)
+            self._peer.cancel(request_id)
+
+    async def run(self) -> None:
+        """Serve the connection until it closes."""
+        try:
+            async for frame in self.connection:
+                self._handle(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            for response in self._peer.fail_all(RpcError(NOT_CONNECTED, f"connection to {self.name} closed")):
+                self._resolve(response)
+            for task in list(self._tasks):
+                task.cancel()
+
+    def _handle(self, frame: str | bytes) -> None:
+        event = self._peer.receive(frame)
+        if isinstance(event, Response):
+            self._resolve(event)
+        elif isinstance(event, (Request, Notification)):
+            self._spawn(self._serve(event))
+        elif isinstance(event, Reply):
+            log.warning("malformed frame from %s answered with an error: %s", self.name, event.text[:200])
+            self._spawn(self._send(event.text))
+        elif isinstance(event, Ignored):
+            log.warning("frame from %s ignored: %s", self.name, event.reason)
+
+    def _resolve(self, response: Response) -> None:
+        waiter = self._waiters.get(response.id)
+        if waiter is None or waiter.done():
+            return
+        if response.error is not None:
+            waiter.set_exception(response.error)
+        else:
+            waiter.set_result(response.result)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, call: Request | Notification) -> None:
+        try:
+            result = await self.methods.dispatch(call.method, call.params)
+        except RpcError as error:
+            if isinstance(call, Notification):
+                log.warning("notification %s from %s failed: %s", call.method, self.name, error.message)
+                return
+            await self._send(self._peer.error(call.id, error))
+            return
+        if isinstance(call, Request):
+            await self._send(self._peer.result(call.id, result))
+
+    async def _send(self, frame: str) -> None:
+        try:
+            await self.connection.send(frame)
+        except ConnectionClosed:
+            log.info("answer to %s dropped: connection closed", self.name)
