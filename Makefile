@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MITM_VENV := .venv-mitm
 MITMPROXY_VERSION := 11.0.2
-# Host tools from Debian: tinyproxy (explicit CONNECT proxy for the tests).
+# Host tools from Debian, one line per area (each area appends its own).
 APT_PACKAGES := tinyproxy
 
 .PHONY: deps host-packages demo test bench clean
