@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 from websockets.asyncio.connection import Connection
@@ -30,6 +31,7 @@ class RpcSession:
         self._peer = Peer()
         self._waiters: dict[Any, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.last_received = datetime.now(timezone.utc)
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         """Call a method of the peer and return its result or raise ``RpcError``."""
@@ -62,6 +64,7 @@ class RpcSession:
                 task.cancel()
 
     def _handle(self, frame: str | bytes) -> None:
+        self.last_received = datetime.now(timezone.utc)
         event = self._peer.receive(frame)
         if isinstance(event, Response):
             self._resolve(event)

@@ -1,0 +1,1 @@
+"""The DSO reference server: accepts gateways, keeps a registry, relays operator calls."""

@@ -1,0 +1,200 @@
+"""The DSO reference server: mTLS WebSocket endpoint for gateways.
+
+Identity comes from the client certificate (its CN is the gateway ID), never
+from message content.  Revocation is checked at every handshake against the
+CRL file, which is reloaded when it changes; a gateway whose certificate
+becomes revoked while connected is disconnected at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from cryptography import x509
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from .. import SUBPROTOCOL, __version__
+from ..jsonrpc import FORBIDDEN, RpcError
+from ..methods import MethodTable, Param
+from ..revocation import CrlCache, RevocationError
+from ..session import RpcSession
+from ..tls import common_name, peer_certificate, server_context
+from .config import DsoConfig
+from .events import EventLog
+from .registry import GatewayRegistry
+
+log = logging.getLogger(__name__)
+
+CRL_POLL_SECONDS = 1.0
+CLOSE_REVOKED = 4001
+CLOSE_REPLACED = 4002
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _client_auth_allowed(certificate: x509.Certificate) -> bool:
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return x509.ExtendedKeyUsageOID.CLIENT_AUTH in usage
+
+
+class DsoServer:
+    def __init__(self, config: DsoConfig) -> None:
+        self.config = config
+        self.ca_cert = x509.load_pem_x509_certificate(config.ca_file.read_bytes())
+        self.crl = CrlCache(config.crl_file, self.ca_cert, config.crl_grace)
+        self.registry = GatewayRegistry()
+        self.events = EventLog(config.events_file)
+        for record in self.events.read():
+            self.registry.first_delivery(record["gateway_id"], record["event"]["id"])
+        self._server: Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.crl.reload_if_changed()
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            ssl=server_context(self.config.ca_file, self.config.cert_file, self.config.key_file),
+            subprotocols=[SUBPROTOCOL],
+            process_request=self._check_client,
+            max_size=self.config.max_frame,
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_interval,
+            server_header=f"lmgw-dso/{__version__}",
+        )
+        self._watcher = asyncio.create_task(self._watch_crl())
+        log.info("DSO listening on %s:%d", self.config.host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # -- handshake ----------------------------------------------------------
+
+    def _check_client(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Refuse revoked or unsuitable certificates before the WebSocket opens."""
+        certificate = peer_certificate(connection.transport.get_extra_info("ssl_object"))
+        remote = connection.remote_address
+        if certificate is None or not common_name(certificate):
+            log.warning("refused %s: no client certificate with a CN", remote)
+            return connection.respond(403, "client certificate with a gateway ID (CN) required\n")
+        gateway_id = common_name(certificate)
+        if not _client_auth_allowed(certificate):
+            log.warning("refused %s (%s): certificate is not for client authentication", remote, gateway_id)
+            return connection.respond(403, "certificate not issued for client authentication\n")
+        try:
+            self.crl.check(certificate.serial_number, _now())
+        except RevocationError as exc:
+            log.warning("refused gateway %s from %s serial=%x: %s", gateway_id, remote, certificate.serial_number, exc)
+            return connection.respond(403, f"{exc}\n")
+        return None
+
+    # -- sessions -----------------------------------------------------------
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        certificate = peer_certificate(connection.transport.get_extra_info("ssl_object"))
+        assert certificate is not None  # _check_client refused it otherwise
+        gateway_id = common_name(certificate) or ""
+        remote = "%s:%d" % connection.remote_address[:2]
+        session = RpcSession(connection, self._methods(gateway_id), name=f"gateway {gateway_id}", call_timeout=self.config.call_timeout)
+        replaced = self.registry.attach(gateway_id, certificate.serial_number, remote, session, _now())
+        if replaced is not None:
+            log.warning("gateway %s connected again from %s: closing its previous session", gateway_id, remote)
+            await replaced.connection.close(CLOSE_REPLACED, "replaced by a newer connection")
+        log.info("gateway %s connected from %s serial=%x", gateway_id, remote, certificate.serial_number)
+        try:
+            await session.run()
+        finally:
+            self.registry.detach(gateway_id, session)
+            log.info("gateway %s disconnected (code %s)", gateway_id, connection.close_code)
+
+    def _methods(self, gateway_id: str) -> MethodTable:
+        """Methods a gateway may call; ``gateway_id`` is bound from its certificate."""
+        table = MethodTable()
+
+        async def hello(gateway_id: str, firmware_version: str, lms: list[Any], status: dict[str, Any] | None) -> dict[str, Any]:
+            if gateway_id != bound_id:
+                raise RpcError(FORBIDDEN, f"gateway_id {gateway_id!r} does not match the certificate ({bound_id!r})")
+            self.registry.hello(bound_id, firmware_version, lms)
+            log.info("gateway %s hello: firmware %s, %d LM(s)", bound_id, firmware_version, len(lms))
+            return {"server": f"lmgw-dso/{__version__}", "time": _now().isoformat()}
+
+        async def event(id: str, kind: str, time: str, details: dict[str, Any]) -> dict[str, Any]:
+            first = self.registry.first_delivery(bound_id, id)
+            if first:
+                record = {"gateway_id": bound_id, "received": _now().isoformat(),
+                          "event": {"id": id, "kind": kind, "time": time, "details": details}}
+                self.events.append(record)
+                level = logging.WARNING if kind.startswith("security.") else logging.INFO
+                log.log(level, "gateway %s event %s: %s", bound_id, kind, details)
+            return {"accepted": True, "duplicate": not first}
+
+        async def ping(payload: Any = None) -> dict[str, Any]:
+            return {"time": _now().isoformat(), "payload": payload}
+
+        bound_id = gateway_id
+        table.add("gw.hello", hello, [
+            Param("gateway_id", str), Param("firmware_version", str), Param("lms", list),
+            Param("status", dict, required=False, default=None),
+        ])
+        table.add("gw.event", event, [Param("id", str), Param("kind", str), Param("time", str), Param("details", dict)])
+        table.add("gw.ping", ping, [Param("payload", (str, int, float, bool, list, dict), required=False)])
+        return table
+
+    # -- operator actions -----------------------------------------------------
+
+    async def call(self, gateway_id: str, method: str, params: dict[str, Any], timeout: float | None = None) -> Any:
+        entry = self.registry.get(gateway_id)
+        if entry is None:
+            raise LookupError(f"gateway {gateway_id} is not connected")
+        return await entry.session.call(method, params, timeout=timeout)
+
+    async def revoke(self, gateway_id: str, reason: str) -> list[int]:
+        """Revoke through the CA this DSO holds, then disconnect the gateway at once."""
+        if self.config.ca_dir is None:
+            raise PermissionError("this DSO holds no CA ([revocation] ca_dir); revoke with lmgw-pki, the DSO reloads the CRL")
+        from ..pki.ca import CertificateAuthority
+
+        serials = CertificateAuthority.open(self.config.ca_dir).revoke(gateway_id=gateway_id, reason=reason)
+        self.crl.reload_if_changed()
+        await self._disconnect_revoked()
+        return serials
+
+    async def _watch_crl(self) -> None:
+        while True:
+            await asyncio.sleep(CRL_POLL_SECONDS)
+            try:
+                if self.crl.reload_if_changed():
+                    log.info("CRL %s reloaded (next update %s)", self.config.crl_file, self.crl.next_update)
+                    await self._disconnect_revoked()
+            except RevocationError as exc:
+                log.error("CRL %s not reloaded: %s", self.config.crl_file, exc)
+
+    async def _disconnect_revoked(self) -> None:
+        now = _now()
+        for entry in self.registry.entries():
+            try:
+                self.crl.check(entry.serial, now)
+            except RevocationError as exc:
+                log.warning("disconnecting gateway %s serial=%x: %s", entry.gateway_id, entry.serial, exc)
+                await entry.session.connection.close(CLOSE_REVOKED, "certificate revoked")

@@ -1,0 +1,1 @@
+"""The gateway agent: what runs on the device."""

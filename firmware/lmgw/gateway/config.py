@@ -1,0 +1,66 @@
+"""Gateway configuration (TOML), normally /identity/gateway.toml on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import ConfigError, get, load_toml, path, section
+
+ProxySetting = str | Literal[True] | None
+"""A proxy URL, True for the environment's ``https_proxy``, None for direct."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    data_dir: Path
+    url: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    proxy: ProxySetting
+    call_timeout: float
+    ping_interval: float
+    max_frame: int
+    crl_url: str | None
+    crl_refresh: float
+    crl_grace: timedelta
+    min_delay: float
+    max_delay: float
+    raw: dict[str, Any]
+    """The whole file: the load manager sections are read by ``lmgw.modbus``."""
+
+    @classmethod
+    def load(cls, file: Path) -> GatewayConfig:
+        return cls.parse(load_toml(file), file.parent)
+
+    @classmethod
+    def parse(cls, config: dict[str, Any], base: Path) -> GatewayConfig:
+        dso = section(config, "dso", required=True)
+        crl = section(config, "crl")
+        reconnect = section(config, "reconnect")
+        url = get(dso, "url", str, "dso")
+        if not url.startswith("wss://"):
+            raise ConfigError(f"[dso] url must start with wss:// (TLS is mandatory), got {url!r}")
+        proxy = get(dso, "proxy", str, "dso", None)
+        if proxy is not None and proxy != "none" and not proxy.startswith(("http://", "https://")):
+            raise ConfigError(f"[dso] proxy must be an http:// or https:// URL or \"none\", got {proxy!r}")
+        return cls(
+            data_dir=path(config, "data_dir", "top level", base),
+            url=url,
+            ca_file=path(dso, "ca_file", "dso", base),
+            cert_file=path(dso, "cert_file", "dso", base),
+            key_file=path(dso, "key_file", "dso", base),
+            proxy=True if proxy is None else (None if proxy == "none" else proxy),
+            call_timeout=get(dso, "call_timeout", float, "dso", 30.0),
+            ping_interval=get(dso, "ping_interval", float, "dso", 20.0),
+            max_frame=get(dso, "max_frame", int, "dso", 256 * 1024),
+            crl_url=get(crl, "url", str, "crl", None),
+            crl_refresh=get(crl, "refresh_interval", float, "crl", 3600.0),
+            crl_grace=timedelta(seconds=get(crl, "grace", float, "crl", 7 * 86400.0)),
+            min_delay=get(reconnect, "min_delay", float, "reconnect", 1.0),
+            max_delay=get(reconnect, "max_delay", float, "reconnect", 300.0),
+            raw=config,
+        )
