@@ -1,0 +1,110 @@
+"""The sans-I/O JSON-RPC peer, without sockets."""
+
+import json
+
+import pytest
+
+from lmgw.jsonrpc import (INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, NOT_CONNECTED, PARSE_ERROR, Ignored,
+                          Notification, Peer, Reply, Request, Response, RpcError)
+
+
+def error_of(event):
+    assert isinstance(event, Reply)
+    return json.loads(event.text)["error"]
+
+
+def test_call_and_result_round_trip():
+    caller, callee = Peer(), Peer()
+    request_id, frame = caller.call("gw.ping", {"payload": 1})
+    request = callee.receive(frame)
+    assert request == Request(request_id, "gw.ping", {"payload": 1})
+    response = caller.receive(callee.result(request.id, {"pong": True}))
+    assert response == Response(request_id, "gw.ping", result={"pong": True})
+    assert caller.in_flight == 0
+
+
+def test_several_calls_in_flight_answered_out_of_order():
+    caller, callee = Peer(), Peer()
+    calls = [caller.call("m", {"n": n}) for n in range(3)]
+    requests = [callee.receive(frame) for _, frame in calls]
+    answers = [caller.receive(callee.result(r.id, r.params["n"])) for r in reversed(requests)]
+    assert [a.result for a in answers] == [2, 1, 0]
+    assert [a.id for a in answers] == [calls[2][0], calls[1][0], calls[0][0]]
+
+
+def test_error_response_becomes_rpc_error():
+    caller, callee = Peer(), Peer()
+    request_id, frame = caller.call("lm.read", {})
+    callee.receive(frame)
+    response = caller.receive(callee.error(request_id, RpcError(INVALID_PARAMS, "bad", {"param": "lm"})))
+    assert response.error.code == INVALID_PARAMS and response.error.data == {"param": "lm"}
+
+
+def test_late_answer_after_cancel_is_ignored():
+    caller, callee = Peer(), Peer()
+    request_id, frame = caller.call("slow", {})
+    caller.cancel(request_id)
+    assert isinstance(caller.receive(callee.result(request_id, 1)), Ignored)
+
+
+def test_fail_all_on_disconnect():
+    caller = Peer()
+    caller.call("a", {})
+    caller.call("b", {})
+    failed = caller.fail_all(RpcError(NOT_CONNECTED, "gone"))
+    assert [(f.method, f.error.code) for f in failed] == [("a", NOT_CONNECTED), ("b", NOT_CONNECTED)]
+    assert caller.in_flight == 0
+
+
+def test_too_many_calls_in_flight_refused():
+    caller = Peer(max_pending=2)
+    caller.call("a", {})
+    caller.call("b", {})
+    with pytest.raises(RpcError) as info:
+        caller.call("c", {})
+    assert info.value.code == INTERNAL_ERROR
+
+
+def test_notification_has_no_id():
+    assert Peer().receive(Peer().notify("gw.event", {"k": 1})) == Notification("gw.event", {"k": 1})
+
+
+@pytest.mark.parametrize("frame, code", [
+    ("{not json", PARSE_ERROR),
+    ('[{"jsonrpc":"2.0","id":1,"method":"x"}]', INVALID_REQUEST),
+    ('"just a string"', INVALID_REQUEST),
+    ('{"jsonrpc":"1.0","id":1,"method":"x"}', INVALID_REQUEST),
+    ('{"jsonrpc":"2.0","id":1}', INVALID_REQUEST),
+    ('{"jsonrpc":"2.0","id":true,"method":"x"}', INVALID_REQUEST),
+    ('{"jsonrpc":"2.0","id":1,"method":5}', INVALID_REQUEST),
+    ('{"jsonrpc":"2.0","id":1,"method":"x","params":[1,2]}', INVALID_PARAMS),
+    ('{"jsonrpc":"2.0","id":"' + "x" * 65 + '","method":"x"}', INVALID_REQUEST),
+])
+def test_malformed_frames_get_documented_errors(frame, code):
+    assert error_of(Peer().receive(frame))["code"] == code
+
+
+def test_binary_frame_refused():
+    assert error_of(Peer().receive(b"\x00\x01"))["code"] == INVALID_REQUEST
+
+
+def test_error_keeps_request_id_when_usable():
+    reply = Peer().receive('{"jsonrpc":"2.0","id":7,"method":"x","params":"bad"}')
+    assert json.loads(reply.text)["id"] == 7
+
+
+def test_stray_and_malformed_responses_ignored_or_reported():
+    peer = Peer()
+    assert isinstance(peer.receive('{"jsonrpc":"2.0","id":99,"result":1}'), Ignored)
+    request_id, _ = peer.call("m", {})
+    response = peer.receive(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": "oops"}))
+    assert response.error.code == INTERNAL_ERROR
+
+
+def test_malformed_notification_is_ignored_not_answered():
+    assert isinstance(Peer().receive('{"jsonrpc":"2.0","method":"x","params":3}'), Ignored)
+
+
+def test_nan_is_never_sent():
+    with pytest.raises(ValueError):
+        Peer().result(1, float("nan"))
