@@ -7,6 +7,7 @@ MITM_VENV := .venv-mitm
 MITMPROXY_VERSION := 11.0.2
 # Host tools from Debian, one line per area (each area appends its own).
 APT_PACKAGES := tinyproxy
+APT_PACKAGES += socat
 
 .PHONY: deps host-packages demo test bench clean
 

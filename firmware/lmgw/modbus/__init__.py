@@ -1,0 +1,1 @@
+"""Load managers over Modbus: profiles, transports, load shedding and the TCP->RTU bridge."""
