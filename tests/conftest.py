@@ -1,0 +1,197 @@
+"""Shared fixtures: a real CA, a real DSO server and real gateway agents on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(value)
+
+
+def write_toml(path: Path, config: dict[str, Any]) -> Path:
+    """A tiny TOML writer for test configurations (tables and arrays of tables)."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in config.items() if not isinstance(v, (dict, list))]
+    for key, value in config.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list):
+            for item in value:
+                lines.append(f"\n[[{key}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Pki:
+    """A CA directory with a DSO server certificate and one gateway certificate."""
+
+    dir: Path
+    ca: Any
+    dso_key: Path
+    dso_cert: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca.cert_path
+
+    @property
+    def crl(self) -> Path:
+        return self.dir / "crl.der"
+
+    def gateway(self, gateway_id: str, **kwargs: Any) -> tuple[Path, Path]:
+        """Issue a gateway key and certificate; return their paths."""
+        issued = self.ca.issue_gateway(gateway_id, **kwargs)
+        out = self.dir / "gateways" / f"{gateway_id}-{issued.serial:x}"
+        out.mkdir(parents=True)
+        (out / "device.key").write_bytes(issued.key_pem)
+        (out / "device.crt").write_bytes(issued.cert_pem)
+        return out / "device.key", out / "device.crt"
+
+
+def make_pki(directory: Path, name: str = "LMGW Test CA") -> Pki:
+    from lmgw.pki.ca import CertificateAuthority
+
+    ca = CertificateAuthority.create(directory, name=name)
+    server = ca.issue_server("dso", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    (directory / "dso.key").write_bytes(server.key_pem)
+    (directory / "dso.crt").write_bytes(server.cert_pem)
+    ca.publish_crl()
+    return Pki(directory, ca, directory / "dso.key", directory / "dso.crt")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "ca")
+
+
+@pytest.fixture
+def other_pki(tmp_path: Path) -> Pki:
+    """A second, unrelated CA: what an attacker or a misconfigured site has."""
+    return make_pki(tmp_path / "other-ca", name="Some Other CA")
+
+
+@contextlib.asynccontextmanager
+async def running_dso(pki: Pki, tmp_path: Path, *, port: int = 0, **channel: Any) -> AsyncIterator[Any]:
+    from lmgw.dso.api import start_api
+    from lmgw.dso.config import DsoConfig
+    from lmgw.dso.server import DsoServer
+
+    config_file = write_toml(tmp_path / f"dso-{port}.toml", {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
+        "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
+        "api": {"socket": tmp_path / "dso-api.sock", "events_file": tmp_path / "dso-events.jsonl"},
+        "channel": {"call_timeout": 5, "ping_interval": 20, **channel},
+    })
+    server = DsoServer(DsoConfig.load(config_file))
+    await server.start()
+    api = await start_api(server, server.config.api_socket)
+    try:
+        yield server
+    finally:
+        api.close()
+        await server.stop()
+
+
+def gateway_config(pki: Pki, tmp_path: Path, gateway_id: str, dso_port: int, *, key_cert: tuple[Path, Path] | None = None,
+                   crl_url: str | None = None, **dso: Any) -> dict[str, Any]:
+    key, cert = key_cert or pki.gateway(gateway_id)
+    config: dict[str, Any] = {
+        "data_dir": tmp_path / f"data-{gateway_id}",
+        "dso": {"url": f"wss://localhost:{dso_port}/", "ca_file": pki.ca_cert, "cert_file": cert, "key_file": key,
+                "proxy": "none", "call_timeout": 5, **dso},
+        "reconnect": {"min_delay": 0.2, "max_delay": 1.0},
+    }
+    if crl_url:
+        config["crl"] = {"url": crl_url, "refresh_interval": 1.0}
+    seed_crl_cache(pki, config)
+    return config
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: dict[str, Any], tmp_path: Path) -> AsyncIterator[Any]:
+    from lmgw.gateway.agent import GatewayAgent
+    from lmgw.gateway.config import GatewayConfig
+
+    agent = GatewayAgent(GatewayConfig.parse(config, tmp_path))
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        yield agent
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def seed_crl_cache(pki: Pki, config: dict[str, Any]) -> None:
+    """What the factory does: the device starts with the current CRL in its data directory."""
+    data_dir = Path(config["data_dir"])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pki.crl, data_dir / "crl.der")
+
+
+@contextlib.contextmanager
+def process(args: list[str], log: Path, ready: Callable[[str], bool] | None = None, timeout: float = 20.0,
+            env: dict[str, str] | None = None):
+    """A real server process, its output kept in ``log``; killed at the end."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while ready is not None and not ready(log.read_text(errors="replace")):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{args[0]} not ready after {timeout} s:\n{log.read_text(errors='replace')}")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

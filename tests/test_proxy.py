@@ -1,0 +1,114 @@
+"""Through real proxies: tinyproxy (explicit CONNECT, with and without Basic
+auth) and mitmproxy acting as a TLS-intercepting (DPI) proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port, gateway_config, process, running_dso, running_gateway, wait_until
+
+MITMDUMP = REPO / ".venv-mitm" / "bin" / "mitmdump"
+
+
+@pytest.fixture
+def tinyproxy(tmp_path, request):
+    """A real tinyproxy on loopback; ``request.param`` is (user, password) or None."""
+    if shutil.which("tinyproxy") is None:
+        pytest.fail("tinyproxy is not installed: run `make deps`")
+    port = free_port()
+    auth = getattr(request, "param", None)
+    conf = tmp_path / "tinyproxy.conf"
+    lines = [f"Port {port}", "Listen 127.0.0.1", "Timeout 600", "MaxClients 20", "LogLevel Connect",
+             "ConnectPort 1-65535"]  # the DSO listens on an ephemeral port in tests; production uses 443
+    if auth:
+        lines.append(f"BasicAuth {auth[0]} {auth[1]}")
+    conf.write_text("\n".join(lines) + "\n")
+    log = tmp_path / "tinyproxy.log"
+    with process(["tinyproxy", "-d", "-c", str(conf)], log, ready=lambda text: "Accepting connections" in text):
+        yield port, log
+
+
+@pytest.mark.parametrize("tinyproxy", [None, ("lmgw", "s3cret")], indirect=True, ids=["open", "basic-auth"])
+def test_connects_through_tinyproxy(pki, tmp_path, tinyproxy):
+    port, log = tinyproxy
+    credentials = "lmgw:s3cret@" if "BasicAuth" in (tmp_path / "tinyproxy.conf").read_text() else ""
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-P1", dso.port, proxy=f"http://{credentials}127.0.0.1:{port}")
+            async with running_gateway(config, tmp_path) as agent:
+                await wait_until(lambda: agent.session is not None, what="connection through the proxy")
+                assert (await dso.call("GW-P1", "gw.ping", {"payload": "via proxy"}))["payload"] == "via proxy"
+                status = await dso.call("GW-P1", "gw.status", {})
+                assert status["proxy"] == f"http://127.0.0.1:{port}"  # never the credentials
+    asyncio.run(scenario())
+    assert f"CONNECT localhost:" in log.read_text()
+
+
+@pytest.mark.parametrize("tinyproxy", [("lmgw", "s3cret")], indirect=True)
+def test_wrong_proxy_password_is_a_clear_error(pki, tmp_path, tinyproxy, caplog):
+    port, _ = tinyproxy
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-P2", dso.port, proxy=f"http://lmgw:wrong@127.0.0.1:{port}")
+            async with running_gateway(config, tmp_path) as agent:
+                await wait_until(lambda: "407" in caplog.text, what="proxy refusal in the log")
+                assert agent.session is None
+    asyncio.run(scenario())
+    assert "s3cret" not in caplog.text and "wrong@" not in caplog.text
+
+
+def test_https_proxy_from_environment(pki, tmp_path, tinyproxy, monkeypatch):
+    port, log = tinyproxy
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-P3", dso.port)
+            del config["dso"]["proxy"]  # not configured: the environment decides
+            async with running_gateway(config, tmp_path) as agent:
+                await wait_until(lambda: agent.session is not None)
+    asyncio.run(scenario())
+    assert "CONNECT localhost:" in log.read_text()
+
+
+@pytest.fixture
+def mitmproxy(tmp_path):
+    """mitmproxy as a corporate DPI proxy: it forges certificates with its own CA."""
+    if not MITMDUMP.exists():
+        pytest.fail("mitmproxy is not installed: run `make deps`")
+    port = free_port()
+    log = tmp_path / "mitmdump.log"
+    args = [str(MITMDUMP), "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--set", f"confdir={tmp_path / 'mitm'}", "--set", "ssl_insecure=true"]
+    with process(args, log, ready=lambda text: "listening at" in text.lower(), timeout=60):
+        yield port, log
+
+
+def test_intercepting_proxy_is_refused_and_reported_after_a_good_connection(pki, tmp_path, mitmproxy):
+    port, _ = mitmproxy
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-M1", dso.port, proxy=f"http://127.0.0.1:{port}")
+            async with running_gateway(config, tmp_path) as agent:
+                await wait_until(lambda: agent.outbox.pending(), timeout=20, what="interception event")
+                assert agent.session is None and dso.registry.get("GW-M1") is None
+                event = agent.outbox.pending()[0]
+            assert event["kind"] == "security.tls_interception_suspected"
+            assert "mitmproxy" in event["details"]["presented_issuer"]
+            assert event["details"]["presented_subject"]
+            # later the site fixes its proxy: the event queued on disk is delivered once
+            config["dso"]["proxy"] = "none"
+            async with running_gateway(config, tmp_path) as agent:
+                await wait_until(lambda: not agent.outbox.pending() and agent.session, what="event delivery")
+            delivered = [r for r in dso.events.read("GW-M1") if r["event"]["id"] == event["id"]]
+            assert len(delivered) == 1
+    asyncio.run(scenario())
