@@ -1,0 +1,1 @@
+"""LM simulator: a pymodbus server that behaves like a load manager, with fault injection."""
