@@ -41,7 +41,7 @@ class SimulatedLm:
             self.memory[point.register].update(dict.fromkeys(span, 0))
             if point.writable:
                 self.writable[point.register].update(span)
-        self.fault = Fault.NONE
+        self._fault = Fault.NONE
         self.exception_code = int(ExcCodes.DEVICE_FAILURE)
         self.writes: list[tuple[str, int, list[int]]] = []
         """Every Modbus write received, in order (tests check what reached the device)."""
@@ -53,6 +53,15 @@ class SimulatedLm:
         self._update()
 
     # -- the physical side (tests and the CLI) ----------------------------------
+
+    @property
+    def fault(self) -> Fault:
+        return self._fault
+
+    @fault.setter
+    def fault(self, fault: Fault) -> None:
+        self._fault = Fault(fault)
+        self._update()  # the fault bit of the status word follows
 
     def get(self, name: str) -> Value:
         point = self.profile.points[name]
