@@ -233,10 +233,12 @@ class LmService:
             # Sheds being worked on are left out: their task wakes us when done.
             due = self.book.next_due(exclude={k for k, n in self._busy.items() if n})
             timeout = None if due is None else max(0.0, due - time.time())
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow the cancellation from stop().
+            waiter = asyncio.ensure_future(self._wakeup.wait())
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=timeout)
+            finally:
+                waiter.cancel()
 
     async def _perform(self, kind: str, shed_id: str, reason: str) -> Outcome:
         """Run one action under the shed's lock; the state is re-checked once the lock is held."""

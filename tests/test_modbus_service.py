@@ -1,0 +1,278 @@
+"""LmService through the method table against the simulator over real Modbus TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from conftest import free_port, wait_until
+from lmgw.jsonrpc import INVALID_PARAMS, RpcError
+from lmgw.lmsim.device import Fault
+from lmgw.lmsim.server import LmSimulator
+from lmgw.methods import MethodTable
+from lmgw.modbus import errors
+from lmgw.modbus.service import LmService
+
+
+def tcp_lm(name: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "profile": "simulated-lm", "transport": "tcp", "host": "127.0.0.1", "port": port,
+            "timeout": 0.2, "retries": 1, **extra}
+
+
+class Harness:
+    def __init__(self, service: LmService, table: MethodTable, events: list[tuple[str, dict[str, Any]]]) -> None:
+        self.service, self.table, self.events = service, table, events
+
+    async def call(self, method: str, **params: Any) -> Any:
+        return await self.table.dispatch(method, params)
+
+    async def error(self, method: str, **params: Any) -> RpcError:
+        with pytest.raises(RpcError) as info:
+            await self.call(method, **params)
+        return info.value
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.events]
+
+
+@contextlib.asynccontextmanager
+async def service(data_dir: Path, lms: list[dict[str, Any]], **sections: Any) -> AsyncIterator[Harness]:
+    events: list[tuple[str, dict[str, Any]]] = []
+    svc = LmService.from_config({"lm": lms, **sections}, data_dir, lambda kind, details: events.append((kind, details)))
+    svc.rng = random.Random(1)
+    table = MethodTable()
+    svc.register(table)
+    await svc.start()
+    try:
+        yield Harness(svc, table, events)
+    finally:
+        await svc.stop()
+
+
+@contextlib.asynccontextmanager
+async def simulator(port: int = 0) -> AsyncIterator[tuple[LmSimulator, int]]:
+    sim = LmSimulator()
+    bound = await sim.start_tcp("127.0.0.1", port)
+    try:
+        yield sim, bound
+    finally:
+        await sim.stop()
+
+
+def values(result: dict[str, Any]) -> dict[str, Any]:
+    return {name: v["value"] for name, v in result["values"].items()}
+
+
+def test_read_and_write_points(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+            result = await gw.call("lm.read", lm="lm1", points=["relay_1", "power_1", "total_power", "temperature"])
+            assert result["values"]["power_1"] == {"value": 2000.0, "unit": "W"}
+            assert values(result) == {"relay_1": True, "power_1": 2000.0, "total_power": 10500.0, "temperature": 21.5}
+            assert await gw.call("lm.write", lm="lm1", values={"relay_1": False, "power_limit": 12345}) == \
+                {"lm": "lm1", "written": ["relay_1", "power_limit"]}
+            after = values(await gw.call("lm.read", lm="lm1", points=["relay_1", "power_1", "total_power", "power_limit"]))
+            assert after == {"relay_1": False, "power_1": 0.0, "total_power": 8500.0, "power_limit": 12345}
+            assert sim[1].get("power_limit") == 12345
+            everything = await gw.call("lm.read", lm="lm1")  # no points: all of them
+            assert set(everything["values"]) == set(sim[1].profile.points)
+            listing = await gw.call("lm.list")
+            lm1 = listing["lms"][0]
+            assert lm1["name"] == "lm1" and lm1["profile"] == "simulated-lm" and lm1["health"]["state"] == "ok"
+            assert gw.service.describe() == [{"name": "lm1", "profile": "simulated-lm",
+                                              "transport": f"tcp 127.0.0.1:{port} unit 1"}]
+    asyncio.run(scenario())
+
+
+def test_bad_writes_are_refused_before_anything_touches_the_bus(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+            cases = [
+                ({"lm": "nope", "values": {"relay_1": True}}, errors.LM_UNKNOWN),
+                ({"lm": "lm1", "values": {"relay_9": True}}, errors.POINT_UNKNOWN),
+                ({"lm": "lm1", "values": {"relay_1": True, "total_power": 5}}, errors.NOT_WRITABLE),
+                ({"lm": "lm1", "values": {"relay_1": True, "power_limit": 40001}}, errors.OUT_OF_RANGE),
+                ({"lm": "lm1", "values": {"power_limit": 1.5}}, errors.OUT_OF_RANGE),
+                ({"lm": "lm1", "values": {"relay_1": 1}}, errors.OUT_OF_RANGE),
+                ({"lm": "lm1", "values": {"power_limit": "12"}}, errors.OUT_OF_RANGE),
+                ({"lm": "lm1", "values": {}}, INVALID_PARAMS),
+                ({"lm": "lm1", "values": [1]}, INVALID_PARAMS),
+            ]
+            for params, code in cases:
+                error = await gw.error("lm.write", **params)
+                assert error.code == code, (params, error)
+            assert (await gw.error("lm.write", lm="lm1", values={"power_limit": 40001})).data["range"] == [0, 40000]
+            assert sim[1].writes == []  # nothing reached the device
+            assert (await gw.error("lm.read", lm="lm1", points=["relay_1", "relay_1"])).code == INVALID_PARAMS
+            unknown = await gw.error("lm.read", lm="lm1", points=["nope"])
+            assert unknown.code == errors.POINT_UNKNOWN and "relay_1" in unknown.data["points"]
+    asyncio.run(scenario())
+
+
+def test_device_faults_map_to_documented_errors(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+            sim[1].fault = Fault.EXCEPTION
+            sim[1].exception_code = 6
+            error = await gw.error("lm.read", lm="lm1", points=["status"])
+            assert error.code == errors.LM_EXCEPTION
+            assert error.data["exception_code"] == 6 and error.data["exception"] == "server device busy"
+            sim[1].fault = Fault.NO_ANSWER
+            error = await gw.error("lm.read", lm="lm1", points=["status"])
+            assert error.code == errors.LM_TIMEOUT and error.data["lm"] == "lm1"
+            sim[1].fault = Fault.GARBAGE
+            assert (await gw.error("lm.read", lm="lm1", points=["status"])).code == errors.LM_FRAMING
+            sim[1].fault = Fault.NONE
+            assert values(await gw.call("lm.read", lm="lm1", points=["status"])) == {"status": 15}
+            health = (await gw.call("lm.list"))["lms"][0]["health"]
+            assert health["state"] == "ok" and health["errors"]["exception"] == 1
+            assert health["errors"]["timeout"] == 2 and health["errors"]["framing"] >= 1  # retried once
+            # a partly failed write says what was written
+            sim[1].fault = Fault.NONE
+            error = await gw.error("lm.write", lm="lm1", values={"relay_4": False, "nominal_power_1": 60000})
+            assert error.code == errors.OUT_OF_RANGE
+    asyncio.run(scenario())
+
+
+def test_unreachable_lm_fails_fast_does_not_block_others_and_reconnects(tmp_path):
+    async def scenario():
+        dead_port = free_port()
+        async with simulator() as (sim, port), \
+                service(tmp_path, [tcp_lm("dead", dead_port), tcp_lm("alive", port)]) as gw:
+            first = await gw.error("lm.read", lm="dead", points=["status"])
+            assert first.code == errors.LM_UNREACHABLE and "cannot open" in first.message
+            # the other LM answers while the dead one keeps failing
+            results = await asyncio.gather(gw.call("lm.read", lm="alive", points=["status"]),
+                                           gw.table.dispatch("lm.read", {"lm": "dead", "points": ["status"]}),
+                                           return_exceptions=True)
+            assert values(results[0]) == {"status": 15} and isinstance(results[1], RpcError)
+            async with simulator(dead_port) as (revived, _):
+                revived[1].set("relay_2", False)
+
+                async def read_ok():
+                    try:
+                        return values(await gw.call("lm.read", lm="dead", points=["relay_2"]))
+                    except RpcError:
+                        return None
+                got = None
+                for _ in range(200):
+                    got = await read_ok()
+                    if got:
+                        break
+                    await asyncio.sleep(0.05)
+                assert got == {"relay_2": False}
+    asyncio.run(scenario())
+
+
+def test_shed_expires_and_restores_previous_values(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+            sim[1].set("relay_3", False)  # already off: restoring must leave it off
+            shed = await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_3"], duration_s=0.4)
+            assert shed["state"] == "active" and shed["previous"] == {"relay_1": True, "relay_3": False}
+            assert not shed["duplicate"] and shed["deadline"] == pytest.approx(shed["start_at"] + 0.4)
+            assert sim[1].get("relay_1") is False and sim[1].get("power_1") == 0.0
+            await wait_until(lambda: sim[1].get("relay_1") is True, 5, "the shed to expire")
+            assert sim[1].get("relay_3") is False and sim[1].get("power_1") == 2000.0
+            await wait_until(lambda: "load.restored" in gw.kinds(), 5, "the event")
+            assert gw.kinds() == ["load.shed_started", "load.restored"]
+            assert gw.events[1][1]["reason"] == "deadline" and gw.events[1][1]["shed_id"] == shed["shed_id"]
+            assert gw.service.book.sheds == {}
+    asyncio.run(scenario())
+
+
+def test_shed_rules(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), \
+                service(tmp_path, [tcp_lm("lm1", port)], shed={"max_duration": 60}) as gw:
+            too_long = await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=61)
+            assert too_long.code == errors.OUT_OF_RANGE and too_long.data["max_duration"] == 60
+            assert (await gw.error("load.shed", lm="lm1", points=["power_limit"], duration_s=5)).code == errors.NOT_WRITABLE
+            assert (await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=0)).code == INVALID_PARAMS
+            assert (await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=5,
+                                   randomize_s=-1)).code == INVALID_PARAMS
+            assert sim[1].writes == []
+            first = await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_2"], duration_s=30, shed_id="dso-42")
+            again = await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_2"], duration_s=30, shed_id="dso-42")
+            assert first["shed_id"] == again["shed_id"] == "dso-42" and again["duplicate"]
+            conflict = await gw.error("load.shed", lm="lm1", points=["relay_2", "relay_3"], duration_s=5)
+            assert conflict.code == errors.SHED_CONFLICT and conflict.data["shed_id"] == "dso-42"
+            held = await gw.error("lm.write", lm="lm1", values={"relay_1": True})
+            assert held.code == errors.SHED_CONFLICT
+            assert (await gw.error("load.restore", shed_id="nope")).code == errors.SHED_UNKNOWN
+            assert (await gw.error("load.restore")).code == errors.SHED_UNKNOWN
+            restored = await gw.call("load.restore", shed_id="dso-42")
+            assert [r["shed_id"] for r in restored["restored"]] == ["dso-42"]
+            assert restored["restored"][0]["reason"] == "command"
+            assert sim[1].get("relay_1") is True and sim[1].get("relay_2") is True
+    asyncio.run(scenario())
+
+
+def test_randomized_start_window(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+            shed = await gw.call("load.shed", lm="lm1", points=["relay_4"], duration_s=30, randomize_s=0.5)
+            assert shed["state"] == "pending" and shed["start_at"] > shed["deadline"] - 30 - 1e-6
+            await wait_until(lambda: sim[1].get("relay_4") is False, 5, "the randomized start")
+            await wait_until(lambda: "load.shed_started" in gw.kinds(), 5, "the event")
+            # a pending shed is cancelled by restore without touching the device
+            pending = await gw.call("load.shed", lm="lm1", points=["relay_3"], duration_s=30, randomize_s=30)
+            writes = len(sim[1].writes)
+            result = await gw.call("load.restore", lm="lm1")
+            states = {r["shed_id"]: r["state"] for r in result["restored"]}
+            assert states == {shed["shed_id"]: "restored", pending["shed_id"]: "cancelled"}
+            assert len(sim[1].writes) == writes + 1 and sim[1].get("relay_4") is True
+    asyncio.run(scenario())
+
+
+def test_shed_on_dead_lm_fails_cleanly(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+            sim[1].fault = Fault.NO_ANSWER
+            error = await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=10)
+            assert error.code == errors.LM_TIMEOUT
+            assert gw.service.book.sheds == {} and gw.kinds() == ["load.shed_failed"]
+    asyncio.run(scenario())
+
+
+def test_restore_is_retried_until_the_lm_answers(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), \
+                service(tmp_path, [tcp_lm("lm1", port)], shed={"restore_retry": 0.2}) as gw:
+            await gw.call("load.shed", lm="lm1", points=["relay_1"], duration_s=0.3)
+            sim[1].fault = Fault.NO_ANSWER
+            await wait_until(lambda: "load.restore_failed" in gw.kinds(), 5, "the failed restore")
+            assert sim[1].get("relay_1") is False
+            assert next(iter(gw.service.book.sheds.values())).state == "restoring"
+            sim[1].fault = Fault.NONE
+            await wait_until(lambda: sim[1].get("relay_1") is True, 5, "the retried restore")
+            await wait_until(lambda: gw.kinds()[-1] == "load.restored", 5, "the event")
+            assert gw.kinds().count("load.restore_failed") == 1  # one event per outage
+    asyncio.run(scenario())
+
+
+def test_restart_mid_shed_restores_overdue_sheds_first(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port):
+            async with service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+                await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_2"], duration_s=0.3)
+                long = await gw.call("load.shed", lm="lm1", points=["relay_3"], duration_s=60)
+                await gw.call("load.shed", lm="lm1", points=["relay_4"], duration_s=0.3, randomize_s=0.1)
+                # power cut: the service stops before any deadline
+            assert sim[1].get("relay_1") is False and sim[1].get("relay_3") is False
+            await asyncio.sleep(0.5)
+            assert sim[1].get("relay_1") is False  # nobody restored it while the gateway was down
+            async with service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+                # start() returned: overdue sheds are already restored, before any command is served
+                assert sim[1].get("relay_1") is True and sim[1].get("relay_2") is True
+                assert sim[1].get("relay_3") is False  # not due yet: still shed
+                assert list(gw.service.book.sheds) == [long["shed_id"]]
+                reasons = {d["points"][0]: (k, d.get("reason")) for k, d in gw.events}
+                assert reasons["relay_1"] == ("load.restored", "deadline passed while the gateway was down")
+                assert reasons["relay_4"][0] == "load.shed_expired"
+    asyncio.run(scenario())
