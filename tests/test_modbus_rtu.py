@@ -1,0 +1,121 @@
+"""Modbus RTU through real ttys (a socat pty pair): one bus, several units, faults, the TCP->RTU bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from pymodbus.client import AsyncModbusTcpClient
+
+from lmgw.lmsim.device import Fault, SimulatedLm
+from lmgw.lmsim.pty import PtyPair
+from lmgw.lmsim.server import LmSimulator
+from lmgw.modbus import errors
+from test_modbus_service import Harness, service, values
+
+
+@contextlib.asynccontextmanager
+async def rtu_bus(tmp_path: Path, units=(1, 2), **sections: Any) -> AsyncIterator[tuple[LmSimulator, Harness]]:
+    """A simulated bus with ``units`` answering, and a gateway with LMs on units 1, 2 and 3 (3 is dead)."""
+    async with PtyPair() as (lm_side, gateway_side):
+        sim = LmSimulator({unit: SimulatedLm() for unit in units})
+        await sim.start_serial(lm_side, baudrate=115200)
+        bus = {"name": "rs485", "device": gateway_side, "baudrate": 115200, "timeout": 0.25, "retries": 1}
+        lms = [{"name": f"lm{u}", "profile": "simulated-lm", "transport": "rtu", "bus": "rs485", "unit": u}
+               for u in (1, 2, 3)]
+        try:
+            async with service(tmp_path, lms, bus=[bus], **sections) as gw:
+                yield sim, gw
+        finally:
+            await sim.stop()
+
+
+def test_two_lms_on_one_bus_keep_answering_while_a_third_is_dead(tmp_path):
+    async def scenario():
+        async with rtu_bus(tmp_path) as (sim, gw):
+            sim[2].set("relay_1", False)
+            for _ in range(3):
+                results = await asyncio.gather(
+                    gw.table.dispatch("lm.read", {"lm": "lm3", "points": ["status"]}),
+                    gw.call("lm.read", lm="lm1", points=["relay_1", "power_1"]),
+                    gw.call("lm.read", lm="lm2", points=["relay_1", "power_1"]),
+                    return_exceptions=True)
+                assert results[0].code == errors.LM_TIMEOUT and "unit 3 on bus 'rs485'" in results[0].message
+                assert values(results[1]) == {"relay_1": True, "power_1": 2000.0}
+                assert values(results[2]) == {"relay_1": False, "power_1": 0.0}
+            health = {lm["name"]: lm["health"] for lm in (await gw.call("lm.list"))["lms"]}
+            assert health["lm3"]["state"] == "failing" and health["lm1"]["state"] == "ok"
+            # a failing LM gets one attempt per request, not 1 + retries: 1st call 2 attempts, then 1 each
+            assert health["lm3"]["errors"]["timeout"] == 4
+            await gw.call("lm.write", lm="lm2", values={"relay_1": True, "nominal_power_1": 2500})
+            assert values(await gw.call("lm.read", lm="lm2", points=["power_1"])) == {"power_1": 2500.0}
+    asyncio.run(scenario())
+
+
+def test_garbage_and_exception_responses_on_rtu(tmp_path):
+    async def scenario():
+        async with rtu_bus(tmp_path) as (sim, gw):
+            sim[2].fault = Fault.GARBAGE
+            error = await gw.error("lm.read", lm="lm2", points=["status"])
+            assert error.code == errors.LM_FRAMING and "CRC" in error.message
+            # the bus recovers at once for the other unit
+            assert values(await gw.call("lm.read", lm="lm1", points=["status"])) == {"status": 15}
+            sim[2].fault = Fault.EXCEPTION
+            sim[2].exception_code = 2
+            error = await gw.error("lm.write", lm="lm2", values={"relay_2": False})
+            assert error.code == errors.LM_EXCEPTION and error.data["exception_code"] == 2
+            assert error.data["written"] == []
+            sim[2].fault = Fault.NONE
+            assert values(await gw.call("lm.read", lm="lm2", points=["status"])) == {"status": 15}
+    asyncio.run(scenario())
+
+
+def test_concurrent_commands_to_one_bus_are_serialized(tmp_path):
+    async def scenario():
+        async with rtu_bus(tmp_path) as (sim, gw):
+            sim.response_delay = 0.01  # the device takes time: overlapping requests would show
+            calls = []
+            for i in range(8):
+                lm = f"lm{1 + i % 2}"
+                calls.append(gw.call("lm.read", lm=lm, points=["relay_1", "power_1", "total_power"]))
+                calls.append(gw.call("lm.write", lm=lm, values={"power_limit": 1000 + i}))
+            results = await asyncio.gather(*calls)
+            assert all(r["lm"] in ("lm1", "lm2") for r in results)
+            assert sim.max_in_flight == 1 and sim.requests >= 16
+            assert {sim[1].get("power_limit"), sim[2].get("power_limit")} == {1006, 1007}
+    asyncio.run(scenario())
+
+
+def test_bridge_shares_the_bus_with_gateway_commands(tmp_path):
+    async def scenario():
+        bridge = {"enabled": True, "listen": "127.0.0.1", "port": 0, "bus": "rs485"}
+        async with rtu_bus(tmp_path, bridge=bridge) as (sim, gw):
+            sim.response_delay = 0.005
+            port = gw.service.bridge.port
+            client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+            assert await client.connect()
+            try:
+                async def site_tool():
+                    out = []
+                    for _ in range(10):
+                        response = await client.read_holding_registers(110, count=2, device_id=1)
+                        out.append(response.registers)
+                    return out
+
+                async def dso():
+                    return [values(await gw.call("lm.read", lm="lm2", points=["relay_1"])) for _ in range(10)]
+
+                tool, commands = await asyncio.gather(site_tool(), dso())
+                assert tool == [[0, 2000]] * 10 and commands == [{"relay_1": True}] * 10
+                assert sim.max_in_flight == 1
+                # writes through the bridge reach the device
+                assert not (await client.write_coil(1, False, device_id=2)).isError()
+                assert sim[2].get("relay_2") is False
+                # device exceptions pass through; a silent unit becomes "gateway target failed to respond"
+                assert (await client.read_holding_registers(999, count=1, device_id=1)).exception_code == 2
+                assert (await client.read_holding_registers(110, count=1, device_id=3)).exception_code == 0x0B
+            finally:
+                client.close()
+    asyncio.run(scenario())
