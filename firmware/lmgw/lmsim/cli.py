@@ -72,10 +72,11 @@ def control(sim: LmSimulator, line: str) -> str:
     try:
         if not words:
             return ""
-        command, unit = words[0], int(words[1]) if len(words) > 1 else 0
+        command = words[0]
         if command == "delay":
             sim.response_delay = float(words[1])
             return f"delay {sim.response_delay:g} s"
+        unit = int(words[1])
         lm = sim.units[unit]
         if command == "fault":
             lm.fault = Fault(words[2])
