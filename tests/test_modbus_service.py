@@ -205,7 +205,7 @@ def test_shed_rules(tmp_path):
             held = await gw.error("lm.write", lm="lm1", values={"relay_1": True})
             assert held.code == errors.SHED_CONFLICT
             assert (await gw.error("load.restore", shed_id="nope")).code == errors.SHED_UNKNOWN
-            assert (await gw.error("load.restore")).code == errors.SHED_UNKNOWN
+            assert (await gw.error("load.restore")).code == INVALID_PARAMS
             restored = await gw.call("load.restore", shed_id="dso-42")
             assert [r["shed_id"] for r in restored["restored"]] == ["dso-42"]
             assert restored["restored"][0]["reason"] == "command"
@@ -275,4 +275,29 @@ def test_restart_mid_shed_restores_overdue_sheds_first(tmp_path):
                 reasons = {d["points"][0]: (k, d.get("reason")) for k, d in gw.events}
                 assert reasons["relay_1"] == ("load.restored", "deadline passed while the gateway was down")
                 assert reasons["relay_4"][0] == "load.shed_expired"
+    asyncio.run(scenario())
+
+
+def test_persisted_shed_of_an_lm_no_longer_configured_is_dropped_loudly(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port):
+            async with service(tmp_path, [tcp_lm("old", port)]) as gw:
+                await gw.call("load.shed", lm="old", points=["relay_1"], duration_s=0.2)
+            await asyncio.sleep(0.3)
+            async with service(tmp_path, [tcp_lm("new", port)]) as gw:
+                assert gw.service.book.sheds == {}
+                assert gw.kinds() == ["load.restore_failed"]
+                assert "check these loads by hand" in gw.events[0][1]["error"]["message"]
+                assert values(await gw.call("lm.read", lm="new", points=["relay_1"])) == {"relay_1": False}
+    asyncio.run(scenario())
+
+
+def test_missing_serial_device_is_unreachable_and_backs_off(tmp_path):
+    async def scenario():
+        bus = {"name": "rs485", "device": str(tmp_path / "ttyMISSING"), "timeout": 0.2}
+        lm = {"name": "lm1", "profile": "simulated-lm", "transport": "rtu", "bus": "rs485", "unit": 1}
+        async with service(tmp_path, [lm], bus=[bus]) as gw:
+            first = await gw.error("lm.read", lm="lm1", points=["status"])
+            assert first.code == errors.LM_UNREACHABLE and "ttyMISSING" in first.message
+            assert first.data["retry_in"] >= 0
     asyncio.run(scenario())

@@ -14,14 +14,16 @@ from pymodbus.pdu import ModbusPDU
 from ..jsonrpc import RpcError
 from .codec import EncodeError, Value, decode
 from .config import LmConfig
-from .errors import LM_FRAMING, LM_TIMEOUT, NOT_WRITABLE, OUT_OF_RANGE, POINT_UNKNOWN, lm_error
+from .errors import (BUS_BUSY, LM_EXCEPTION, LM_FRAMING, LM_TIMEOUT, LM_UNREACHABLE, NOT_WRITABLE, OUT_OF_RANGE,
+                     POINT_UNKNOWN, lm_error)
 from .profile import Point, Profile, ReadBlock, plan_reads
 from .transport import Link
 
 log = logging.getLogger(__name__)
 
 _RETRYABLE = (LM_TIMEOUT, LM_FRAMING)
-_ERROR_KINDS = {-32014: "timeout", -32015: "exception", -32016: "framing", -32017: "unreachable", -32018: "busy"}
+_ERROR_KINDS = {LM_TIMEOUT: "timeout", LM_EXCEPTION: "exception", LM_FRAMING: "framing", LM_UNREACHABLE: "unreachable",
+                BUS_BUSY: "busy"}
 
 
 def _iso(timestamp: float | None) -> str | None:

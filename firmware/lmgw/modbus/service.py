@@ -18,10 +18,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from ..jsonrpc import RpcError
+from ..jsonrpc import INVALID_PARAMS, RpcError
 from ..methods import MethodTable, Param
 from .bridge import Bridge
 from .config import LmSections, parse_lm_sections
+from . import errors
 from .errors import LM_UNKNOWN, NOT_WRITABLE, OUT_OF_RANGE, SHED_CONFLICT, SHED_UNKNOWN, lm_error
 from .lm import LoadManager
 from .profile import load_profile
@@ -81,9 +82,11 @@ class LmService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: Counter[str] = Counter()
         """Shed id -> actions running or waiting for its lock."""
+        self._held: dict[str, float] = {}
+        """Shed id -> time before which the scheduler leaves it alone (after an unexpected failure)."""
         self._wakeup: asyncio.Event | None = None
         self._scheduler: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[Outcome]] = set()
 
     @classmethod
     def from_config(cls, config: dict[str, Any], data_dir: Path, emit_event: EmitEvent) -> LmService:
@@ -198,7 +201,7 @@ class LmService:
 
     async def load_restore(self, shed_id: str | None, lm: str | None) -> dict[str, Any]:
         if (shed_id is None) == (lm is None):
-            raise lm_error(SHED_UNKNOWN, "give exactly one of shed_id or lm")
+            raise RpcError(INVALID_PARAMS, "give exactly one of shed_id or lm", {"param": "shed_id"})
         if lm is not None:
             self._lm(lm)
         chosen = [s.id for s in self.book.sheds.values() if s.id == shed_id or s.lm == lm]
@@ -225,13 +228,16 @@ class LmService:
         assert self._wakeup is not None
         while True:
             self._wakeup.clear()
-            for action in self.book.due(time.time()):
-                if not self._busy[action.shed.id]:
+            now = time.time()
+            self._held = {k: until for k, until in self._held.items() if until > now}
+            for action in self.book.due(now):
+                if not self._busy[action.shed.id] and action.shed.id not in self._held:
                     task = asyncio.create_task(self._perform(action.kind, action.shed.id, "deadline"))
                     self._running.add(task)
-                    task.add_done_callback(self._running.discard)
-            # Sheds being worked on are left out: their task wakes us when done.
-            due = self.book.next_due(exclude={k for k, n in self._busy.items() if n})
+                    task.add_done_callback(lambda t, shed_id=action.shed.id: self._done(t, shed_id))
+            # Sheds being worked on are left out (their task wakes us when done), held ones until released.
+            due = self.book.next_due(exclude={*(k for k, n in self._busy.items() if n), *self._held})
+            due = min([d for d in (due, *self._held.values()) if d is not None], default=None)
             timeout = None if due is None else max(0.0, due - time.time())
             # asyncio.wait, not wait_for: on 3.11 wait_for can swallow the cancellation from stop().
             waiter = asyncio.ensure_future(self._wakeup.wait())
@@ -239,6 +245,15 @@ class LmService:
                 await asyncio.wait({waiter}, timeout=timeout)
             finally:
                 waiter.cancel()
+
+    def _done(self, task: asyncio.Task[Outcome], shed_id: str) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # e.g. the data directory is full: say so, and try again later instead of spinning
+            retry = self.sections.shed.restore_retry
+            self._held[shed_id] = time.time() + retry
+            log.error("shed %s: action failed (%r); trying again in %g s", shed_id, task.exception(), retry,
+                      exc_info=task.exception())
 
     async def _perform(self, kind: str, shed_id: str, reason: str) -> Outcome:
         """Run one action under the shed's lock; the state is re-checked once the lock is held."""
@@ -248,6 +263,9 @@ class LmService:
                 shed = self.book.sheds.get(shed_id)
                 if shed is None:
                     return None
+                orphan = self._orphaned(shed)
+                if orphan is not None:
+                    return orphan
                 if kind == EXPIRE and shed.state == PENDING:
                     self._forget(shed)
                     log.warning("shed %s on LM %s expired before it could start (%s)", shed_id, shed.lm, reason)
@@ -263,6 +281,20 @@ class LmService:
             if not self._busy[shed_id]:
                 del self._busy[shed_id]
             self._wake()
+
+    def _orphaned(self, shed: Shed) -> RpcError | None:
+        """A persisted shed whose LM or points the configuration no longer has: drop it, loudly."""
+        lm = self.lms.get(shed.lm)
+        missing = [p for p in shed.points if lm is None or p not in lm.profile.points]
+        if not missing:
+            return None
+        self._forget(shed)
+        error = lm_error(LM_UNKNOWN if lm is None else errors.POINT_UNKNOWN,
+                         f"shed {shed.id}: LM {shed.lm!r} or its points {missing} are no longer configured; "
+                         "check these loads by hand", lm=shed.lm, points=missing)
+        log.error("%s", error.message)
+        self.emit_event("load.restore_failed", {**shed.summary(), "reason": "not configured", "error": error.to_json()})
+        return error
 
     def _forget(self, shed: Shed) -> None:
         self.book.remove(shed.id)
