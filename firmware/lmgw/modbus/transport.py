@@ -40,10 +40,12 @@ _NEVER = 1 << 30
 class Link:
     """One Modbus connection and the queue that serializes its transactions."""
 
-    def __init__(self, name: str, client: ModbusBaseClient, *, inter_frame: float, max_queue: int,
+    def __init__(self, name: str, factory: Callable[[], ModbusBaseClient], *, inter_frame: float, max_queue: int,
                  stream: bool, backoff: Backoff | None = None) -> None:
         self.name = name
-        self.client = client
+        self.factory = factory
+        self.client: ModbusBaseClient | None = None
+        """Made on first use: pymodbus clients need a running event loop."""
         self.inter_frame = inter_frame
         self.max_queue = max_queue
         self.stream = stream
@@ -53,22 +55,29 @@ class Link:
         self._retry_at = 0.0
         self._last_connect_error = ""
         self._received = 0
-        client.set_max_no_responses(_NEVER)
-        client.ctx.trace_packet = self._trace
 
     @classmethod
     def tcp(cls, lm: LmConfig) -> Link:
-        client = AsyncModbusTcpClient(lm.host, port=lm.port, name=lm.name, timeout=lm.timeout, retries=0,
-                                      reconnect_delay=0)
-        return cls(f"tcp {lm.host}:{lm.port}", client, inter_frame=0.0, max_queue=lm.max_queue, stream=True)
+        def factory() -> ModbusBaseClient:
+            return AsyncModbusTcpClient(lm.host, port=lm.port, name=lm.name, timeout=lm.timeout, retries=0,
+                                        reconnect_delay=0)
+        return cls(f"tcp {lm.host}:{lm.port}", factory, inter_frame=0.0, max_queue=lm.max_queue, stream=True)
 
     @classmethod
     def serial(cls, bus: BusConfig) -> Link:
-        client = AsyncModbusSerialClient(bus.device, baudrate=bus.baudrate, parity=bus.parity, stopbits=bus.stopbits,
-                                         bytesize=bus.bytesize, name=bus.name, timeout=bus.timeout, retries=0,
-                                         reconnect_delay=0)
-        return cls(f"bus {bus.name} ({bus.device})", client, inter_frame=bus.inter_frame,
+        def factory() -> ModbusBaseClient:
+            return AsyncModbusSerialClient(bus.device, baudrate=bus.baudrate, parity=bus.parity,
+                                           stopbits=bus.stopbits, bytesize=bus.bytesize, name=bus.name,
+                                           timeout=bus.timeout, retries=0, reconnect_delay=0)
+        return cls(f"bus {bus.name} ({bus.device})", factory, inter_frame=bus.inter_frame,
                    max_queue=bus.max_queue, stream=False)
+
+    def _client(self) -> ModbusBaseClient:
+        if self.client is None:
+            self.client = self.factory()
+            self.client.set_max_no_responses(_NEVER)
+            self.client.ctx.trace_packet = self._trace
+        return self.client
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
         if not sending:
@@ -100,21 +109,21 @@ class Link:
             self._queued -= 1
 
     async def _transact_locked(self, target: str, call: Call, timeout: float) -> ModbusPDU:
-        await self._connect(target, timeout)
-        self.client.ctx.comm_params.timeout_connect = timeout
+        client = await self._connect(target, timeout)
+        client.ctx.comm_params.timeout_connect = timeout
         self._received = 0
         try:
-            response = await call(self.client)
+            response = await call(client)
         except ConnectionException as exc:
-            self.client.close()
+            client.close()
             raise lm_error(LM_UNREACHABLE, f"{target}: connection lost ({exc})", link=self.name) from None
         except ModbusException as exc:
             if self._received:
                 if self.stream:  # resynchronize the byte stream: start a fresh connection
-                    self.client.close()
+                    client.close()
                 raise lm_error(LM_FRAMING, f"{target} answered {self._received} bytes that are not a valid "
                                "Modbus frame (CRC error, noise or wrong framing?)", link=self.name) from None
-            if not self.client.connected:
+            if not client.connected:
                 raise lm_error(LM_UNREACHABLE, f"{target}: connection lost ({exc})", link=self.name) from None
             raise lm_error(LM_TIMEOUT, f"{target} did not answer within {timeout:g} s "
                            "(powered off, wrong unit id or wiring?)", link=self.name, timeout=timeout) from None
@@ -125,23 +134,24 @@ class Link:
                            exception_code=code, exception=name)
         return response
 
-    async def _connect(self, target: str, timeout: float) -> None:
-        if self.client.connected:
-            return
+    async def _connect(self, target: str, timeout: float) -> ModbusBaseClient:
+        client = self._client()
+        if client.connected:
+            return client
         wait = self._retry_at - time.monotonic()
         if wait > 0:
             # Fail fast while backing off: a dead connection must not make callers wait.
             raise lm_error(LM_UNREACHABLE, f"{target}: {self.name} unreachable ({self._last_connect_error}); "
                            f"next attempt in {wait:.1f} s", link=self.name, retry_in=round(wait, 1))
-        self.client.ctx.comm_params.timeout_connect = timeout
+        client.ctx.comm_params.timeout_connect = timeout
         try:
-            connected = await self.client.connect()
+            connected = await client.connect()
         except Exception as exc:  # pyserial and asyncio raise many kinds; all mean "cannot open"
             connected, self._last_connect_error = False, f"{type(exc).__name__}: {exc}"
         else:
             self._last_connect_error = "connection refused or timed out"
         if not connected:
-            self.client.close()
+            client.close()
             delay = self.backoff.next_delay()
             self._retry_at = time.monotonic() + delay
             log.warning("%s: cannot connect (%s); next attempt in %.1f s", self.name, self._last_connect_error, delay)
@@ -149,7 +159,9 @@ class Link:
                            link=self.name, retry_in=round(delay, 1))
         self.backoff.reset()
         log.info("%s: connected", self.name)
+        return client
 
     async def close(self) -> None:
         async with self._lock:
-            self.client.close()
+            if self.client is not None:
+                self.client.close()
