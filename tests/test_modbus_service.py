@@ -12,7 +12,7 @@ import pytest
 
 from conftest import free_port, wait_until
 from lmgw.jsonrpc import INVALID_PARAMS, RpcError
-from lmgw.lmsim.device import Fault
+from lmgw.lmsim.device import Fault, SimulatedLm
 from lmgw.lmsim.server import LmSimulator
 from lmgw.methods import MethodTable
 from lmgw.modbus import errors
@@ -300,4 +300,21 @@ def test_missing_serial_device_is_unreachable_and_backs_off(tmp_path):
             first = await gw.error("lm.read", lm="lm1", points=["status"])
             assert first.code == errors.LM_UNREACHABLE and "ttyMISSING" in first.message
             assert first.data["retry_in"] >= 0
+    asyncio.run(scenario())
+
+
+def test_lms_behind_one_tcp_address_share_one_connection(tmp_path):
+    async def scenario():
+        sim = LmSimulator({1: SimulatedLm(), 2: SimulatedLm()})
+        port = await sim.start_tcp()
+        try:
+            sim[2].set("relay_1", False)
+            async with service(tmp_path, [tcp_lm("a", port, unit=1), tcp_lm("b", port, unit=2)]) as gw:
+                assert gw.service.lms["a"].link is gw.service.lms["b"].link
+                sim.response_delay = 0.01
+                results = await asyncio.gather(*(gw.call("lm.read", lm=lm, points=["relay_1"]) for lm in "abab"))
+                assert [values(r)["relay_1"] for r in results] == [True, False, True, False]
+                assert sim.max_in_flight == 1
+        finally:
+            await sim.stop()
     asyncio.run(scenario())

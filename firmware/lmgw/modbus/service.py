@@ -75,7 +75,9 @@ class LmService:
         self.links: dict[str, Link] = {name: Link.serial(bus) for name, bus in sections.buses.items()}
         self.lms: dict[str, LoadManager] = {}
         for name, lm in sections.lms.items():
-            link = self.links[lm.bus] if lm.transport == "rtu" else self.links.setdefault(f"tcp:{name}", Link.tcp(lm))
+            # LMs behind one TCP address (a site's own TCP->RTU gateway) share its connection and its queue.
+            key = lm.bus if lm.transport == "rtu" else f"tcp:{lm.host}:{lm.port}"
+            link = self.links.get(key) or self.links.setdefault(key, Link.tcp(lm))
             self.lms[name] = LoadManager(lm, load_profile(lm.profile), link)
         bridge = sections.bridge
         self.bridge = Bridge(bridge, sections.buses[bridge.bus], self.links[bridge.bus]) if bridge.enabled else None
