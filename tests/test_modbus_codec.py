@@ -53,6 +53,11 @@ def test_unscaled_integers_stay_integers():
     assert decode(Encoding("s32", scale=0.1), encode(Encoding("s32", scale=0.1), 123.4)) == 123.4
 
 
+def test_f32_not_a_number_reads_as_null():
+    assert decode(Encoding("f32"), [0x7FC0, 0x0000]) is None
+    assert decode(Encoding("f32"), [0x7F80, 0x0000]) is None  # infinity
+
+
 def test_bool():
     enc = Encoding("bool")
     assert encode(enc, True) == [1] and encode(enc, False) == [0]

@@ -58,8 +58,8 @@ def _reorder(data: bytes, enc: Encoding) -> list[bytes]:
     return words
 
 
-def decode(enc: Encoding, raw: Sequence[int] | Sequence[bool]) -> Value:
-    """Registers (or one bit) as read from the device -> scaled value."""
+def decode(enc: Encoding, raw: Sequence[int] | Sequence[bool]) -> Value | None:
+    """Registers (or one bit) as read from the device -> scaled value (None for an f32 NaN or infinity)."""
     if len(raw) != enc.count:
         raise ValueError(f"{enc.type} needs {enc.count} value(s), got {len(raw)}")
     if enc.type == "bool":
@@ -68,6 +68,8 @@ def decode(enc: Encoding, raw: Sequence[int] | Sequence[bool]) -> Value:
     data = b"".join(w.to_bytes(2, "big") for w in raw)
     (number,) = struct.unpack(fmt, b"".join(_reorder(data, enc)))
     if enc.type == "f32":
+        if not math.isfinite(number):
+            return None  # devices use NaN for "not available"; JSON has no NaN
         # An f32 carries ~7 significant digits; do not invent more.
         return float(f"{number * enc.scale:.7g}")
     if enc.scale == 1:

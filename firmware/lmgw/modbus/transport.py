@@ -118,6 +118,9 @@ class Link:
             client.close()
             raise lm_error(LM_UNREACHABLE, f"{target}: connection lost ({exc})", link=self.name) from None
         except ModbusException as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc  # pymodbus turns our cancellation into an I/O error
             if self._received:
                 if self.stream:  # resynchronize the byte stream: start a fresh connection
                     client.close()
