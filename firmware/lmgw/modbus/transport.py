@@ -25,7 +25,6 @@ from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.pdu import ModbusPDU
 
 from ..gateway.backoff import Backoff
-from ..jsonrpc import RpcError
 from .config import BusConfig, LmConfig
 from .errors import BUS_BUSY, EXCEPTION_NAMES, LM_EXCEPTION, LM_FRAMING, LM_TIMEOUT, LM_UNREACHABLE, lm_error
 
