@@ -155,7 +155,8 @@ async def running_gateway(config: dict[str, Any], tmp_path: Path) -> AsyncIterat
     from lmgw.gateway.agent import GatewayAgent
     from lmgw.gateway.config import GatewayConfig
 
-    agent = GatewayAgent(GatewayConfig.parse(config, tmp_path))
+    file = write_toml(tmp_path / f"gateway-{Path(config['data_dir']).name}.toml", config)
+    agent = GatewayAgent(GatewayConfig.load(file))
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:

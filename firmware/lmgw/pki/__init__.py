@@ -1,0 +1,1 @@
+"""The LMGW PKI: our own CA, gateway and DSO certificates, revocation (CRL, OCSP)."""

@@ -1,0 +1,194 @@
+"""Certificate revocation as both ends of the channel check it.
+
+The CRL is signed by the LMGW CA, so it may travel over plain HTTP and be
+cached anywhere.  A cached CRL stays usable until its nextUpdate plus a
+configured grace: an outage (or a DoS) of the CRL server does not cut
+gateways off, while an attacker who blocks CRL updates forever cannot keep a
+revoked certificate alive forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509 import ocsp
+
+from .atomicfile import write_atomically
+
+log = logging.getLogger(__name__)
+
+CLOCK_SKEW = timedelta(minutes=5)
+MAX_CRL_BYTES = 1024 * 1024
+
+
+class RevocationError(ValueError):
+    """A certificate cannot be accepted: revoked, or no usable CRL to tell."""
+
+
+def load_crl(data: bytes, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
+    """Parse a PEM or DER CRL and check that the LMGW CA signed it."""
+    try:
+        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----") else x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise RevocationError(f"not a CRL: {exc}") from None
+    if crl.issuer != ca_cert.subject:
+        raise RevocationError(f"CRL issued by {crl.issuer.rfc4514_string()}, not by {ca_cert.subject.rfc4514_string()}")
+    if not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        raise RevocationError("CRL signature does not verify with the LMGW CA key")
+    return crl
+
+
+def crl_usable(crl: x509.CertificateRevocationList, now: datetime, grace: timedelta) -> bool:
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return False
+    return crl.last_update_utc - CLOCK_SKEW <= now <= next_update + grace
+
+
+def revoked_reason(crl: x509.CertificateRevocationList, serial: int) -> str | None:
+    entry = crl.get_revoked_certificate_by_serial_number(serial)
+    if entry is None:
+        return None
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.name
+    except x509.ExtensionNotFound:
+        return "unspecified"
+
+
+class CrlCache:
+    """The CRL kept in one file; a bad download never replaces a good CRL."""
+
+    def __init__(self, path: Path, ca_cert: x509.Certificate, grace: timedelta) -> None:
+        self.path = path
+        self.ca_cert = ca_cert
+        self.grace = grace
+        self.crl: x509.CertificateRevocationList | None = None
+        self._stamp: tuple[int, int] | None = None
+        self.reload_if_changed()
+
+    @property
+    def next_update(self) -> datetime | None:
+        return self.crl.next_update_utc if self.crl is not None else None
+
+    def store(self, data: bytes) -> None:
+        crl = load_crl(data, self.ca_cert)
+        if self.crl is not None and _crl_number(crl) < _crl_number(self.crl):
+            raise RevocationError(f"CRL number {_crl_number(crl)} is older than the cached {_crl_number(self.crl)}: "
+                                  "replay refused")
+        write_atomically(self.path, crl.public_bytes(serialization.Encoding.DER))
+        self.crl = crl
+        self._stamp = self._file_stamp()
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if it changed on disk (another tool published a CRL)."""
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        self.crl = load_crl(self.path.read_bytes(), self.ca_cert)
+        return True
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def check(self, serial: int, now: datetime) -> None:
+        """Raise ``RevocationError`` unless ``serial`` is known good by a usable CRL."""
+        if self.crl is None:
+            raise RevocationError(f"no CRL cached in {self.path}: cannot tell whether certificates are revoked")
+        if not crl_usable(self.crl, now, self.grace):
+            raise RevocationError(f"cached CRL expired at {self.crl.next_update_utc} (grace {self.grace}): "
+                                  "refresh failed, refusing connections")
+        reason = revoked_reason(self.crl, serial)
+        if reason is not None:
+            raise RevocationError(f"certificate serial {serial:x} is revoked ({reason})")
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
+
+
+async def _http(method: str, url: str, body: bytes | None, content_type: str | None, *, timeout: float,
+                proxy: str | None) -> bytes:
+    """A minimal HTTP/1.1 client for CRL and OCSP (both signed data: plain HTTP is their norm)."""
+    target = urlsplit(url)
+    if target.scheme != "http" or not target.hostname:
+        raise OSError(f"unsupported revocation URL {url!r} (http:// expected)")
+    headers = [f"Host: {target.netloc}", "Connection: close", "User-Agent: lmgw"]
+    if proxy:
+        via = urlsplit(proxy)
+        host, port, path = via.hostname, via.port or 80, url  # absolute URI through a proxy
+        if via.username:
+            token = base64.b64encode(f"{unquote(via.username)}:{unquote(via.password or '')}".encode()).decode()
+            headers.append(f"Proxy-Authorization: Basic {token}")
+    else:
+        host, port = target.hostname, target.port or 80
+        path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+    if body is not None:
+        headers += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+
+    async def exchange() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            request = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n"
+            writer.write(request.encode() + (body or b""))
+            await writer.drain()
+            response = b""
+            while chunk := await reader.read(65536):
+                response += chunk
+                if len(response) > MAX_CRL_BYTES + 65536:
+                    raise OSError(f"answer from {url} larger than {MAX_CRL_BYTES} bytes")
+        finally:
+            writer.close()
+        head, _, content = response.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        if status.split(" ")[1:2] != ["200"]:
+            raise OSError(f"{url} answered {status!r}" if status else f"{url} closed without answering")
+        return content
+
+    try:
+        return await asyncio.wait_for(exchange(), timeout)
+    except asyncio.TimeoutError:
+        raise OSError(f"{url} did not answer within {timeout:g} s") from None
+
+
+async def fetch_crl(url: str, *, timeout: float = 10.0, proxy: str | None = None) -> bytes:
+    return await _http("GET", url, None, None, timeout=timeout, proxy=proxy)
+
+
+async def ocsp_status(url: str, cert: x509.Certificate, issuer: x509.Certificate, *, timeout: float = 10.0,
+                      proxy: str | None = None) -> str:
+    """Ask an OCSP responder (RFC 6960); "good", "revoked" or "unknown"."""
+    request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA256()).build()
+    data = await _http("POST", url, request.public_bytes(serialization.Encoding.DER), "application/ocsp-request",
+                       timeout=timeout, proxy=proxy)
+    response = ocsp.load_der_ocsp_response(data)
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise RevocationError(f"OCSP responder answered {response.response_status.name}")
+    key = issuer.public_key()
+    algorithm = response.signature_hash_algorithm or hashes.SHA256()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(response.signature, response.tbs_response_bytes, ec.ECDSA(algorithm))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(response.signature, response.tbs_response_bytes, padding.PKCS1v15(), algorithm)
+        else:
+            raise RevocationError(f"unsupported CA key type {type(key).__name__}")
+    except InvalidSignature:
+        raise RevocationError("OCSP response signature does not verify with the LMGW CA key") from None
+    return response.certificate_status.name.lower()
