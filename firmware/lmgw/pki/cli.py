@@ -1,0 +1,149 @@
+"""``lmgw-pki``: run the LMGW certificate authority.
+
+    lmgw-pki --ca-dir /srv/lmgw-ca init --name "ACME DSO LMGW CA"
+    lmgw-pki server-cert --cn dso --dns dso.example.net --out-key dso.key --out-cert dso.crt
+    lmgw-pki gateway-cert --id GW-0001 --out-dir ./GW-0001        # factory: key made here
+    lmgw-pki sign-csr --csr gw.csr --out gw.crt                  # device keeps its key
+    lmgw-pki revoke --id GW-0001 --reason keyCompromise
+    lmgw-pki crl --days 7
+    lmgw-pki list [--json]
+    lmgw-pki serve --host 0.0.0.0 --port 8080                    # CRL and OCSP over HTTP
+    lmgw-pki update-signer --name "LMGW update signing" --out-key u.key --out-cert u.crt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..atomicfile import write_atomically
+from ..logsetup import configure
+from .ca import REASONS, CertificateAuthority, Issued, PkiError
+from .http import PkiHttpServer
+
+
+def _write_pair(issued: Issued, key_path: Path, cert_path: Path) -> None:
+    assert issued.key_pem is not None
+    write_atomically(key_path, issued.key_pem, mode=0o600)
+    write_atomically(cert_path, issued.cert_pem)
+
+
+def _serial(text: str) -> int:
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"serial must be hexadecimal, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmgw-pki", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ca-dir", type=Path, default=Path(os.environ.get("LMGW_CA_DIR", "lmgw-ca")),
+                   help="CA directory (default: $LMGW_CA_DIR or ./lmgw-ca)")
+    c = p.add_subparsers(dest="command", required=True)
+    init = c.add_parser("init", help="create the CA (ECDSA P-256)")
+    init.add_argument("--name", default="LMGW CA")
+    init.add_argument("--days", type=int, default=3650)
+    server = c.add_parser("server-cert", help="issue the DSO server certificate")
+    server.add_argument("--cn", default="dso")
+    server.add_argument("--dns", action="append", default=[])
+    server.add_argument("--ip", action="append", default=[])
+    server.add_argument("--days", type=int, default=825)
+    server.add_argument("--out-key", type=Path, required=True)
+    server.add_argument("--out-cert", type=Path, required=True)
+    gateway = c.add_parser("gateway-cert", help="factory: generate a gateway key and certificate")
+    gateway.add_argument("--id", required=True, help="gateway ID (certificate CN), e.g. the serial number")
+    gateway.add_argument("--days", type=int, default=3650)
+    gateway.add_argument("--out-dir", type=Path, required=True, help="receives device.key, device.crt, ca.crt")
+    csr = c.add_parser("sign-csr", help="certify a gateway's CSR (the device keeps its key)")
+    csr.add_argument("--csr", type=Path, required=True)
+    csr.add_argument("--days", type=int, default=3650)
+    csr.add_argument("--out", type=Path, required=True)
+    revoke = c.add_parser("revoke", help="revoke a gateway (all its certificates) or one serial; publishes the CRL")
+    who = revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--id")
+    who.add_argument("--serial", type=_serial, help="hexadecimal")
+    revoke.add_argument("--reason", default="unspecified", choices=sorted(REASONS))
+    crl = c.add_parser("crl", help="publish a fresh CRL (run it well before nextUpdate, e.g. daily)")
+    crl.add_argument("--days", type=int, default=7)
+    listing = c.add_parser("list", help="inventory of issued and revoked certificates")
+    listing.add_argument("--json", action="store_true")
+    serve = c.add_parser("serve", help="serve the CRL and OCSP over HTTP")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    signer = c.add_parser("update-signer", help="key and certificate that sign firmware bundles")
+    signer.add_argument("--name", default="LMGW update signing")
+    signer.add_argument("--days", type=int, default=1825)
+    signer.add_argument("--out-key", type=Path, required=True)
+    signer.add_argument("--out-cert", type=Path, required=True)
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "init":
+        ca = CertificateAuthority.create(args.ca_dir, name=args.name, days=args.days)
+        print(f"created CA {ca.cert.subject.rfc4514_string()} in {args.ca_dir}")
+        return
+    ca = CertificateAuthority.open(args.ca_dir)
+    if args.command == "server-cert":
+        issued = ca.issue_server(args.cn, args.dns, args.ip, days=args.days)
+        _write_pair(issued, args.out_key, args.out_cert)
+        print(f"issued server certificate {issued.serial:x} for {', '.join(args.dns + args.ip)}")
+    elif args.command == "gateway-cert":
+        issued = ca.issue_gateway(args.id, days=args.days)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        _write_pair(issued, args.out_dir / "device.key", args.out_dir / "device.crt")
+        write_atomically(args.out_dir / "ca.crt", ca.cert_pem)
+        print(f"issued gateway certificate {issued.serial:x} for {args.id} in {args.out_dir}")
+    elif args.command == "sign-csr":
+        try:
+            csr = args.csr.read_bytes()
+        except OSError as exc:
+            raise PkiError(f"cannot read {args.csr}: {exc.strerror}") from None
+        issued = ca.sign_csr(csr, days=args.days)
+        write_atomically(args.out, issued.cert_pem)
+        print(f"issued gateway certificate {issued.serial:x} for {issued.common_name}")
+    elif args.command == "revoke":
+        serials = ca.revoke(gateway_id=args.id, serial=args.serial, reason=args.reason)
+        print(f"revoked {', '.join(f'{s:x}' for s in serials)} ({args.reason}); CRL published")
+    elif args.command == "crl":
+        crl = ca.publish_crl(days=args.days)
+        print(f"CRL published, next update {crl.next_update_utc.isoformat()}")
+    elif args.command == "list":
+        rows = ca.inventory_rows()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for row in [] if args.json else rows:
+            state = f"REVOKED {row['revoked_at'][:19]} {row['reason']}" if row["revoked_at"] else "valid"
+            print(f"{row['serial']:<42} {row['kind']:<14} {row['common_name']:<24} until {row['not_after'][:10]}  {state}")
+    elif args.command == "serve":
+        server = PkiHttpServer(ca, args.host, args.port)
+        print(f"serving {server.url}/crl.der, /crl.pem and /ocsp", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    elif args.command == "update-signer":
+        issued = ca.issue_update_signer(args.name, days=args.days)
+        _write_pair(issued, args.out_key, args.out_cert)
+        print(f"issued update-signing certificate {issued.serial:x}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure()
+    try:
+        run(args)
+    except PkiError as exc:
+        print(f"lmgw-pki: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"lmgw-pki: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
