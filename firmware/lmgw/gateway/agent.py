@@ -13,20 +13,19 @@ import asyncio
 import logging
 import ssl
 import time
-import urllib.request
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
-from websockets.uri import get_proxy, parse_uri
+from websockets.uri import parse_uri
 
 from .. import SUBPROTOCOL, __version__
 from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from ..modbus.service import LmService
+from ..proxy import ProxyError, from_environment, open_tunnel, redact
 from ..revocation import CrlCache, RevocationError, fetch_crl
 from ..session import RpcSession
 from ..tls import client_context, common_name, peer_certificate
@@ -40,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CRL_RETRY_SECONDS = 60.0
 OPEN_TIMEOUT = 30.0
+USER_AGENT = f"lmgw-gateway/{__version__}"
 
 
 class RejectedPeer(Exception):
@@ -47,11 +47,7 @@ class RejectedPeer(Exception):
 
 
 def _redact(proxy: str | None) -> str | None:
-    """A proxy URL for logs and events: never the credentials."""
-    if proxy is None:
-        return None
-    parts = urlsplit(proxy)
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or 80}"
+    return redact(proxy) if proxy else None
 
 
 class GatewayAgent:
@@ -148,21 +144,24 @@ class GatewayAgent:
             await asyncio.sleep(delay)
 
     def _proxy(self) -> str | None:
-        return get_proxy(parse_uri(self.config.url)) if self.config.proxy is True else self.config.proxy
+        return from_environment(self.config.url) if self.config.proxy is True else self.config.proxy
 
     async def _connect_once(self) -> None:
         proxy = self._proxy()
+        target = parse_uri(self.config.url)
         try:
+            tunnel = await open_tunnel(proxy, target.host, target.port, user_agent=USER_AGENT) if proxy else None
             connection = await connect(
                 self.config.url,
                 ssl=self.ssl,
-                proxy=proxy,
+                sock=tunnel,
+                proxy=None,  # the tunnel is ours, see lmgw.proxy
                 subprotocols=[SUBPROTOCOL],
                 open_timeout=OPEN_TIMEOUT,
                 max_size=self.config.max_frame,
                 ping_interval=self.config.ping_interval,
                 ping_timeout=self.config.ping_interval,
-                user_agent_header=f"lmgw-gateway/{__version__}",
+                user_agent_header=USER_AGENT,
             )
         except ssl.SSLCertVerificationError as exc:
             await self._report_untrusted_server(exc, proxy)
@@ -257,11 +256,8 @@ class GatewayAgent:
             await asyncio.sleep(delay)
 
     def _crl_proxy(self) -> str | None:
-        if self.config.proxy is not True:
-            return self.config.proxy
         assert self.config.crl_url is not None
-        host = urlsplit(self.config.crl_url).hostname or ""
-        return None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get("http")
+        return from_environment(self.config.crl_url) if self.config.proxy is True else self.config.proxy
 
 
 def _describe(exc: BaseException) -> str:
@@ -273,7 +269,7 @@ def _describe(exc: BaseException) -> str:
         return f"DSO certificate not trusted: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {exc.reason or exc}"
-    if isinstance(exc, (RejectedPeer, InvalidHandshake, RpcError)):
+    if isinstance(exc, (RejectedPeer, InvalidHandshake, RpcError, ProxyError)):
         return str(exc)
     if isinstance(exc, asyncio.TimeoutError):
         return f"no answer within {OPEN_TIMEOUT:g} s (network, proxy or DSO down?)"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ConfigError, get, load_toml, path, section
+from ..proxy import Proxy
 
 ProxySetting = str | Literal[True] | None
 """A proxy URL, True for the environment's ``https_proxy``, None for direct."""
@@ -45,8 +46,11 @@ class GatewayConfig:
         if not url.startswith("wss://"):
             raise ConfigError(f"[dso] url must start with wss:// (TLS is mandatory), got {url!r}")
         proxy = get(dso, "proxy", str, "dso", None)
-        if proxy is not None and proxy != "none" and not proxy.startswith(("http://", "https://")):
-            raise ConfigError(f"[dso] proxy must be an http:// or https:// URL or \"none\", got {proxy!r}")
+        if proxy is not None and proxy != "none":
+            try:
+                Proxy.parse(proxy)
+            except ValueError as exc:
+                raise ConfigError(f"[dso] proxy: {exc}, or \"none\"") from None
         return cls(
             data_dir=path(config, "data_dir", "top level", base),
             url=url,

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from websockets.asyncio.client import connect_http_proxy
-from websockets.uri import parse_proxy, parse_uri
+from websockets.uri import parse_uri
 
+from ..proxy import open_tunnel
 from ..tls import peer_certificate
 
 PROBE_TIMEOUT = 10.0
@@ -40,16 +40,10 @@ def _probe_context() -> ssl.SSLContext:
 
 
 async def _presented(url: str, proxy: str | None) -> x509.Certificate | None:
-    ws_uri = parse_uri(url)
+    target = parse_uri(url)
     loop = asyncio.get_running_loop()
-    if proxy is None:
-        transport, _ = await loop.create_connection(asyncio.Protocol, ws_uri.host, ws_uri.port, ssl=_probe_context(),
-                                                    server_hostname=ws_uri.host)
-    else:
-        plain = await connect_http_proxy(parse_proxy(proxy), ws_uri)
-        protocol = asyncio.Protocol()
-        plain.set_protocol(protocol)
-        transport = await loop.start_tls(plain, protocol, _probe_context(), server_hostname=ws_uri.host)
+    where = {"sock": await open_tunnel(proxy, target.host, target.port)} if proxy else {"host": target.host, "port": target.port}
+    transport, _ = await loop.create_connection(asyncio.Protocol, ssl=_probe_context(), server_hostname=target.host, **where)
     try:
         return peer_certificate(transport.get_extra_info("ssl_object"))
     finally:
