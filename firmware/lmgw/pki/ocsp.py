@@ -24,10 +24,9 @@ def respond(ca: CertificateAuthority, request_der: bytes) -> bytes:
         request = ocsp.load_der_ocsp_request(request_der)
     except ValueError:
         return _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-    issuer_key_hash = x509.SubjectKeyIdentifier.from_public_key(ca.key.public_key()).digest
-    digest = hashes.Hash(request.hash_algorithm)
-    digest.update(ca.cert.subject.public_bytes())
-    if request.issuer_key_hash != issuer_key_hash or request.issuer_name_hash != digest.finalize():
+    # Our issuer hashes with the request's algorithm: the self-signed CA certificate is its own issuer.
+    ours = ocsp.OCSPRequestBuilder().add_certificate(ca.cert, ca.cert, request.hash_algorithm).build()
+    if (request.issuer_key_hash, request.issuer_name_hash) != (ours.issuer_key_hash, ours.issuer_name_hash):
         return _error(ocsp.OCSPResponseStatus.UNAUTHORIZED)  # not a certificate of this CA
     rows = ca.inventory.find(serial=request.serial_number)
     now = datetime.now(timezone.utc)
