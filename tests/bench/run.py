@@ -1,0 +1,335 @@
+"""``make bench``: figures for the secure channel (prints, asserts nothing about time).
+
+1. Bytes on the wire (TLS level) per gateway at the paper's load of 4 calls/s
+   with realistic payloads (``lm.read`` of an LM simulator when available),
+   beside the paper's 43.39 kbps.
+2. DSO calls/s across N concurrent gateways, and in the same run a bare
+   websockets echo server over the same mTLS setup.
+3. mTLS + WebSocket handshakes/s against the DSO (revocation check included).
+4. Concurrent gateways one DSO process holds: memory per connection.
+
+Each figure that needs two sides runs them in two processes, as in the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from conftest import (free_port, gateway_config, make_pki, process, running_dso, running_gateway,  # noqa: E402
+                      wait_until, write_toml)
+from lmgw import SUBPROTOCOL  # noqa: E402
+from lmgw.tls import client_context, server_context  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.asyncio.server import serve  # noqa: E402
+
+PAPER_KBPS = 43.39
+PAPER_RATE = 4.0
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class CountingRelay:
+    """A TCP relay on loopback that counts the TLS bytes each way."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.up = self.down = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool) -> None:
+            while data := await src.read(65536):
+                if upstream:
+                    self.up += len(data)
+                else:
+                    self.down += len(data)
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False), return_exceptions=True)
+
+
+async def bench_wire(work: Path, seconds: float) -> list[str]:
+    """The paper's load: the DSO reads every point of an LM 4 times a second."""
+    pki = make_pki(work / "ca-wire")
+    lm_port = free_port()
+    lmsim = subprocess.Popen([str(Path(sys.executable).parent / "lmgw-lmsim"), "--tcp", f"127.0.0.1:{lm_port}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert lmsim.stdout is not None
+    lmsim.stdout.readline()  # "listening on ..."
+    try:
+        async with running_dso(pki, work) as dso:
+            relay = CountingRelay(dso.port)
+            relay_port = await relay.start()
+            config = gateway_config(pki, work, "GW-WIRE", relay_port)
+            config["lm"] = [{"name": "lm1", "profile": "simulated-lm", "transport": "tcp", "host": "127.0.0.1",
+                             "port": lm_port, "unit": 1}]
+            async with running_gateway(config, work):
+                await wait_until(lambda: (e := dso.registry.get("GW-WIRE")) and e.firmware_version, timeout=20)
+                sample = await dso.call("GW-WIRE", "lm.read", {"lm": "lm1"})
+                up0, down0 = relay.up, relay.down
+                start = time.monotonic()
+                calls = 0
+                while time.monotonic() - start < seconds:
+                    await dso.call("GW-WIRE", "lm.read", {"lm": "lm1"})
+                    calls += 1
+                    await asyncio.sleep(max(0.0, start + calls / PAPER_RATE - time.monotonic()))
+                elapsed = time.monotonic() - start
+                up, down = relay.up - up0, relay.down - down0
+    finally:
+        lmsim.terminate()
+        lmsim.wait(10)
+    kbps = lambda n: n * 8 / elapsed / 1000  # noqa: E731
+    answer = len(json.dumps(sample, separators=(",", ":")))
+    return [
+        f"wire: {calls} x lm.read (all {len(sample.get('values', sample))} points, {answer}-byte JSON result) in "
+        f"{elapsed:.1f} s = {calls / elapsed:.2f} calls/s; TLS bytes counted on a loopback relay, keepalive included",
+        f"wire: upload (gateway->DSO) {kbps(up):.2f} kbps, download {kbps(down):.2f} kbps, "
+        f"total {kbps(up + down):.2f} kbps per gateway (paper: {PAPER_KBPS} kbps); {(up + down) / calls:.0f} bytes per call",
+    ]
+
+
+# -- throughput: LMGW DSO vs bare websockets echo, both over the same mTLS ----------------
+
+
+async def _gateways_role(args: argparse.Namespace) -> None:
+    """Child process: N real gateway agents connected to the DSO."""
+    from conftest import Pki
+    from lmgw.pki.ca import CertificateAuthority
+
+    work = Path(args.work)
+    ca = CertificateAuthority.open(work / "ca-load")
+    pki = Pki(work / "ca-load", ca, work / "ca-load" / "dso.key", work / "ca-load" / "dso.crt")
+    agents = []
+    stack = []
+    for n in range(args.n):
+        gid = f"GW-LOAD-{n:04d}"
+        config = gateway_config(pki, work, gid, args.port)
+        context = running_gateway(config, work)
+        agents.append(await context.__aenter__())
+        stack.append(context)
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for context in stack:
+        await context.__aexit__(None, None, None)
+
+
+async def _echo_role(args: argparse.Namespace) -> None:
+    """Child process: a bare websockets echo server with the DSO's mTLS context."""
+    work = Path(args.work) / "ca-load"
+
+    async def echo(ws: Any) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    context = server_context(work / "ca.crt", work / "dso.crt", work / "dso.key")
+    async with serve(echo, "127.0.0.1", args.port, ssl=context, subprotocols=[SUBPROTOCOL]):
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+def _child(role: str, work: Path, port: int, n: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, __file__, "--role", role, "--work", str(work), "--port", str(port), "--n", str(n)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        raise RuntimeError(f"{role} child failed to start")
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.wait(60)
+
+
+async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
+    pki = make_pki(work / "ca-load")
+    lines = []
+    async with running_dso(pki, work) as dso:
+        child = await asyncio.to_thread(_child, "gateways", work, dso.port, n)
+        try:
+            await wait_until(lambda: len(dso.registry.entries()) == n, timeout=120, what=f"{n} gateways")
+            ids = [e.gateway_id for e in dso.registry.entries()]
+            done = 0
+            deadline = time.monotonic() + seconds
+
+            async def worker(gid: str) -> None:
+                nonlocal done
+                while time.monotonic() < deadline:
+                    await dso.call(gid, "gw.ping", {"payload": "x" * 64})
+                    done += 1
+
+            start = time.monotonic()
+            await asyncio.gather(*(worker(gid) for gid in ids))
+            lmgw_rate = done / (time.monotonic() - start)
+            lines.append(f"throughput: LMGW DSO -> {n} gateways, gw.ping: {lmgw_rate:.0f} calls/s "
+                         f"(paper load: {PAPER_RATE:.0f} calls/s per gateway -> {lmgw_rate / PAPER_RATE:.0f} gateways at full rate)")
+            lines.append(f"memory: DSO RSS with {n} gateways {rss_mib():.1f} MiB; {n} gateway agents in one process "
+                         f"{rss_mib(child.pid):.1f} MiB")
+        finally:
+            await asyncio.to_thread(_stop, child)
+
+    port = free_port()
+    child = await asyncio.to_thread(_child, "echo", work, port, n)
+    try:
+        key_cert = pki.gateway("GW-ECHO")
+        context = client_context(pki.ca_cert, key_cert[1], key_cert[0])
+        clients = [await connect(f"wss://localhost:{port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None)
+                   for _ in range(n)]
+        done = 0
+        deadline = time.monotonic() + seconds
+        frame = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "gw.ping", "params": {"payload": "x" * 64}})
+
+        async def echo_worker(ws: Any) -> None:
+            nonlocal done
+            while time.monotonic() < deadline:
+                await ws.send(frame)
+                await ws.recv()
+                done += 1
+
+        start = time.monotonic()
+        await asyncio.gather(*(echo_worker(ws) for ws in clients))
+        echo_rate = done / (time.monotonic() - start)
+        for ws in clients:
+            await ws.close()
+    finally:
+        await asyncio.to_thread(_stop, child)
+    lines.append(f"throughput: bare websockets echo, same mTLS, {n} connections: {echo_rate:.0f} round trips/s; "
+                 f"LMGW/bare ratio {lmgw_rate / echo_rate:.2f}")
+    return lines
+
+
+async def bench_handshakes(work: Path, seconds: float, concurrency: int = 8) -> list[str]:
+    pki = make_pki(work / "ca-hs")
+    key, cert = pki.gateway("GW-HS")
+    context = client_context(pki.ca_cert, cert, key)
+    async with running_dso(pki, work) as dso:
+        count = 0
+        deadline = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal count
+            while time.monotonic() < deadline:
+                async with connect(f"wss://localhost:{dso.port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None):
+                    count += 1
+
+        start = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        rate = count / (time.monotonic() - start)
+    return [f"handshakes: {rate:.0f} mTLS+WebSocket handshakes/s (client and DSO in one process, {concurrency} concurrent, "
+            f"ECDSA P-256, CRL check included)"]
+
+
+async def _idle_role(args: argparse.Namespace) -> None:
+    """Child process: many idle gateway connections, each with its own certificate."""
+    work = Path(args.work) / "ca-many"
+    connections = []
+    for n in range(args.n):
+        d = work / "gateways" / f"{n}"
+        context = client_context(work / "ca.crt", d / "device.crt", d / "device.key")
+        connections.append(await connect(f"wss://localhost:{args.port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None))
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for ws in connections:
+        await ws.close()
+
+
+async def bench_capacity(work: Path, n: int) -> list[str]:
+    """A real ``lmgw-dso serve`` process; its RSS before and after ``n`` idle gateways connect."""
+    from lmgw.pki.ca import CertificateAuthority
+
+    pki = make_pki(work / "ca-many")
+    ca = CertificateAuthority.open(pki.dir)
+    for i in range(n):
+        issued = ca.issue_gateway(f"GW-IDLE-{i:05d}")
+        d = pki.dir / "gateways" / f"{i}"
+        d.mkdir(parents=True)
+        (d / "device.key").write_bytes(issued.key_pem)
+        (d / "device.crt").write_bytes(issued.cert_pem)
+    port = free_port()
+    config = write_toml(work / "dso-capacity.toml", {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
+        "revocation": {"crl_file": pki.crl},
+        "api": {"socket": work / "capacity.sock", "events_file": work / "capacity-events.jsonl"},
+    })
+    with process([str(Path(sys.executable).parent / "lmgw-dso"), "--config", str(config), "serve"], work / "dso-capacity.log",
+                 ready=lambda log: "operator API" in log) as dso:
+        before = rss_mib(dso.pid)
+        start = time.monotonic()
+        child = await asyncio.to_thread(_child, "idle", work, port, n)
+        try:
+            elapsed = time.monotonic() - start
+            await asyncio.sleep(2)  # let the server settle
+            after = rss_mib(dso.pid)
+        finally:
+            await asyncio.to_thread(_stop, child)
+    per = (after - before) * 1024 / n
+    available_kib = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                             if line.startswith("MemAvailable")).split()[1])
+    return [f"capacity: one lmgw-dso process held {n} concurrent gateways (all connected in {elapsed:.1f} s); "
+            f"RSS {before:.1f} -> {after:.1f} MiB = {per:.1f} KiB per gateway; memory alone would allow "
+            f"~{int(available_kib / max(per, 1)) // 1000}k (keepalive pings every 20 s each: {n / 20:.0f}/s now)"]
+
+
+async def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.ERROR)  # figures only; the servers' own logs would drown them
+    with tempfile.TemporaryDirectory(prefix="lmgw-bench-") as tmp:
+        work = Path(tmp)
+        lines: list[str] = []
+        lines += await bench_wire(work, args.seconds * 2)
+        lines += await bench_throughput(work, args.gateways, args.seconds)
+        lines += await bench_handshakes(work, args.seconds)
+        lines += await bench_capacity(work, args.capacity)
+        modbus = HERE / "bench_modbus.py"
+        if modbus.exists():
+            sys.path.insert(0, str(HERE))
+            lines += importlib.import_module("bench_modbus").run()
+        print("\n== LMGW benchmark (%s, Python %s, %d cores) ==" % (time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count()))
+        for line in lines:
+            print(line)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--gateways", type=int, default=100)
+    parser.add_argument("--capacity", type=int, default=2000)
+    parser.add_argument("--role", choices=["gateways", "echo", "idle"])
+    parser.add_argument("--work")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--n", type=int)
+    args = parser.parse_args()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one descriptor per gateway connection
+    roles = {"gateways": _gateways_role, "echo": _echo_role, "idle": _idle_role}
+    asyncio.run(roles[args.role](args) if args.role else main(args))
