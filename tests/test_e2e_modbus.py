@@ -10,7 +10,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from conftest import free_port, gateway_config, running_dso, running_gateway, wait_until
 from lmgw.jsonrpc import RpcError
-from lmgw.lmsim.device import SimulatedLm
+from lmgw.lmsim.device import Fault, SimulatedLm
 from lmgw.lmsim.pty import PtyPair
 from lmgw.lmsim.server import LmSimulator
 from lmgw.modbus import errors
@@ -56,6 +56,15 @@ def test_read_write_shed_restore_through_the_channel(pki, tmp_path):
                     with pytest.raises(RpcError) as refused:
                         await dso.call(GW, "lm.write", {"lm": "lm1", "values": {"power_limit": 99999}})
                     assert refused.value.code == errors.OUT_OF_RANGE and refused.value.data["point"] == "power_limit"
+                    # Modbus failures cross the channel as documented JSON-RPC errors
+                    for fault, code in ((Fault.EXCEPTION, errors.LM_EXCEPTION), (Fault.GARBAGE, errors.LM_FRAMING),
+                                        (Fault.NO_ANSWER, errors.LM_TIMEOUT)):
+                        sim[1].fault = fault
+                        with pytest.raises(RpcError) as failed:
+                            await dso.call(GW, "lm.read", {"lm": "lm1", "points": ["status"]})
+                        assert failed.value.code == code and failed.value.data["lm"] == "lm1"
+                    assert failed.value.data["timeout"] == 0.3
+                    sim[1].fault = Fault.NONE
                     shed = await dso.call(GW, "load.shed", {"lm": "lm1", "points": ["relay_2"], "duration_s": 30})
                     assert shed["state"] == "active" and sim[1].get("power_2") == 0.0
                     restored = await dso.call(GW, "load.restore", {"shed_id": shed["shed_id"]})
