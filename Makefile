@@ -34,7 +34,7 @@ $(MITM_VENV)/.stamp: Makefile
 	touch $@
 
 demo: deps
-	$(PY) -m lmgw.demo
+	qemu/demo_host.sh
 
 test: deps
 	$(VENV)/bin/pytest tests
