@@ -212,12 +212,12 @@ class LmService:
             raise lm_error(SHED_UNKNOWN, f"no pending or active shed {which}", shed_id=shed_id, lm=lm)
         outcomes = await asyncio.gather(*(self._perform(RESTORE, s, "command") for s in chosen))
         restored = [o for o in outcomes if isinstance(o, dict)]
-        errors = [o for o in outcomes if isinstance(o, RpcError)]
-        if errors:
+        failures = [o for o in outcomes if isinstance(o, RpcError)]
+        if failures:
             # The gateway keeps retrying these by itself; the caller learns which.
-            errors[0].data = {**(errors[0].data or {}), "restored": [r["shed_id"] for r in restored],
-                              "retrying": [s for s in chosen if s in self.book.sheds]}
-            raise errors[0]
+            failures[0].data = {**(failures[0].data or {}), "restored": [r["shed_id"] for r in restored],
+                                "retrying": [s for s in chosen if s in self.book.sheds]}
+            raise failures[0]
         return {"restored": restored}
 
     # -- the scheduler -------------------------------------------------------------------
