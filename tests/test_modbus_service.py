@@ -318,3 +318,19 @@ def test_lms_behind_one_tcp_address_share_one_connection(tmp_path):
         finally:
             await sim.stop()
     asyncio.run(scenario())
+
+
+def test_restore_command_to_a_dead_lm_reports_and_keeps_retrying(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), \
+                service(tmp_path, [tcp_lm("lm1", port)], shed={"restore_retry": 0.2}) as gw:
+            shed = await gw.call("load.shed", lm="lm1", points=["relay_2"], duration_s=60)
+            sim[1].fault = Fault.NO_ANSWER
+            error = await gw.error("load.restore", lm="lm1")
+            assert error.code == errors.LM_TIMEOUT
+            assert error.data["retrying"] == [shed["shed_id"]] and error.data["restored"] == []
+            sim[1].fault = Fault.NONE
+            await wait_until(lambda: sim[1].get("relay_2") is True, 5, "the gateway's own retry")
+            await wait_until(lambda: gw.service.book.sheds == {}, 5, "the shed to be gone")
+            assert gw.events[-1][1]["reason"] == "command"
+    asyncio.run(scenario())
