@@ -24,7 +24,7 @@ host-packages:
 
 $(VENV)/.stamp: firmware/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e 'firmware[test]'
+	$(PY) -m pip install -q -e 'firmware[test,image]'
 	touch $@
 
 # mitmproxy pins its own cryptography: it lives in a venv of its own.

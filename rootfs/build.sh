@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Offline LMGW image: a Debian bookworm armhf root with the shared overlay/,
+# the same partition layout (board/genimage.cfg) and units as the Buildroot
+# image, the pinned Python packages and the lmgw package from firmware/.
+#
+#   rootfs/build.sh [OUT]      (default build/image; downloads cached in build/cache)
+#
+# The first run downloads .debs and wheels into the cache and turns the .debs
+# into a local repository; later runs use only the cache.
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$top/build/image}
+cache=${LMGW_CACHE:-$top/build/cache}
+venv=$top/.venv
+mirror=http://deb.debian.org/debian
+suite=bookworm
+# Reproducible timestamps: the last commit's time.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)}
+
+packages=systemd,systemd-sysv,udev,kmod,iproute2,e2fsprogs,python3,python3-cffi-backend,systemd-timesyncd,systemd-resolved,libubootenv-tool
+extra_debs="busybox-static linux-image-armmp"
+# Python packages pinned to Buildroot LTS 2026.02.3's versions (firmware/pyproject.toml).
+wheels="websockets==15.0.1 cryptography==46.0.3 pymodbus==3.11.4 pyserial==3.5"
+sdist_wheels="sdnotify==0.3.2"
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*"; }
+
+ensure_binfmt() {
+	[ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	[ -e /proc/sys/fs/binfmt_misc/qemu-arm ] || update-binfmts --enable qemu-arm
+	arch-test armhf >/dev/null || { echo "armhf binaries cannot run here (qemu-user-static/binfmt)" >&2; exit 1; }
+}
+
+fetch_debs() {
+	[ -f "$cache/debs/Release" ] && return
+	log "downloading Debian packages into $cache/debs (first build only)"
+	mkdir -p "$cache/debs"
+	mmdebstrap --arch=armhf --variant=minbase --mode=root --skip=cleanup/apt/cache \
+		--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr --aptopt='Apt::Install-Recommends "false"' \
+		--include="$packages" \
+		--customize-hook="cd '$cache/debs' && APT_CONFIG=\"\$MMDEBSTRAP_APT_CONFIG\" apt-get download $extra_debs" \
+		--customize-hook="sync-out /var/cache/apt/archives '$cache/debs'" \
+		"$suite" /dev/null "$mirror"
+	(cd "$cache/debs" && apt-ftparchive packages . > Packages &&
+		apt-ftparchive -o APT::FTPArchive::Release::Codename=$suite -o APT::FTPArchive::Release::Suite=$suite release . > Release)
+}
+
+fetch_wheels() {
+	[ -f "$cache/wheels/.complete" ] && return
+	log "downloading armv7 wheels into $cache/wheels (first build only)"
+	mkdir -p "$cache/wheels"
+	# shellcheck disable=SC2086
+	"$venv/bin/pip" download -q --no-deps --only-binary=:all: --python-version 3.11 --implementation cp \
+		--abi cp311 --abi abi3 --abi none --platform manylinux_2_28_armv7l --platform manylinux2014_armv7l \
+		-d "$cache/wheels" $wheels
+	# shellcheck disable=SC2086
+	"$venv/bin/pip" wheel -q --no-deps -w "$cache/wheels" $sdist_wheels
+	touch "$cache/wheels/.complete"
+}
+
+build_rootfs() {
+	log "building the root filesystem from the local repository"
+	rm -rf "$out/rootfs"
+	mmdebstrap --arch=armhf --variant=minbase --mode=root \
+		--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr --aptopt='Apt::Install-Recommends "false"' \
+		--dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+		--dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+		--include="$packages" \
+		"$suite" "$out/rootfs" "deb [trusted=yes] copy://$cache/debs ./"
+}
+
+install_kernel() {
+	log "kernel and modules from the armmp package"
+	rm -rf "$out/kernel" && mkdir -p "$out/kernel"
+	dpkg-deb -x "$(ls "$cache"/debs/linux-image-*-armmp_*.deb | grep -v 'linux-image-armmp_' | head -1)" "$out/kernel"
+	kver=$(ls "$out/kernel/lib/modules")
+	cp "$out/kernel/boot/vmlinuz-$kver" "$out/vmlinuz"
+	# Only what a QEMU 'virt' board and the root/identity/data filesystems need.
+	local src=$out/kernel/lib/modules/$kver dst=$out/rootfs/usr/lib/modules/$kver
+	mkdir -p "$dst"
+	cp "$src"/modules.{order,builtin,builtin.modinfo} "$dst/"
+	(cd "$src" && find kernel/drivers/virtio kernel/drivers/block/virtio_blk.ko kernel/drivers/net/virtio_net.ko \
+		kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/char/hw_random \
+		kernel/drivers/watchdog/i6300esb.ko kernel/fs/ext4 kernel/fs/jbd2 kernel/fs/mbcache.ko kernel/fs/squashfs \
+		kernel/lib/crc16.ko kernel/crypto/crc32c_generic.ko -name '*.ko' 2>/dev/null | cpio -pdm --quiet "$dst")
+	chroot "$out/rootfs" /sbin/depmod "$kver"
+}
+
+install_python() {
+	log "Python packages (pinned wheels + lmgw from firmware/)"
+	rm -rf "$out/wheels" && mkdir -p "$out/wheels"
+	"$venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$out/wheels" "$top/firmware"
+	"$venv/bin/python" "$top/rootfs/install_wheels.py" "$out/rootfs" "$cache"/wheels/*.whl "$out"/wheels/lmgw-*.whl >/dev/null
+	# A read-only root cannot write .pyc later; unchecked-hash keeps them reproducible.
+	chroot "$out/rootfs" python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /usr/lib/python3/dist-packages
+	chroot "$out/rootfs" python3 -c 'import cryptography.x509, websockets, pymodbus, serial, sdnotify, lmgw.gateway.agent'
+}
+
+configure_system() {
+	log "overlay, account, units, read-only root"
+	cp -a "$top/overlay/." "$out/rootfs/"
+	chroot "$out/rootfs" systemd-sysusers
+	chroot "$out/rootfs" systemctl enable lmgw.service systemd-networkd.service systemd-resolved.service \
+		systemd-timesyncd.service >/dev/null 2>&1
+	chroot "$out/rootfs" systemctl mask systemd-update-done.service apt-daily.timer apt-daily-upgrade.timer >/dev/null 2>&1 || true
+	mkdir -p "$out/rootfs/identity" "$out/rootfs/data"
+	: > "$out/rootfs/etc/machine-id"  # bound from /identity/machine-id by the initramfs
+	ln -sf /run/systemd/resolve/stub-resolv.conf "$out/rootfs/etc/resolv.conf"
+	date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ > "$out/rootfs/etc/lmgw-build-date"
+	rm -rf "$out/rootfs/var/cache/apt/"* "$out/rootfs/var/lib/apt/lists/"* "$out/rootfs/var/log/"*
+}
+
+write_manifest() {
+	{
+		echo "# LMGW offline image $(cat "$out/rootfs/etc/lmgw-build-date")"
+		echo "## kernel"; ls "$out/rootfs/usr/lib/modules"
+		echo "## Debian packages"; chroot "$out/rootfs" dpkg-query -W -f '${Package} ${Version}\n'
+		echo "## Python packages"; ls "$cache/wheels" "$out/wheels" | grep '\.whl$'
+	} > "$out/manifest.txt"
+}
+
+build_initramfs() {
+	log "initramfs"
+	local dir=$out/initramfs kver
+	kver=$(ls "$out/kernel/lib/modules")
+	rm -rf "$dir" && mkdir -p "$dir"/{bin,dev,proc,sys,newroot,etc,lib/modules}
+	dpkg-deb --fsys-tarfile "$(ls "$cache"/debs/busybox-static_*.deb)" | tar -x -C "$dir" ./bin/busybox
+	install -m 0755 "$top/rootfs/initramfs-init" "$dir/init"
+	# Load order: dependencies first.
+	local modules="lib/crc16.ko crypto/crc32c_generic.ko fs/mbcache.ko fs/jbd2/jbd2.ko fs/ext4/ext4.ko
+		fs/squashfs/squashfs.ko drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko"
+	: > "$dir/etc/modules.order"
+	for m in $modules; do
+		[ -f "$out/kernel/lib/modules/$kver/kernel/$m" ] || continue
+		cp "$out/kernel/lib/modules/$kver/kernel/$m" "$dir/lib/modules/"
+		basename "$m" >> "$dir/etc/modules.order"
+	done
+	(cd "$dir" && find . -print0 | sort -z | cpio -o -H newc --null --quiet --reproducible | gzip -9 -n) > "$out/initrd.img"
+}
+
+build_images() {
+	log "partition images and disk image"
+	local stage=$out/stage
+	rm -rf "$stage" && mkdir -p "$stage/data"/{lmgw,journal,systemd} "$stage/identity"
+	mksquashfs "$out/rootfs" "$stage/rootfs.squashfs" -comp zstd -noappend -quiet -mkfs-time "$SOURCE_DATE_EPOCH" \
+		-all-time "$SOURCE_DATE_EPOCH" -wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
+	mke2fs -q -t ext4 -L identity -E root_owner=0:0 -d "$stage/identity" "$stage/identity.ext4" 8M
+	mke2fs -q -t ext4 -L data -E root_owner=0:0 -d "$stage/data" "$stage/data.ext4" 128M
+	# Boot partition: kernel, initramfs and the kernel command line for each slot.
+	mkfs.vfat -n BOOT -C "$stage/boot.vfat" $((32 * 1024)) >/dev/null
+	mcopy -i "$stage/boot.vfat" "$out/vmlinuz" ::vmlinuz
+	mcopy -i "$stage/boot.vfat" "$out/initrd.img" ::initrd.img
+	rm -f "$out/lmgw.img"
+	genimage --config "$top/board/genimage.cfg" --inputpath "$stage" --outputpath "$out" \
+		--tmppath "$out/genimage.tmp" --rootpath "$stage/identity" >/dev/null
+	rm -rf "$out/genimage.tmp"
+	cp "$stage/rootfs.squashfs" "$out/"
+}
+
+mkdir -p "$out" "$cache"
+start=$(date +%s)
+ensure_binfmt
+fetch_debs
+fetch_wheels
+build_rootfs
+install_kernel
+install_python
+configure_system
+write_manifest
+build_initramfs
+build_images
+log "image $out/lmgw.img ready in $(( $(date +%s) - start )) s ($(du -h --apparent-size "$out/lmgw.img" | cut -f1) apparent, root squashfs $(du -h "$out/rootfs.squashfs" | cut -f1))"
