@@ -1,0 +1,1 @@
+"""Factory provisioning: write a gateway's identity into its disk image or SD card."""
