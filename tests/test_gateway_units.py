@@ -127,3 +127,19 @@ def test_registry_drops_redelivered_events():
     assert registry.first_delivery("GW1", "e1")
     assert not registry.first_delivery("GW1", "e1")
     assert registry.first_delivery("GW2", "e1")
+
+
+def test_clock_before_the_build_date_is_not_plausible(tmp_path):
+    from datetime import timedelta
+
+    from lmgw.clock import build_date, clock_plausible
+
+    stamp = tmp_path / "lmgw-build-date"
+    stamp.write_text("2026-11-24T12:00:00Z\n")
+    floor = build_date(stamp)
+    assert floor == datetime(2026, 11, 24, 12, tzinfo=timezone.utc)
+    assert not clock_plausible(datetime(1970, 1, 1, tzinfo=timezone.utc), floor)
+    assert clock_plausible(floor + timedelta(seconds=1), floor)
+    assert build_date(tmp_path / "missing") is None and clock_plausible(datetime(1970, 1, 1, tzinfo=timezone.utc), None)
+    stamp.write_text("garbage")
+    assert build_date(stamp) is None

@@ -22,6 +22,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.uri import parse_uri
 
 from .. import SUBPROTOCOL, __version__
+from ..clock import build_date, clock_plausible
 from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from ..modbus.service import LmService
@@ -38,6 +39,7 @@ from .watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 CRL_RETRY_SECONDS = 60.0
+CLOCK_POLL_SECONDS = 5.0
 OPEN_TIMEOUT = 30.0
 USER_AGENT = f"lmgw-gateway/{__version__}"
 
@@ -129,7 +131,16 @@ class GatewayAgent:
             await self.lms.stop()
             log.info("gateway %s stopped", self.gateway_id)
 
+    async def _wait_for_plausible_clock(self) -> None:
+        floor = build_date()
+        while not clock_plausible(datetime.now(timezone.utc), floor):
+            log.warning("clock reads %s, before this firmware's build date %s: waiting for time synchronization "
+                        "before trusting any certificate", datetime.now(timezone.utc).isoformat(), floor)
+            self.watchdog.status("waiting for a plausible clock (NTP)")
+            await asyncio.sleep(CLOCK_POLL_SECONDS)
+
     async def _connect_forever(self) -> None:
+        await self._wait_for_plausible_clock()
         while True:
             try:
                 await self._connect_once()
