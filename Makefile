@@ -7,9 +7,16 @@ MITM_VENV := .venv-mitm
 MITMPROXY_VERSION := 11.0.2
 # Host tools from Debian, one line per area (each area appends its own).
 APT_PACKAGES := tinyproxy
+# The offline ARMv7 image and its QEMU harness.
+APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test mmdebstrap apt-utils e2fsprogs \
+	squashfs-tools genimage dosfstools mtools fdisk cpio u-boot-qemu
 APT_PACKAGES += socat
 
-.PHONY: deps host-packages demo test bench clean
+IMAGE := build/image/lmgw.img
+IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest -type f \
+	-not -name '*.pyc' 2>/dev/null)
+
+.PHONY: deps host-packages demo test bench clean image qemu-run
 
 deps: host-packages $(VENV)/.stamp $(MITM_VENV)/.stamp
 
@@ -36,8 +43,14 @@ $(MITM_VENV)/.stamp: Makefile
 demo: deps
 	qemu/demo_host.sh
 
-test: deps
+test: deps image
 	$(VENV)/bin/pytest tests
+
+# Rebuilt when the package, overlay, layout or builder change; downloads are cached in build/cache.
+image: deps $(IMAGE)
+
+$(IMAGE): $(IMAGE_INPUTS)
+	rootfs/build.sh
 
 bench: deps
 	$(PY) tests/bench/run.py

@@ -19,7 +19,9 @@ suite=bookworm
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)}
 
 packages=systemd,systemd-sysv,udev,kmod,iproute2,e2fsprogs,python3,python3-cffi-backend,systemd-timesyncd,systemd-resolved,libubootenv-tool
-extra_debs="busybox-static linux-image-armmp"
+# Downloaded, not installed: the kernel is unpacked on the host (running its
+# initramfs hooks under emulation would take many minutes), busybox goes in the initramfs.
+extra_debs='busybox-static $(apt-cache depends linux-image-armmp | sed -n "s/ *Depends: \(linux-image-.*\)/\1/p")'
 # Python packages pinned to Buildroot LTS 2026.02.3's versions (firmware/pyproject.toml).
 wheels="websockets==15.0.1 cryptography==46.0.3 pymodbus==3.11.4 pyserial==3.5"
 sdist_wheels="sdnotify==0.3.2"
@@ -36,10 +38,11 @@ fetch_debs() {
 	[ -f "$cache/debs/Release" ] && return
 	log "downloading Debian packages into $cache/debs (first build only)"
 	mkdir -p "$cache/debs"
-	mmdebstrap --arch=armhf --variant=minbase --mode=root --skip=cleanup/apt/cache \
+	mmdebstrap --arch=armhf --variant=minbase --mode=root \
+		--skip=download/empty --skip=essential/unlink --skip=cleanup/apt/cache \
 		--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr --aptopt='Apt::Install-Recommends "false"' \
 		--include="$packages" \
-		--customize-hook="cd '$cache/debs' && APT_CONFIG=\"\$MMDEBSTRAP_APT_CONFIG\" apt-get download $extra_debs" \
+		--customize-hook="cd '$cache/debs' && export APT_CONFIG=\"\$MMDEBSTRAP_APT_CONFIG\" && apt-get download $extra_debs" \
 		--customize-hook="sync-out /var/cache/apt/archives '$cache/debs'" \
 		"$suite" /dev/null "$mirror"
 	(cd "$cache/debs" && apt-ftparchive packages . > Packages &&
@@ -73,7 +76,7 @@ build_rootfs() {
 install_kernel() {
 	log "kernel and modules from the armmp package"
 	rm -rf "$out/kernel" && mkdir -p "$out/kernel"
-	dpkg-deb -x "$(ls "$cache"/debs/linux-image-*-armmp_*.deb | grep -v 'linux-image-armmp_' | head -1)" "$out/kernel"
+	dpkg-deb -x "$(ls "$cache"/debs/linux-image-[0-9]*-armmp_*.deb | head -1)" "$out/kernel"
 	kver=$(ls "$out/kernel/lib/modules")
 	cp "$out/kernel/boot/vmlinuz-$kver" "$out/vmlinuz"
 	# Only what a QEMU 'virt' board and the root/identity/data filesystems need.
@@ -81,8 +84,8 @@ install_kernel() {
 	mkdir -p "$dst"
 	cp "$src"/modules.{order,builtin,builtin.modinfo} "$dst/"
 	(cd "$src" && find kernel/drivers/virtio kernel/drivers/block/virtio_blk.ko kernel/drivers/net/virtio_net.ko \
-		kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/char/hw_random \
-		kernel/drivers/watchdog/i6300esb.ko kernel/fs/ext4 kernel/fs/jbd2 kernel/fs/mbcache.ko kernel/fs/squashfs \
+		kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/char/hw_random kernel/drivers/char/virtio_console.ko \
+		kernel/fs/ext4 kernel/fs/jbd2 kernel/fs/mbcache.ko kernel/fs/squashfs \
 		kernel/lib/crc16.ko kernel/crypto/crc32c_generic.ko -name '*.ko' 2>/dev/null | cpio -pdm --quiet "$dst")
 	chroot "$out/rootfs" /sbin/depmod "$kver"
 }
@@ -104,6 +107,10 @@ configure_system() {
 	chroot "$out/rootfs" systemctl enable lmgw.service systemd-networkd.service systemd-resolved.service \
 		systemd-timesyncd.service >/dev/null 2>&1
 	chroot "$out/rootfs" systemctl mask systemd-update-done.service apt-daily.timer apt-daily-upgrade.timer >/dev/null 2>&1 || true
+	# QEMU test image only: the harness shell (started only when the kernel command
+	# line asks) and no login prompt on the virtio console that carries the RS-485 bus.
+	cp "$top"/qemu/guest/*.service "$out/rootfs/etc/systemd/system/"
+	ln -sf /dev/null "$out/rootfs/etc/systemd/system/serial-getty@hvc0.service"
 	mkdir -p "$out/rootfs/identity" "$out/rootfs/data"
 	: > "$out/rootfs/etc/machine-id"  # bound from /identity/machine-id by the initramfs
 	ln -sf /run/systemd/resolve/stub-resolv.conf "$out/rootfs/etc/resolv.conf"
@@ -143,8 +150,9 @@ build_images() {
 	log "partition images and disk image"
 	local stage=$out/stage
 	rm -rf "$stage" && mkdir -p "$stage/data"/{lmgw,journal,systemd} "$stage/identity"
-	mksquashfs "$out/rootfs" "$stage/rootfs.squashfs" -comp zstd -noappend -quiet -mkfs-time "$SOURCE_DATE_EPOCH" \
-		-all-time "$SOURCE_DATE_EPOCH" -wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
+	# mksquashfs takes its timestamps from SOURCE_DATE_EPOCH.
+	mksquashfs "$out/rootfs" "$stage/rootfs.squashfs" -comp zstd -noappend -quiet \
+		-wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
 	mke2fs -q -t ext4 -L identity -E root_owner=0:0 -d "$stage/identity" "$stage/identity.ext4" 8M
 	mke2fs -q -t ext4 -L data -E root_owner=0:0 -d "$stage/data" "$stage/data.ext4" 128M
 	# Boot partition: kernel, initramfs and the kernel command line for each slot.

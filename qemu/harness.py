@@ -1,0 +1,153 @@
+"""Boot the LMGW image under qemu-system-arm and talk to it.
+
+The guest sees the host only through QEMU user networking with ``restrict=on``
+(no route anywhere) plus ``guestfwd`` entries to host loopback services:
+
+    10.0.2.100:8443 -> DSO          10.0.2.100:8080 -> CRL/OCSP (lmgw-pki serve)
+    10.0.2.101:502  -> Modbus TCP LM simulator
+    10.0.2.102:3128 -> HTTP proxy (when a test runs one)
+
+Virtio consoles: hvc0 is the RS-485 bus, a host pseudo-terminal the RTU LM
+simulator opens; hvc1 is the test shell (QEMU test image only).  The console
+log of every boot is kept next to the disk image.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_DIR = REPO / "build" / "image"
+DSO_IP, LM_IP, PROXY_IP = "10.0.2.100", "10.0.2.101", "10.0.2.102"
+DSO_PORT, CRL_PORT, LM_PORT, PROXY_PORT = 8443, 8080, 502, 3128
+BOOT_TIMEOUT = 180.0
+
+
+class GuestError(RuntimeError):
+    pass
+
+
+@dataclass
+class Guest:
+    disk: Path
+    workdir: Path
+    forwards: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(guest IP, guest port) -> host loopback port."""
+    name: str = "guest"
+    memory_mb: int = 512
+    process: subprocess.Popen[bytes] | None = None
+    rtu_pty: str | None = None
+    boots: int = 0
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / f"{self.name}-console-{self.boots}.log"
+
+    def command(self) -> list[str]:
+        forwards = "".join(f",guestfwd=tcp:{ip}:{port}-tcp:127.0.0.1:{host}" for (ip, port), host in self.forwards.items())
+        return [
+            "qemu-system-arm", "-M", "virt", "-cpu", "cortex-a15", "-smp", "2", "-m", str(self.memory_mb),
+            "-nographic", "-no-reboot", "-monitor", "none",
+            "-kernel", str(IMAGE_DIR / "vmlinuz"), "-initrd", str(IMAGE_DIR / "initrd.img"),
+            "-append", "console=ttyAMA0 root=/dev/vda2 ro panic=5 lmgw.slot=A systemd.wants=lmgw-test-shell@hvc1.service",
+            "-drive", f"if=none,file={self.disk},format=raw,id=hd0,cache=unsafe", "-device", "virtio-blk-device,drive=hd0",
+            "-netdev", f"user,id=n0,restrict=on{forwards}", "-device", "virtio-net-device,netdev=n0",
+            "-device", "virtio-rng-device",
+            "-device", "virtio-serial-device",
+            "-chardev", "pty,id=rtu", "-device", "virtconsole,chardev=rtu,name=rtu",
+            "-chardev", f"socket,id=shell,path={self.workdir / (self.name + '-shell.sock')},server=on,wait=off",
+            "-device", "virtconsole,chardev=shell,name=shell",
+        ]
+
+    def start(self) -> None:
+        self.boots += 1
+        (self.workdir / (self.name + "-shell.sock")).unlink(missing_ok=True)
+        log = open(self.console_log, "wb")
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        # Each QEMU process gets a new pseudo-terminal for the RS-485 console.
+        self.rtu_pty = self.wait_for_console(r"char device redirected to /dev/pts/\d+ \(label rtu\)", 20).split()[4]
+
+    def wait_for_console(self, pattern: str, timeout: float = BOOT_TIMEOUT) -> str:
+        """Wait until the console log matches ``pattern``; return the match."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern.encode())
+        while True:
+            match = regex.search(self.console_log.read_bytes())
+            if match:
+                return match.group(0).decode(errors="replace")
+            if self.process is None or self.process.poll() is not None:
+                raise GuestError(f"QEMU exited while waiting for {pattern!r}:\n{self.console_tail()}")
+            if time.monotonic() > deadline:
+                raise GuestError(f"no {pattern!r} on the console after {timeout:g} s:\n{self.console_tail()}")
+            time.sleep(0.2)
+
+    def console_tail(self, lines: int = 60) -> str:
+        text = self.console_log.read_bytes().decode(errors="replace") if self.console_log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def shell(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
+        """Run a command in the guest's test shell; return (exit status, output)."""
+        marker = f"__LMGW_{time.monotonic_ns()}__"
+        deadline = time.monotonic() + timeout
+        path = str(self.workdir / (self.name + "-shell.sock"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            sock.settimeout(1.0)
+            sock.sendall(f"stty -echo 2>/dev/null; {command}; echo {marker}$?{marker}\n".encode())
+            data = b""
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    chunk = b""
+                data += chunk
+                match = re.search(rf"{marker}(\d+){marker}".encode(), data)
+                if match:
+                    output = data[:match.start()].decode(errors="replace")
+                    return int(match.group(1)), output.replace("\r", "")
+                if time.monotonic() > deadline:
+                    raise GuestError(f"guest command {command!r} did not finish in {timeout:g} s: {data[-500:]!r}")
+
+    def wait_for_shell(self, timeout: float = BOOT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.shell("true", timeout=5)[0] == 0:
+                    return
+            except (OSError, GuestError):
+                pass
+            if self.process is None or self.process.poll() is not None:
+                raise GuestError(f"QEMU exited before its test shell answered:\n{self.console_tail()}")
+            if time.monotonic() > deadline:
+                raise GuestError(f"test shell silent after {timeout:g} s:\n{self.console_tail()}")
+            time.sleep(1)
+
+    def power_cut(self) -> None:
+        """Pull the plug: SIGKILL QEMU, no shutdown, no flush by the guest."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            self.shell("systemctl poweroff --no-block", timeout=10)
+            self.process.wait(60)
+        except (OSError, GuestError, subprocess.TimeoutExpired):
+            self.power_cut()
+
+
+def copy_image(source: Path, target: Path) -> Path:
+    """A private, sparse copy of a disk image (each test boots its own)."""
+    subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
+    return target
+

@@ -1,0 +1,153 @@
+"""A QEMU test rig: the provisioned image booted with the DSO, the CRL service
+and two LM simulators (Modbus TCP over user networking, Modbus RTU over a
+virtio console connected to a host pseudo-terminal) on host loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "qemu"))
+
+from conftest import REPO, VENV_BIN, free_port, make_pki, process, write_toml  # noqa: E402
+from harness import (CRL_PORT, DSO_IP, DSO_PORT, IMAGE_DIR, LM_IP, LM_PORT, PROXY_IP, PROXY_PORT, Guest,  # noqa: E402
+                     copy_image)
+
+GATEWAY = "GW-QEMU-0001"
+LM_CONFIG = f"""
+[[bus]]
+name = "rs485"
+device = "/dev/hvc0"
+baudrate = 19200
+timeout = 2.0
+
+[[lm]]
+name = "lm-tcp"
+profile = "simulated-lm"
+transport = "tcp"
+host = "{LM_IP}"
+port = {LM_PORT}
+unit = 1
+timeout = 2.0
+
+[[lm]]
+name = "lm-rtu"
+profile = "simulated-lm"
+transport = "rtu"
+bus = "rs485"
+unit = 7
+"""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/qemu/" in str(item.fspath):
+            item.add_marker(pytest.mark.qemu)
+
+
+@dataclass
+class Rig:
+    work: Path
+    pki: Any
+    dso_config: Path
+    dso_port: int
+    crl_port: int
+    lm_port: int
+
+    def dso(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "lmgw-dso"), "--config", str(self.dso_config), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def call(self, gateway: str, method: str, params: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+        result = self.dso("call", gateway, method, json.dumps(params or {}), "--timeout", str(timeout), timeout=timeout + 10)
+        if result.returncode != 0:
+            raise AssertionError(f"{method} failed: {result.stderr.strip()}")
+        return json.loads(result.stdout)
+
+    def gateways(self) -> dict[str, dict[str, Any]]:
+        result = self.dso("gateways")
+        return {g["gateway_id"]: g for g in json.loads(result.stdout)} if result.returncode == 0 else {}
+
+    def wait_connected(self, gateway: str, timeout: float = 240, since: str | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.gateways().get(gateway)
+            if entry and entry["firmware_version"] and (since is None or entry["connected_since"] != since):
+                return entry
+            time.sleep(1)
+        raise AssertionError(f"{gateway} did not connect to the DSO within {timeout} s")
+
+    def provision(self, name: str, gateway: str, dso_url: str, *extra: str) -> Path:
+        disk = copy_image(IMAGE_DIR / "lmgw.img", self.work / f"{name}.img")
+        lm_config = self.work / "lm.toml"
+        lm_config.write_text(LM_CONFIG)
+        result = subprocess.run([str(VENV_BIN / "lmgw-provision"), str(disk), "--gateway-id", gateway,
+                                 "--ca-dir", str(self.pki.dir), "--dso-url", dso_url,
+                                 "--crl-url", f"http://{DSO_IP}:{CRL_PORT}/crl.der", "--lm-config", str(lm_config), *extra],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return disk
+
+    def guest(self, name: str, disk: Path, proxy_port: int | None = None) -> Guest:
+        forwards = {(DSO_IP, DSO_PORT): self.dso_port, (DSO_IP, CRL_PORT): self.crl_port, (LM_IP, LM_PORT): self.lm_port}
+        if proxy_port:
+            forwards[(PROXY_IP, PROXY_PORT)] = proxy_port
+        return Guest(disk, self.work, forwards, name=name)
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    disk = IMAGE_DIR / "lmgw.img"
+    if not disk.exists():
+        pytest.fail(f"{disk} is missing: `make image` builds it (`make test` does so first)")
+    return disk
+
+
+@pytest.fixture(scope="module")
+def rig(image, tmp_path_factory):
+    work = tmp_path_factory.mktemp("qemu")
+    pki = make_pki(work / "ca")
+    # The DSO as the guest reaches it: by IP through QEMU's guestfwd (or by name through a proxy).
+    dso = pki.ca.issue_server("dso", dns_names=["localhost"], ip_addresses=["127.0.0.1", DSO_IP])
+    (work / "dso.key").write_bytes(dso.key_pem)
+    (work / "dso.crt").write_bytes(dso.cert_pem)
+    dso_port, crl_port, lm_port = free_port(), free_port(), free_port()
+    dso_config = write_toml(work / "dso.toml", {
+        "listen": {"host": "127.0.0.1", "port": dso_port},
+        "tls": {"ca_file": pki.ca_cert, "cert_file": work / "dso.crt", "key_file": work / "dso.key"},
+        "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
+        "api": {"socket": work / "dso.sock", "events_file": work / "events.jsonl"},
+    })
+    with process([str(VENV_BIN / "lmgw-pki"), "--ca-dir", str(pki.dir), "serve", "--port", str(crl_port)],
+                 work / "pki.log", ready=lambda log: "serving" in log), \
+         process([str(VENV_BIN / "lmgw-dso"), "--config", str(dso_config), "serve"], work / "dso.log",
+                 ready=lambda log: "operator API" in log), \
+         process([str(VENV_BIN / "lmgw-lmsim"), "--tcp", f"127.0.0.1:{lm_port}"], work / "lmsim-tcp.log",
+                 ready=lambda log: "listening" in log):
+        yield Rig(work, pki, dso_config, dso_port, crl_port, lm_port)
+    print(f"rig logs kept in {work}")
+
+
+@pytest.fixture(scope="module")
+def booted(rig):
+    """The provisioned gateway, booted, with the RTU simulator on its RS-485 console."""
+    disk = rig.provision("main", GATEWAY, f"wss://{DSO_IP}:{DSO_PORT}/")
+    guest = rig.guest("main", disk)
+    started = time.monotonic()
+    guest.start()
+    rtu = subprocess.Popen([str(VENV_BIN / "lmgw-lmsim"), "--serial", guest.rtu_pty, "--unit", "7"],
+                           stdin=subprocess.PIPE, stdout=open(rig.work / "lmsim-rtu.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        yield guest, started, rtu
+    finally:
+        rtu.terminate()
+        rtu.wait(10)
+        guest.stop()
+        print(f"console logs kept in {rig.work}")
