@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Offline checks of the LMGW external tree against a Buildroot source tree
+# (`make buildroot-check BUILDROOT_SRC=...`); nothing is downloaded.
+#   check.sh BUILDROOT_SRC OUT
+# For every defconfig: it loads with no symbol dropped (kconfig drops
+# misspelled symbols and unmet dependencies silently, with exit code 0),
+# savedefconfig round-trips, python-lmgw-show-info evaluates; then
+# utils/check-package -b is clean on the external tree and the board scripts.
+set -euo pipefail
+
+src=${1:?usage: check.sh BUILDROOT_SRC OUT}
+out=${2:?usage: check.sh BUILDROOT_SRC OUT}
+ext=$(cd "$(dirname "$0")/.." && pwd)
+top=$(cd "$ext/.." && pwd)
+# check-package imports python-magic and flake8: Debian's python3 has them (make deps).
+python=${CHECK_PACKAGE_PYTHON:-/usr/bin/python3}
+
+if [ ! -f "$src/Makefile" ] || [ ! -x "$src/utils/check-package" ]; then
+	echo "buildroot-check: $src is not a Buildroot source tree (give BUILDROOT_SRC=...)" >&2
+	exit 2
+fi
+src=$(cd "$src" && pwd)
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+# Any download would land here; it must stay empty.
+export BR2_DL_DIR=$out/dl
+rm -rf "$BR2_DL_DIR" && mkdir -p "$BR2_DL_DIR"
+
+br() { make -s -C "$src" "$@"; }
+failures=0
+fail() { echo "FAIL $*"; failures=$((failures + 1)); }
+
+echo "Buildroot $(br print-version 2>/dev/null || echo '?') at $src"
+for defconfig in "$ext"/configs/*_defconfig; do
+	name=$(basename "$defconfig")
+	o=$out/${name%_defconfig}
+	start=$(date +%s%N)
+	rm -rf "$o" && mkdir -p "$o"
+	before=$failures
+
+	if br BR2_EXTERNAL="$ext" O="$o" "$name" > "$o/load.log" 2>&1; then
+		while IFS= read -r line; do
+			grep -qxF -- "$line" "$o/.config" || fail "$name: dropped: $line"
+		done < <(grep -E '^BR2_|^# BR2_.* is not set$' "$defconfig")
+	else
+		fail "$name: does not load (see $o/load.log)"
+	fi
+
+	# Round trip: the minimal defconfig Buildroot saves gives the same configuration.
+	if br O="$o" savedefconfig BR2_DEFCONFIG="$o/saved_defconfig" > "$o/save.log" 2>&1 &&
+		br BR2_EXTERNAL="$ext" O="$o/roundtrip" BR2_DEFCONFIG="$o/saved_defconfig" defconfig \
+			> "$o/roundtrip.log" 2>&1; then
+		# BR2_DEFCONFIG records where the configuration came from: it differs by design.
+		diff -u -I '^BR2_DEFCONFIG=' "$o/.config" "$o/roundtrip/.config" > "$o/roundtrip.diff" ||
+			fail "$name: savedefconfig does not round-trip (see $o/roundtrip.diff)"
+	else
+		fail "$name: savedefconfig failed (see $o/save.log, $o/roundtrip.log)"
+	fi
+
+	if br O="$o" python-lmgw-show-info > "$o/python-lmgw.json" 2> "$o/show-info.log"; then
+		"$python" - "$o/python-lmgw.json" <<-'PY' || fail "$name: python-lmgw-show-info: $(tail -1 "$o/show-info.log")"
+			import json, sys
+			info = json.load(open(sys.argv[1]))["python-lmgw"]
+			assert info["version"], "no version"
+			print(f"  python-lmgw {info['version']}, depends on {', '.join(sorted(info['dependencies']))}")
+		PY
+	else
+		fail "$name: python-lmgw-show-info does not evaluate (see $o/show-info.log)"
+	fi
+
+	ms=$((($(date +%s%N) - start) / 1000000))
+	if [ "$failures" -eq "$before" ]; then
+		echo "PASS $name (${ms} ms)"
+	else
+		echo "     $name checked in ${ms} ms"
+	fi
+done
+
+# check-package takes paths as given; run from the repository root for short names.
+mapfile -t files < <(cd "$top" && find buildroot-external -type f | sort &&
+	printf '%s\n' board/post-build.sh board/post-image.sh &&
+	find board/raspberrypi3 board/raspberrypi4 board/qemu-arm -type f | sort)
+if (cd "$top" && "$python" "$src/utils/check-package" -b "${files[@]}"); then
+	echo "PASS check-package -b (${#files[@]} files)"
+else
+	fail "check-package -b"
+fi
+
+if [ -n "$(ls -A "$BR2_DL_DIR")" ]; then
+	fail "something was downloaded into $BR2_DL_DIR"
+fi
+[ "$failures" -eq 0 ] || { echo "buildroot-check: $failures failure(s)"; exit 1; }
+echo "buildroot-check: all passed"
