@@ -11,6 +11,8 @@ APT_PACKAGES := tinyproxy
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test mmdebstrap apt-utils e2fsprogs \
 	squashfs-tools genimage dosfstools mtools fdisk cpio u-boot-qemu
 APT_PACKAGES += socat
+# Buildroot tree: host tools for `make buildroot` and utils/check-package (`make buildroot-check`).
+APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic
 
 IMAGE := build/image/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest -type f \
@@ -57,3 +59,18 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) $(MITM_VENV) build
+
+# Buildroot images (buildroot-external/, docs/buildroot.md). `make buildroot BOARD=raspberrypi3|raspberrypi4|qemu_arm`
+# needs Internet and 30-60+ min on 8-16 cores; `make buildroot-check BUILDROOT_SRC=<tree>` runs offline.
+BUILDROOT_VERSION := 2026.02.3
+# As published in buildroot-2026.02.3.tar.xz.sign (the release's PGP-signed manifest).
+BUILDROOT_SHA256 := 5a59e7501b0b4ec52c41f4bfa79412320e0b37eae5f719605a258e8d0c6fc7fb
+BOARD ?= raspberrypi3
+.PHONY: buildroot buildroot-check
+
+buildroot: host-packages
+	buildroot-external/scripts/build.sh $(BOARD) $(BUILDROOT_VERSION) $(BUILDROOT_SHA256) build/buildroot
+
+buildroot-check: host-packages
+	@test -n "$(BUILDROOT_SRC)" || { echo "make buildroot-check: give BUILDROOT_SRC=<Buildroot $(BUILDROOT_VERSION) source tree>" >&2; exit 2; }
+	buildroot-external/scripts/check.sh $(BUILDROOT_SRC) build/buildroot-check

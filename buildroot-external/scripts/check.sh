@@ -30,7 +30,25 @@ br() { make -s -C "$src" "$@"; }
 failures=0
 fail() { echo "FAIL $*"; failures=$((failures + 1)); }
 
-echo "Buildroot $(br print-version 2>/dev/null || echo '?') at $src"
+# Read, not `make print-version`: that would write output/ into the Buildroot tree.
+echo "Buildroot $(sed -n 's/^export BR2_VERSION := //p' "$src/Makefile") at $src"
+
+# Paths in the defconfigs: kconfig never checks that they exist.
+for defconfig in "$ext"/configs/*_defconfig; do
+	# shellcheck disable=SC2016 # the literal $(BR2_EXTERNAL_LMGW_PATH) of the defconfig
+	while IFS= read -r path; do
+		[ -e "$ext/${path#*)/}" ] || fail "$(basename "$defconfig"): no such file: $path"
+	done < <(grep -oE '\$\(BR2_EXTERNAL_LMGW_PATH\)/[^" ]*' "$defconfig" | sort -u)
+done
+
+# The gateway's account: created by the package at build time (no
+# systemd-sysusers on a read-only root), declared for the offline image in sysusers.d.
+sysusers_uid=$(awk '$1 == "u" && $2 == "lmgw" { print $3 }' "$top/overlay/usr/lib/sysusers.d/lmgw.conf" 2>/dev/null || true)
+buildroot_uid=$(awk '$1 == "lmgw" { print $2 }' "$ext/package/python-lmgw/python-lmgw.mk")
+if [ -z "$sysusers_uid" ] || [ "$sysusers_uid" != "$buildroot_uid" ]; then
+	fail "lmgw uid: ${sysusers_uid:-?} in overlay/usr/lib/sysusers.d/lmgw.conf, ${buildroot_uid:-?} in package/python-lmgw"
+fi
+
 for defconfig in "$ext"/configs/*_defconfig; do
 	name=$(basename "$defconfig")
 	o=$out/${name%_defconfig}

@@ -15,9 +15,9 @@ PYTHON_LMGW_LICENSE = Proprietary
 # The agent's account; its uid is fixed because the factory writes
 # device.key as root:990 0640 on the identity partition. Same account as
 # overlay/usr/lib/sysusers.d/lmgw.conf (the read-only root cannot run
-# systemd-sysusers at boot); board/post-build.sh checks they agree.
+# systemd-sysusers at boot); scripts/check.sh checks they agree.
 define PYTHON_LMGW_USERS
-	lmgw 990 lmgw 990 * - - dialout LMGW gateway agent
+	lmgw 990 lmgw 990 * /data/lmgw - dialout LMGW gateway agent
 endef
 
 $(eval $(python-package))

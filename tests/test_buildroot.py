@@ -1,0 +1,81 @@
+"""The Buildroot external tree, checked offline against a Buildroot source tree.
+
+`make buildroot-check` needs a Buildroot 2026.02.3 tree (BUILDROOT_SRC); the
+real `make buildroot` needs Internet and is not run here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+TOP = Path(__file__).resolve().parents[1]
+DEFCONFIGS = sorted(p.name for p in (TOP / "buildroot-external" / "configs").glob("*_defconfig"))
+BUILDROOT_SRC = os.environ.get("BUILDROOT_SRC")
+
+needs_buildroot = pytest.mark.skipif(
+    not BUILDROOT_SRC,
+    reason="BUILDROOT_SRC is not set: give a Buildroot 2026.02.3 source tree "
+    "(e.g. git clone https://gitlab.com/buildroot.org/buildroot -b 2026.02.3) to run the offline Buildroot checks",
+)
+
+
+def run(*args: str, cwd: Path = TOP) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    print(result.stdout, result.stderr)
+    return result
+
+
+@pytest.mark.buildroot
+@needs_buildroot
+def test_every_defconfig_passes_the_offline_check():
+    result = run("make", "buildroot-check", f"BUILDROOT_SRC={BUILDROOT_SRC}")
+    assert result.returncode == 0
+    for name in DEFCONFIGS:
+        assert f"PASS {name}" in result.stdout
+    assert "PASS check-package -b" in result.stdout
+
+
+@pytest.mark.buildroot
+@needs_buildroot
+def test_a_dropped_symbol_or_a_missing_file_fails_the_check(tmp_path):
+    # kconfig drops a misspelled symbol, and one whose dependencies are unmet,
+    # with exit code 0: the check must catch both.
+    shutil.copytree(TOP / "buildroot-external", tmp_path / "buildroot-external")
+    shutil.copytree(TOP / "board", tmp_path / "board")
+    shutil.copytree(TOP / "overlay", tmp_path / "overlay")
+    configs = tmp_path / "buildroot-external" / "configs"
+    for other in configs.glob("*_defconfig"):
+        if other.name != "lmgw_qemu_arm_defconfig":
+            other.unlink()
+    with open(configs / "lmgw_qemu_arm_defconfig", "a") as f:
+        f.write("BR2_PACKAGE_PYTHON_PYMODBOS=y\nBR2_PACKAGE_RAUC_STREAMING_TYPO=y\nBR2_PACKAGE_SYSTEMD_BOOT=y\n"
+                'BR2_ROOTFS_USERS_TABLES="$(BR2_EXTERNAL_LMGW_PATH)/no-such-table"\n')
+    result = run(str(tmp_path / "buildroot-external" / "scripts" / "check.sh"), BUILDROOT_SRC, str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "dropped: BR2_PACKAGE_PYTHON_PYMODBOS=y" in result.stdout
+    assert "dropped: BR2_PACKAGE_RAUC_STREAMING_TYPO=y" in result.stdout
+    assert "dropped: BR2_PACKAGE_SYSTEMD_BOOT=y" in result.stdout  # x86 only: unmet dependency
+    # kconfig does not check paths either
+    assert "no such file: $(BR2_EXTERNAL_LMGW_PATH)/no-such-table" in result.stdout
+
+
+def test_check_without_a_buildroot_tree_says_what_is_missing(tmp_path):
+    result = run("make", "-s", "buildroot-check", "BUILDROOT_SRC=")
+    assert result.returncode != 0
+    assert "give BUILDROOT_SRC=" in result.stderr
+    result = run(str(TOP / "buildroot-external" / "scripts" / "check.sh"), str(tmp_path), str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "is not a Buildroot source tree" in result.stderr
+
+
+def test_unknown_board_is_refused_before_any_download(tmp_path):
+    result = run(str(TOP / "buildroot-external" / "scripts" / "build.sh"), "raspberrypi5", "2026.02.3", "0" * 64,
+                 str(tmp_path))
+    assert result.returncode == 2
+    assert "unknown BOARD=raspberrypi5 (one of: qemu_arm raspberrypi3 raspberrypi4)" in result.stderr
+    assert not any(tmp_path.iterdir())
