@@ -6,6 +6,7 @@ real `make buildroot` needs Internet and is not run here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -79,3 +80,66 @@ def test_unknown_board_is_refused_before_any_download(tmp_path):
     assert result.returncode == 2
     assert "unknown BOARD=raspberrypi5 (one of: qemu_arm raspberrypi3 raspberrypi4)" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def buildroot_images(images: Path, without: str = "") -> None:
+    """A Raspberry Pi 3 images/ directory as Buildroot leaves it (contents are placeholders)."""
+    names = ["zImage", "boot.scr", "u-boot.bin", "bcm2710-rpi-3-b.dtb", "rpi-firmware/bootcode.bin",
+             "rpi-firmware/start.elf", "rpi-firmware/config.txt", "rpi-firmware/overlays/miniuart-bt.dtbo"]
+    for name in names:
+        if name != without:
+            (images / name).parent.mkdir(parents=True, exist_ok=True)
+            (images / name).write_text("placeholder\n")
+    root = images.parent / "root"
+    (root / "etc").mkdir(parents=True)
+    subprocess.run(["mksquashfs", str(root), str(images / "rootfs.squashfs"), "-quiet", "-noappend"], check=True)
+
+
+def post_image(images: Path, board: str) -> subprocess.CompletedProcess[str]:
+    build = images.parent / "build"
+    build.mkdir(exist_ok=True)
+    env = dict(os.environ, BUILD_DIR=str(build), PATH=os.environ["PATH"] + ":/usr/sbin:/sbin")
+    result = subprocess.run([str(TOP / "board" / "post-image.sh"), str(images), str(TOP / "board" / board)],
+                            capture_output=True, text=True, env=env)
+    print(result.stdout, result.stderr)
+    return result
+
+
+def test_post_image_lays_out_the_shared_disk_image(tmp_path):
+    images = tmp_path / "images"
+    buildroot_images(images)
+    assert post_image(images, "raspberrypi3").returncode == 0
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(images / "lmgw.img")], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    assert table["label"] == "gpt"
+    assert [p["name"] for p in table["partitions"]] == ["boot", "rootfs-a", "rootfs-b", "identity", "data"]
+    stage = tmp_path / "build" / "lmgw-image"
+    for label in ("identity", "data"):  # overlay/etc/fstab mounts them by label
+        assert subprocess.run(["e2label", str(stage / f"{label}.ext4")], capture_output=True, text=True,
+                              check=True).stdout.strip() == label
+    listing = subprocess.run(["mdir", "-b", "-/", "-i", str(stage / "boot.vfat"), "::"], capture_output=True,
+                             text=True, check=True).stdout
+    for name in ("zImage", "boot.scr", "u-boot.bin", "bootcode.bin", "bcm2710-rpi-3-b.dtb", "overlays/miniuart-bt.dtbo"):
+        assert f"::/{name}" in listing
+
+
+def test_post_image_names_a_missing_boot_file(tmp_path):
+    images = tmp_path / "images"
+    buildroot_images(images, without="u-boot.bin")
+    result = post_image(images, "raspberrypi3")
+    assert result.returncode != 0
+    assert f"{images}/u-boot.bin missing (BOOT_FILES in {TOP}/board/raspberrypi3/meta)" in result.stderr
+
+
+def test_post_build_prepares_the_read_only_root(tmp_path):
+    target = tmp_path / "target"
+    (target / "etc" / "systemd" / "system").mkdir(parents=True)
+    (target / "usr" / "lib").mkdir(parents=True)
+    (target / "usr" / "lib" / "os-release").write_text('NAME=Buildroot\nVERSION_ID=2026.02.3\n')
+    env = dict(os.environ, SOURCE_DATE_EPOCH="1764000000")
+    subprocess.run([str(TOP / "board" / "post-build.sh"), str(target), str(TOP / "board" / "qemu-arm")], check=True,
+                   env=env)
+    assert (target / "etc" / "lmgw-build-date").read_text() == "2025-11-24T16:00:00Z\n"
+    assert all((target / d).is_dir() for d in ("identity", "data", "boot"))
+    assert os.readlink(target / "etc/systemd/system/systemd-update-done.service") == "/dev/null"
+    assert 'VARIANT="LMGW QEMU ARM virt (cortex-a15)"' in (target / "usr" / "lib" / "os-release").read_text()
