@@ -51,7 +51,9 @@ class Guest:
         return self.workdir / f"{self.name}-console-{self.boots}.log"
 
     def command(self) -> list[str]:
-        forwards = "".join(f",guestfwd=tcp:{ip}:{port}-tcp:127.0.0.1:{host}" for (ip, port), host in self.forwards.items())
+        # cmd: spawns a relay per guest connection (a tcp: chardev would carry a single connection).
+        forwards = "".join(f",guestfwd=tcp:{ip}:{port}-cmd:socat - TCP:127.0.0.1:{host}"
+                           for (ip, port), host in self.forwards.items())
         return [
             "qemu-system-arm", "-M", "virt", "-cpu", "cortex-a15", "-smp", "2", "-m", str(self.memory_mb),
             "-nographic", "-no-reboot", "-monitor", "none",

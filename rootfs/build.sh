@@ -110,6 +110,7 @@ configure_system() {
 	# QEMU test image only: the harness shell (started only when the kernel command
 	# line asks) and no login prompt on the virtio console that carries the RS-485 bus.
 	cp "$top"/qemu/guest/*.service "$out/rootfs/etc/systemd/system/"
+	cp "$top"/qemu/guest/*.rules "$out/rootfs/etc/udev/rules.d/"
 	ln -sf /dev/null "$out/rootfs/etc/systemd/system/serial-getty@hvc0.service"
 	mkdir -p "$out/rootfs/identity" "$out/rootfs/data"
 	: > "$out/rootfs/etc/machine-id"  # bound from /identity/machine-id by the initramfs

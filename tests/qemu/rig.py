@@ -1,4 +1,5 @@
-"""A QEMU test rig: the provisioned image booted with the DSO, the CRL service
+"""Fixtures for the QEMU tests (a module, not a conftest: tests/conftest.py is
+imported as ``conftest``).  A QEMU test rig: the provisioned image booted with the DSO, the CRL service
 and two LM simulators (Modbus TCP over user networking, Modbus RTU over a
 virtio console connected to a host pseudo-terminal) on host loopback."""
 
@@ -46,12 +47,6 @@ unit = 7
 """
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/qemu/" in str(item.fspath):
-            item.add_marker(pytest.mark.qemu)
-
-
 @dataclass
 class Rig:
     work: Path
@@ -75,14 +70,18 @@ class Rig:
         result = self.dso("gateways")
         return {g["gateway_id"]: g for g in json.loads(result.stdout)} if result.returncode == 0 else {}
 
-    def wait_connected(self, gateway: str, timeout: float = 240, since: str | None = None) -> dict[str, Any]:
+    def wait_connected(self, gateway: str, guest: Guest, timeout: float = 240, since: str | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.gateways().get(gateway)
             if entry and entry["firmware_version"] and (since is None or entry["connected_since"] != since):
                 return entry
             time.sleep(1)
-        raise AssertionError(f"{gateway} did not connect to the DSO within {timeout} s")
+        try:
+            journal = guest.shell("journalctl -u lmgw --no-pager | tail -20", timeout=20)[1]
+        except Exception as exc:  # the diagnosis must not hide the failure
+            journal = f"(guest journal unavailable: {exc})"
+        raise AssertionError(f"{gateway} did not connect to the DSO within {timeout} s; gateway journal:\n{journal}")
 
     def provision(self, name: str, gateway: str, dso_url: str, *extra: str) -> Path:
         disk = copy_image(IMAGE_DIR / "lmgw.img", self.work / f"{name}.img")
