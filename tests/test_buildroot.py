@@ -119,7 +119,8 @@ def test_post_image_lays_out_the_shared_disk_image(tmp_path):
                               check=True).stdout.strip() == label
     listing = subprocess.run(["mdir", "-b", "-/", "-i", str(stage / "boot.vfat"), "::"], capture_output=True,
                              text=True, check=True).stdout
-    for name in ("zImage", "boot.scr", "u-boot.bin", "bootcode.bin", "bcm2710-rpi-3-b.dtb", "overlays/miniuart-bt.dtbo"):
+    boot_files = ("zImage", "boot.scr", "u-boot.bin", "bootcode.bin", "bcm2710-rpi-3-b.dtb", "overlays/miniuart-bt.dtbo")
+    for name in boot_files:
         assert f"::/{name}" in listing
 
 
