@@ -12,7 +12,7 @@ APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test mmdebs
 	squashfs-tools genimage dosfstools mtools fdisk cpio u-boot-qemu
 APT_PACKAGES += socat
 # Buildroot tree: host tools for `make buildroot` and utils/check-package (`make buildroot-check`).
-APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic
+APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools
 
 IMAGE := build/image/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest -type f \

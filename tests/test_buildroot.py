@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -119,7 +122,8 @@ def test_post_image_lays_out_the_shared_disk_image(tmp_path):
                               check=True).stdout.strip() == label
     listing = subprocess.run(["mdir", "-b", "-/", "-i", str(stage / "boot.vfat"), "::"], capture_output=True,
                              text=True, check=True).stdout
-    boot_files = ("zImage", "boot.scr", "u-boot.bin", "bootcode.bin", "bcm2710-rpi-3-b.dtb", "overlays/miniuart-bt.dtbo")
+    boot_files = ("zImage", "boot.scr", "u-boot.bin", "bootcode.bin", "bcm2710-rpi-3-b.dtb",
+                  "overlays/miniuart-bt.dtbo")
     for name in boot_files:
         assert f"::/{name}" in listing
 
@@ -144,3 +148,78 @@ def test_post_build_prepares_the_read_only_root(tmp_path):
     assert all((target / d).is_dir() for d in ("identity", "data", "boot"))
     assert os.readlink(target / "etc/systemd/system/systemd-update-done.service") == "/dev/null"
     assert 'VARIANT="LMGW QEMU ARM virt (cortex-a15)"' in (target / "usr" / "lib" / "os-release").read_text()
+
+
+class UBootConsole:
+    """qemu-system-arm running Debian's qemu_arm U-Boot on a disk image, driven through its serial console."""
+
+    def __init__(self, disk: Path, log: Path):
+        self.log = log
+        self.text = ""
+        self.seen = 0
+        self.process = subprocess.Popen(
+            ["qemu-system-arm", "-M", "virt", "-cpu", "cortex-a15", "-m", "256", "-nographic", "-nic", "none",
+             "-bios", "/usr/lib/u-boot/qemu_arm/u-boot.bin",
+             "-drive", f"file={disk},if=none,format=raw,id=hd0", "-device", "virtio-blk-device,drive=hd0"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while chunk := self.process.stdout.read1(4096):
+            self.text += chunk.decode(errors="replace")
+
+    def expect(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := re.compile(pattern).search(self.text, self.seen):
+                self.seen = match.end()
+                return match
+            time.sleep(0.05)
+        raise AssertionError(f"U-Boot console: no {pattern!r} within {timeout} s (console in {self.log})")
+
+    def run(self, command: str) -> None:
+        self.process.stdin.write(command.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.log.write_text(self.text)
+
+
+def booting(console: UBootConsole) -> str:
+    return console.expect(r"LMGW: booting slot (\w), attempts left A=(\d+) B=(\d+), bootargs: (.*)\r?\n").group(0)
+
+
+@pytest.mark.qemu
+def test_boot_script_chooses_the_slot_and_counts_attempts_in_u_boot(tmp_path):
+    # The Buildroot boards' boot.scr, run by a real U-Boot (Debian's qemu_arm build,
+    # whose environment cannot be saved: counters live in memory for one session).
+    images = tmp_path / "images"
+    images.mkdir()
+    subprocess.run(["mkimage", "-q", "-A", "arm", "-T", "script", "-C", "none", "-d",
+                    str(TOP / "buildroot-external" / "bootloader" / "boot.ush"), str(images / "boot.scr")], check=True)
+    (images / "zImage").write_text("not a kernel: the script's choice is what is tested\n")
+    (tmp_path / "root" / "etc").mkdir(parents=True)
+    subprocess.run(["mksquashfs", str(tmp_path / "root"), str(images / "rootfs.squashfs"), "-quiet", "-noappend"],
+                   check=True)
+    assert post_image(images, "qemu-arm").returncode == 0
+    console = UBootConsole(images / "lmgw.img", tmp_path / "console.log")
+    try:
+        line = booting(console)  # first boot, empty environment
+        assert "slot A, attempts left A=2 B=3" in line
+        assert "root=PARTLABEL=rootfs-a rootfstype=squashfs ro rootwait rauc.slot=A console=ttyAMA0,115200" in line
+        console.expect(r"=> ")
+        source = "setenv devtype virtio; setenv devnum 0; setenv distro_bootpart 1; " \
+                 "load virtio 0:1 ${scriptaddr} boot.scr; source ${scriptaddr}"
+        console.run(f'setenv BOOT_ORDER "B A"; {source}')  # what RAUC writes after installing into B
+        line = booting(console)
+        assert "slot B, attempts left A=2 B=2" in line and "root=PARTLABEL=rootfs-b" in line and "rauc.slot=B" in line
+        console.run(f'setenv BOOT_ORDER "A B"; setenv BOOT_A_LEFT 0; {source}')  # A used up its attempts
+        assert "slot B, attempts left A=0 B=1" in booting(console)
+        console.run(f"setenv BOOT_B_LEFT 0; {source}")  # nothing left: counters reset, board reset
+        console.expect(r"LMGW: no slot left to boot, resetting the attempt counters")
+        console.expect(r"resetting \.\.\.")
+        assert "slot A" in booting(console)  # U-Boot came back and booted again
+    finally:
+        console.close()
