@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import VENV_BIN
+
 TOP = Path(__file__).resolve().parents[1]
 DEFCONFIGS = sorted(p.name for p in (TOP / "buildroot-external" / "configs").glob("*_defconfig"))
 BUILDROOT_SRC = os.environ.get("BUILDROOT_SRC")
@@ -192,7 +194,7 @@ def booting(console: UBootConsole) -> str:
 
 
 @pytest.mark.qemu
-def test_boot_script_chooses_the_slot_and_counts_attempts_in_u_boot(tmp_path):
+def test_boot_script_chooses_the_slot_counts_attempts_and_passes_the_machine_id(tmp_path):
     # The Buildroot boards' boot.scr, run by a real U-Boot (Debian's qemu_arm build,
     # whose environment cannot be saved: counters live in memory for one session).
     images = tmp_path / "images"
@@ -223,3 +225,29 @@ def test_boot_script_chooses_the_slot_and_counts_attempts_in_u_boot(tmp_path):
         assert "slot A" in booting(console)  # U-Boot came back and booted again
     finally:
         console.close()
+    assert "systemd.machine_id" not in console.text  # unprovisioned: systemd makes a transient id
+
+    # Provisioned: the machine-id on the identity partition reaches systemd.
+    ca = tmp_path / "ca"
+    subprocess.run([VENV_BIN / "lmgw-pki", "--ca-dir", ca, "init", "--name", "Test CA"], check=True)
+    subprocess.run([VENV_BIN / "lmgw-provision", images / "lmgw.img", "--gateway-id", "GW-BR-1", "--ca-dir", ca,
+                    "--dso-url", "wss://dso.example.net:8443/"], check=True)
+    console = UBootConsole(images / "lmgw.img", tmp_path / "console-provisioned.log")
+    try:
+        line = booting(console)
+    finally:
+        console.close()
+    assert f"systemd.machine_id={identity_file(images / 'lmgw.img', 'machine-id').strip()}" in line
+
+
+def identity_file(disk: Path, name: str) -> str:
+    """A file of the identity partition (the 4th), read without mounting."""
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    part = next(p for p in table["partitions"] if p["name"] == "identity")
+    copy = disk.with_suffix(".identity")
+    with open(disk, "rb") as src, open(copy, "wb") as dst:
+        src.seek(part["start"] * 512)
+        dst.write(src.read(part["size"] * 512))
+    return subprocess.run(["debugfs", "-R", f"cat /{name}", str(copy)], capture_output=True, text=True,
+                          check=True).stdout
