@@ -83,13 +83,14 @@ class Rig:
             journal = f"(guest journal unavailable: {exc})"
         raise AssertionError(f"{gateway} did not connect to the DSO within {timeout} s; gateway journal:\n{journal}")
 
-    def provision(self, name: str, gateway: str, dso_url: str, *extra: str) -> Path:
+    def provision(self, name: str, gateway: str, dso_url: str, *extra: str, crl_url: str | None = None) -> Path:
         disk = copy_image(IMAGE_DIR / "lmgw.img", self.work / f"{name}.img")
         lm_config = self.work / "lm.toml"
         lm_config.write_text(LM_CONFIG)
         result = subprocess.run([str(VENV_BIN / "lmgw-provision"), str(disk), "--gateway-id", gateway,
                                  "--ca-dir", str(self.pki.dir), "--dso-url", dso_url,
-                                 "--crl-url", f"http://{DSO_IP}:{CRL_PORT}/crl.der", "--lm-config", str(lm_config), *extra],
+                                 "--crl-url", crl_url or f"http://{DSO_IP}:{CRL_PORT}/crl.der",
+                                 "--lm-config", str(lm_config), *extra],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         return disk

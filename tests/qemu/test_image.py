@@ -66,11 +66,12 @@ def test_root_filesystem_refuses_writes_and_data_is_writable(booted):
 def test_service_is_sandboxed_unprivileged_and_watchdogged(booted):
     guest, _, _ = booted
     _, out = guest.shell("systemctl show lmgw -p User -p WatchdogUSec -p Type -p Restart; "
-                         "ps -o user=,rss=,args= -C python3 | grep lmgw-gateway")
+                         "pid=$(systemctl show -p MainPID --value lmgw); stat -c 'owner=%U' /proc/$pid; "
+                         "grep VmRSS /proc/$pid/status")
     assert "User=lmgw" in out and "Type=notify" in out and "Restart=always" in out and "WatchdogUSec=30s" in out
-    user, rss = out.strip().splitlines()[-1].split()[:2]
-    assert user == "lmgw"
-    print(f"FIGURE gateway RSS in the guest: {int(rss) / 1024:.1f} MiB")
+    assert "owner=lmgw" in out
+    rss_kib = int(re.search(r"VmRSS:\s+(\d+) kB", out).group(1))
+    print(f"FIGURE gateway RSS in the guest: {rss_kib / 1024:.1f} MiB")
     _, out = guest.shell("systemd-analyze security lmgw.service --no-pager | tail -1")
     score = float(re.search(r"Overall exposure level for lmgw.service: (\d+\.\d+)", out).group(1))
     print(f"FIGURE systemd-analyze security lmgw.service: {score}")
@@ -144,13 +145,15 @@ def tinyproxy(rig):
 
 def test_gateway_passes_through_an_http_proxy(rig, tinyproxy):
     gateway = "GW-QEMU-PROXY"
-    # Through the proxy the gateway names the DSO; the proxy (on the host) resolves it.
-    disk = rig.provision("proxy", gateway, f"wss://localhost:{rig.dso_port}/", "--proxy", f"http://{PROXY_IP}:{PROXY_PORT}")
+    # Through the proxy the gateway names the DSO and the CRL server; the proxy (on the host) reaches them.
+    disk = rig.provision("proxy", gateway, f"wss://localhost:{rig.dso_port}/", "--proxy", f"http://{PROXY_IP}:{PROXY_PORT}",
+                         crl_url=f"http://127.0.0.1:{rig.crl_port}/crl.der")
     guest = rig.guest("proxy", disk, proxy_port=tinyproxy)
     guest.start()
     try:
         rig.wait_connected(gateway, guest)
         assert rig.call(gateway, "gw.ping", {"payload": "via proxy"})["payload"] == "via proxy"
-        assert f"CONNECT localhost:{rig.dso_port}" in (rig.work / "tinyproxy.log").read_text()
+        proxy_log = (rig.work / "tinyproxy.log").read_text()
+        assert f"CONNECT localhost:{rig.dso_port}" in proxy_log and f"GET http://127.0.0.1:{rig.crl_port}/crl.der" in proxy_log
     finally:
         guest.stop()
