@@ -18,7 +18,7 @@ IMAGE := build/image/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest -type f \
 	-not -name '*.pyc' 2>/dev/null)
 
-.PHONY: deps host-packages demo test bench clean image qemu-run
+.PHONY: deps host-packages demo demo-host test bench clean image qemu-run
 
 deps: host-packages $(VENV)/.stamp $(MITM_VENV)/.stamp
 
@@ -42,7 +42,16 @@ $(MITM_VENV)/.stamp: Makefile
 	$(MITM_VENV)/bin/pip install -q mitmproxy==$(MITMPROXY_VERSION)
 	touch $@
 
-demo: deps
+# The main job: the image booted in QEMU, connected to a DSO on this host.
+demo: deps image
+	$(PY) qemu/demo.py
+
+# Boot the image with its console on this terminal (DSO side on loopback).
+qemu-run: deps image
+	$(PY) qemu/run.py
+
+# The same on this host only, without the image (seconds instead of minutes).
+demo-host: deps
 	qemu/demo_host.sh
 
 test: deps image

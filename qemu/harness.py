@@ -68,6 +68,11 @@ class Guest:
             "-device", "virtconsole,chardev=shell,name=shell",
         ]
 
+    def run_interactive(self) -> int:
+        """Boot with the console on this terminal (Ctrl-A X quits QEMU); return QEMU's exit status."""
+        self.boots += 1
+        return subprocess.call(self.command())
+
     def start(self) -> None:
         self.boots += 1
         (self.workdir / (self.name + "-shell.sock")).unlink(missing_ok=True)

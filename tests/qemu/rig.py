@@ -5,13 +5,14 @@ virtio console connected to a host pseudo-terminal) on host loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -110,9 +111,9 @@ def image() -> Path:
     return disk
 
 
-@pytest.fixture(scope="module")
-def rig(image, tmp_path_factory):
-    work = tmp_path_factory.mktemp("qemu")
+@contextlib.contextmanager
+def running_rig(work: Path) -> Iterator[Rig]:
+    """CA, DSO, CRL/OCSP service and the TCP LM simulator on host loopback, as the guest expects them."""
     pki = make_pki(work / "ca")
     # The DSO as the guest reaches it: by IP through QEMU's guestfwd (or by name through a proxy).
     dso = pki.ca.issue_server("dso", dns_names=["localhost"], ip_addresses=["127.0.0.1", DSO_IP])
@@ -132,13 +133,12 @@ def rig(image, tmp_path_factory):
          process([str(VENV_BIN / "lmgw-lmsim"), "--tcp", f"127.0.0.1:{lm_port}"], work / "lmsim-tcp.log",
                  ready=lambda log: "listening" in log):
         yield Rig(work, pki, dso_config, dso_port, crl_port, lm_port)
-    print(f"rig logs kept in {work}")
 
 
-@pytest.fixture(scope="module")
-def booted(rig):
+@contextlib.contextmanager
+def booted_gateway(rig: Rig, gateway: str = GATEWAY) -> Iterator[tuple[Guest, float, subprocess.Popen[bytes]]]:
     """The provisioned gateway, booted, with the RTU simulator on its RS-485 console."""
-    disk = rig.provision("main", GATEWAY, f"wss://{DSO_IP}:{DSO_PORT}/")
+    disk = rig.provision("main", gateway, f"wss://{DSO_IP}:{DSO_PORT}/")
     guest = rig.guest("main", disk)
     started = time.monotonic()
     guest.start()
@@ -150,4 +150,17 @@ def booted(rig):
         rtu.terminate()
         rtu.wait(10)
         guest.stop()
-        print(f"console logs kept in {rig.work}")
+
+
+@pytest.fixture(scope="module")
+def rig(image, tmp_path_factory):
+    work = tmp_path_factory.mktemp("qemu")
+    with running_rig(work) as running:
+        yield running
+    print(f"rig logs and console logs kept in {work}")
+
+
+@pytest.fixture(scope="module")
+def booted(rig):
+    with booted_gateway(rig) as guest_started_rtu:
+        yield guest_started_rtu
