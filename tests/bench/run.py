@@ -302,7 +302,6 @@ async def bench_capacity(work: Path, n: int) -> list[str]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.ERROR)  # figures only; the servers' own logs would drown them
     with tempfile.TemporaryDirectory(prefix="lmgw-bench-") as tmp:
         work = Path(tmp)
         lines: list[str] = []
@@ -331,5 +330,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one descriptor per gateway connection
+    logging.basicConfig(level=logging.ERROR)  # figures only; the servers' own logs would drown them
     roles = {"gateways": _gateways_role, "echo": _echo_role, "idle": _idle_role}
     asyncio.run(roles[args.role](args) if args.role else main(args))
