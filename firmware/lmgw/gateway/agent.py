@@ -83,11 +83,17 @@ class GatewayAgent:
         self._outbox_wakeup.set()
 
     async def _deliver_events(self, session: RpcSession) -> None:
+        """Deliver queued events in order; an event leaves the outbox only once the DSO acknowledged it."""
         while True:
             self._outbox_wakeup.clear()
             for event in self.outbox.pending():
                 params = {k: v for k, v in event.items() if not k.startswith("_")}
-                await session.call("gw.event", params)
+                try:
+                    await session.call("gw.event", params)
+                except RpcError as exc:
+                    log.warning("delivery of event %s (%s) paused: %s; it stays queued and is retried on the next "
+                                "connection", event["id"], event["kind"], exc.message)
+                    return
                 self.outbox.acknowledge(event)
             await self._outbox_wakeup.wait()
 
