@@ -67,3 +67,17 @@ def test_crl_server_back_refreshes_the_cache_and_connects(pki, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_first_boot_uses_the_factory_crl_when_the_crl_server_is_unreachable(pki, tmp_path, caplog):
+    dead_crl_url = f"http://127.0.0.1:{free_port()}/crl.der"
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-C4", dso.port, crl_url=dead_crl_url)
+            (tmp_path / "data-GW-C4" / "crl.der").unlink()  # a new device: empty data partition
+            assert (pki.ca_cert.parent / "crl.der").exists()  # what lmgw-provision writes beside ca.crt
+            async with running_gateway(config, tmp_path) as agent:
+                await wait_until(lambda: agent.session is not None, what="connection on the factory CRL")
+            assert "CRL cache seeded from" in caplog.text
+    asyncio.run(scenario())

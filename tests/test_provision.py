@@ -11,6 +11,7 @@ from cryptography import x509
 
 from conftest import VENV_BIN, make_pki
 from lmgw.provision import gpt, identity
+from lmgw.revocation import load_crl
 
 
 @pytest.fixture
@@ -44,6 +45,7 @@ def test_provision_writes_identity_and_records_the_device(disk, tmp_path):
     cert, copy = identity_file(disk, tmp_path, "device.crt")
     assert x509.load_pem_x509_certificate(cert).subject.rfc4514_string() == "CN=GW-FAC-0001"
     assert identity_file(disk, tmp_path, "ca.crt")[0] == pki.ca.cert_pem
+    assert load_crl(identity_file(disk, tmp_path, "crl.der")[0], pki.ca.cert).issuer == pki.ca.cert.subject
     config = identity_file(disk, tmp_path, "gateway.toml")[0].decode()
     assert 'url = "wss://dso.example.net/lmgw"' in config and 'data_dir = "/data/lmgw"' in config
     assert len(identity_file(disk, tmp_path, "machine-id")[0].strip()) == 32

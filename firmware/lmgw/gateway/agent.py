@@ -14,6 +14,7 @@ import logging
 import ssl
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -61,6 +62,7 @@ class GatewayAgent:
         self.ssl = client_context(config.ca_file, config.cert_file, config.key_file)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.crl = CrlCache(config.data_dir / "crl.der", self.ca_cert, config.crl_grace)
+        self._seed_crl(config.ca_file.parent / "crl.der")
         self.outbox = Outbox(config.data_dir / "outbox")
         self.lms = LmService.from_config(config.raw, config.data_dir, self.emit_event)
         self.backoff = Backoff(config.min_delay, config.max_delay)
@@ -271,6 +273,17 @@ class GatewayAgent:
                             self.config.crl_url, self.crl.next_update, exc)
                 delay = min(self.config.crl_refresh, CRL_RETRY_SECONDS)
             await asyncio.sleep(delay)
+
+    def _seed_crl(self, factory_crl: Path) -> None:
+        """First boot: start from the CRL the factory wrote beside the CA bundle, so a gateway whose
+        CRL server is not reachable yet can still check the DSO (within that CRL's validity + grace)."""
+        if self.crl.crl is not None or not factory_crl.exists():
+            return
+        try:
+            self.crl.store(factory_crl.read_bytes())
+            log.info("CRL cache seeded from %s (next update %s)", factory_crl, self.crl.next_update)
+        except (OSError, RevocationError) as exc:
+            log.warning("factory CRL %s not used: %s", factory_crl, exc)
 
     def _crl_proxy(self) -> str | None:
         assert self.config.crl_url is not None

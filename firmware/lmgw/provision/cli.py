@@ -75,8 +75,9 @@ def provision(args: argparse.Namespace) -> str:
         ca = CertificateAuthority.open(args.ca_dir)
         issued = _issue(ca, args.gateway_id, args.csr)
         assert issued.key_pem is not None
+        crl = ca.publish_crl().public_bytes(serialization.Encoding.DER)
         files = {"device.key": issued.key_pem, "device.crt": issued.cert_pem, "ca.crt": ca.cert_pem,
-                 "gateway.toml": config, "machine-id": identity.new_machine_id()}
+                 "crl.der": crl, "gateway.toml": config, "machine-id": identity.new_machine_id()}
         image = identity.build_filesystem(files, partition.size, work)
         identity.copy_in(image, str(args.target), partition.offset, partition.size)
     return f"{args.target}: gateway {args.gateway_id} provisioned (certificate serial {issued.serial:x})"

@@ -1,7 +1,8 @@
 """The identity partition: what it holds and how it is written without mounting.
 
-Files: device.key (0640 root:lmgw), device.crt, ca.crt, gateway.toml,
-machine-id.  The filesystem is built with ``mke2fs -d`` from a staging
+Files: device.key (0640 root:lmgw), device.crt, ca.crt, crl.der (the CRL
+current at provisioning: it seeds the gateway's CRL cache on first boot),
+gateway.toml, machine-id.  The filesystem is built with ``mke2fs -d`` from a staging
 directory, ownership fixed with ``debugfs`` (so no root or mount is needed),
 and copied over the partition.
 """
@@ -16,7 +17,6 @@ from pathlib import Path
 
 LMGW_GID = 990
 """Fixed in overlay/usr/lib/sysusers.d/lmgw.conf: the key must be readable by the agent only."""
-FILES = ("device.key", "device.crt", "ca.crt", "gateway.toml", "machine-id")
 
 
 def gateway_toml(dso_url: str, crl_url: str | None, proxy: str | None, extra: str = "") -> str:
