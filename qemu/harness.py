@@ -15,7 +15,6 @@ log of every boot is kept next to the disk image.
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import socket
 import subprocess

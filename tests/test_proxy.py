@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -46,7 +45,7 @@ def test_connects_through_tinyproxy(pki, tmp_path, tinyproxy):
                 status = await dso.call("GW-P1", "gw.status", {})
                 assert status["proxy"] == f"http://127.0.0.1:{port}"  # never the credentials
     asyncio.run(scenario())
-    assert f"CONNECT localhost:" in log.read_text()
+    assert "CONNECT localhost:" in log.read_text()
 
 
 @pytest.mark.parametrize("tinyproxy", [("lmgw", "s3cret")], indirect=True)

@@ -8,7 +8,7 @@ failing (or, worse, accepting) certificate checks.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 BUILD_DATE_FILE = Path("/etc/lmgw-build-date")

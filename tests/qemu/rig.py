@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "qemu"))
 
-from conftest import REPO, VENV_BIN, free_port, make_pki, process, write_toml  # noqa: E402
+from conftest import VENV_BIN, free_port, make_pki, process, write_toml  # noqa: E402
 from harness import (CRL_PORT, DSO_IP, DSO_PORT, IMAGE_DIR, LM_IP, LM_PORT, PROXY_IP, PROXY_PORT, Guest,  # noqa: E402
                      copy_image)
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures are imported from rig and received as parameters
 """End to end in QEMU: the provisioned ARMv7 image boots, reaches the DSO and
 relays commands to a Modbus TCP LM and a Modbus RTU LM; it survives a stopped
 agent, a power cut in the middle of a shed, and a revocation.

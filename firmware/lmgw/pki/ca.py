@@ -9,7 +9,6 @@ sends a CSR, the factory may have the CA generate one.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
