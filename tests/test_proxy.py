@@ -111,3 +111,22 @@ def test_intercepting_proxy_is_refused_and_reported_after_a_good_connection(pki,
             delivered = [r for r in dso.events.read("GW-M1") if r["event"]["id"] == event["id"]]
             assert len(delivered) == 1
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("tinyproxy", [("lmgw", "s3cret")], indirect=True)
+def test_crl_is_fetched_through_the_proxy_with_its_credentials(pki, tinyproxy):
+    from lmgw.pki.http import PkiHttpServer
+    from lmgw.revocation import fetch_crl, load_crl
+
+    port, log = tinyproxy
+    server = PkiHttpServer(pki.ca, "127.0.0.1", 0)
+    server.start_in_thread()
+    try:
+        data = asyncio.run(fetch_crl(f"{server.url}/crl.der", proxy=f"http://lmgw:s3cret@127.0.0.1:{port}"))
+        assert load_crl(data, pki.ca.cert).issuer == pki.ca.cert.subject
+        with pytest.raises(OSError, match="401|407"):
+            asyncio.run(fetch_crl(f"{server.url}/crl.der", proxy=f"http://lmgw:wrong@127.0.0.1:{port}"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"GET {server.url}/crl.der" in log.read_text()

@@ -46,6 +46,13 @@ class Proxy:
     def __str__(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def authorization(self) -> list[str]:
+        """The Proxy-Authorization header line, when the URL carries credentials."""
+        if self.username is None:
+            return []
+        token = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode()
+        return [f"Proxy-Authorization: Basic {token}"]
+
 
 def redact(url: str) -> str:
     """A proxy URL for logs and events: never the credentials."""
@@ -55,10 +62,7 @@ def redact(url: str) -> str:
 
 def connect_request(proxy: Proxy, host: str, port: int, user_agent: str) -> bytes:
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}", f"User-Agent: {user_agent}"]
-    if proxy.username is not None:
-        token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode()
-        lines.append(f"Proxy-Authorization: Basic {token}")
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}", f"User-Agent: {user_agent}", *proxy.authorization()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 

@@ -10,11 +10,10 @@ revoked certificate alive forever.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp
 
 from .atomicfile import write_atomically
+from .proxy import Proxy
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,12 @@ async def _http(method: str, url: str, body: bytes | None, content_type: str | N
         raise OSError(f"unsupported revocation URL {url!r} (http:// expected)")
     headers = [f"Host: {target.netloc}", "Connection: close", "User-Agent: lmgw"]
     if proxy:
-        via = urlsplit(proxy)
-        host, port, path = via.hostname, via.port or 80, url  # absolute URI through a proxy
-        if via.username:
-            token = base64.b64encode(f"{unquote(via.username)}:{unquote(via.password or '')}".encode()).decode()
-            headers.append(f"Proxy-Authorization: Basic {token}")
+        try:
+            via = Proxy.parse(proxy)
+        except ValueError as exc:
+            raise OSError(str(exc)) from None
+        host, port, path = via.host, via.port, url  # absolute URI through a proxy
+        headers += via.authorization()
     else:
         host, port = target.hostname, target.port or 80
         path = (target.path or "/") + (f"?{target.query}" if target.query else "")
