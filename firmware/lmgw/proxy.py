@@ -108,8 +108,9 @@ async def open_tunnel(proxy_url: str, host: str, port: int, *, user_agent: str =
         return sock
 
     try:
-        return await asyncio.wait_for(handshake(), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):
+            return await handshake()
+    except TimeoutError:
         raise ProxyError(f"proxy {proxy} did not open a tunnel to {host}:{port} within {timeout:g} s") from None
     except ConnectionRefusedError:
         raise ProxyError(f"proxy {proxy} refused the connection (is it running?)") from None

@@ -163,8 +163,9 @@ async def _http(method: str, url: str, body: bytes | None, content_type: str | N
         return content
 
     try:
-        return await asyncio.wait_for(exchange(), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):
+            return await exchange()
+    except TimeoutError:
         raise OSError(f"{url} did not answer within {timeout:g} s") from None
 
 

@@ -41,10 +41,11 @@ class RpcSession:
         self._waiters[request_id] = waiter
         try:
             await self.connection.send(frame)
-            return await asyncio.wait_for(waiter, timeout)
+            async with asyncio.timeout(timeout):
+                return await waiter
         except ConnectionClosed:
             raise RpcError(NOT_CONNECTED, f"connection to {self.name} closed during {method}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RpcError(CALL_TIMEOUT, f"{self.name} did not answer {method} within {timeout:g} s") from None
         finally:
             self._waiters.pop(request_id, None)

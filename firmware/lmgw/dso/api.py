@@ -83,6 +83,7 @@ async def request(socket_path: Path, message: dict[str, Any], timeout: float = 6
     try:
         writer.write(json.dumps(message).encode() + b"\n")
         await writer.drain()
-        return json.loads(await asyncio.wait_for(reader.readline(), timeout))
+        async with asyncio.timeout(timeout):
+            return json.loads(await reader.readline())
     finally:
         writer.close()

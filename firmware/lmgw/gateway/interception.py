@@ -53,7 +53,8 @@ async def _presented(url: str, proxy: str | None) -> x509.Certificate | None:
 async def presented_certificate(url: str, proxy: str | None) -> Presented | None:
     """The certificate the other end presents, or None if it cannot be read."""
     try:
-        certificate = await asyncio.wait_for(_presented(url, proxy), PROBE_TIMEOUT)
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            certificate = await _presented(url, proxy)
     except Exception:  # a diagnostic must never take the agent down
         return None
     if certificate is None:

@@ -94,7 +94,8 @@ class Bridge:
         buffer = b""
         try:
             while True:
-                data = await asyncio.wait_for(reader.read(4096), self.config.idle_timeout)
+                async with asyncio.timeout(self.config.idle_timeout):
+                    data = await reader.read(4096)
                 if not data:
                     break
                 frames, buffer = parse_frames(buffer + data)
