@@ -9,13 +9,15 @@ MITMPROXY_VERSION := 11.0.2
 APT_PACKAGES := tinyproxy
 # The offline ARMv7 image and its QEMU harness.
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test mmdebstrap apt-utils e2fsprogs \
-	squashfs-tools genimage dosfstools mtools fdisk cpio u-boot-qemu
+	squashfs-tools genimage dosfstools mtools fdisk cpio u-boot-qemu u-boot-tools
+# Field updates: RAUC on the host builds and signs bundles (make bundle).
+APT_PACKAGES += rauc
 APT_PACKAGES += socat
 # Buildroot tree: host tools for `make buildroot` and utils/check-package (`make buildroot-check`).
 APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools
 
 IMAGE := build/image/lmgw.img
-IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest -type f \
+IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader -type f \
 	-not -name '*.pyc' 2>/dev/null)
 
 .PHONY: deps host-packages demo demo-host test bench clean image qemu-run

@@ -9,7 +9,11 @@ The guest sees the host only through QEMU user networking with ``restrict=on``
 
 Virtio consoles: hvc0 is the RS-485 bus, a host pseudo-terminal the RTU LM
 simulator opens; hvc1 is the test shell (QEMU test image only).  The console
-log of every boot is kept next to the disk image.
+log of every QEMU run is kept next to the disk image.
+
+The guest boots like the hardware: QEMU starts Debian's ``qemu_arm`` U-Boot,
+whose A/B boot script on the disk picks the slot.  A reboot inside the guest
+stays inside the same QEMU process (and console log), as on a real board.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ IMAGE_DIR = REPO / "build" / "image"
 DSO_IP, LM_IP, PROXY_IP = "10.0.2.100", "10.0.2.101", "10.0.2.102"
 DSO_PORT, CRL_PORT, LM_PORT, PROXY_PORT = 8443, 8080, 502, 3128
 BOOT_TIMEOUT = 180.0
+UBOOT = Path("/usr/lib/u-boot/qemu_arm/u-boot.bin")
 
 
 class GuestError(RuntimeError):
@@ -55,9 +60,7 @@ class Guest:
                            for (ip, port), host in self.forwards.items())
         return [
             "qemu-system-arm", "-M", "virt", "-cpu", "cortex-a15", "-smp", "2", "-m", str(self.memory_mb),
-            "-nographic", "-no-reboot", "-monitor", "none",
-            "-kernel", str(IMAGE_DIR / "vmlinuz"), "-initrd", str(IMAGE_DIR / "initrd.img"),
-            "-append", "console=ttyAMA0 root=/dev/vda2 ro panic=5 lmgw.slot=A systemd.wants=lmgw-test-shell@hvc1.service",
+            "-nographic", "-monitor", "none", "-bios", str(UBOOT),
             "-drive", f"if=none,file={self.disk},format=raw,id=hd0,cache=unsafe", "-device", "virtio-blk-device,drive=hd0",
             "-netdev", f"user,id=n0,restrict=on{forwards}", "-device", "virtio-net-device,netdev=n0",
             "-device", "virtio-rng-device",
@@ -81,12 +84,16 @@ class Guest:
         # Each QEMU process gets a new pseudo-terminal for the RS-485 console.
         self.rtu_pty = self.wait_for_console(r"char device redirected to /dev/pts/\d+ \(label rtu\)", 20).split()[4]
 
-    def wait_for_console(self, pattern: str, timeout: float = BOOT_TIMEOUT) -> str:
-        """Wait until the console log matches ``pattern``; return the match."""
+    def console_mark(self) -> int:
+        """A position in this run's console log, for ``wait_for_console(since=...)``."""
+        return self.console_log.stat().st_size
+
+    def wait_for_console(self, pattern: str, timeout: float = BOOT_TIMEOUT, since: int = 0) -> str:
+        """Wait until the console log (from ``since`` on) matches ``pattern``; return the match."""
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern.encode())
         while True:
-            match = regex.search(self.console_log.read_bytes())
+            match = regex.search(self.console_log.read_bytes()[since:])
             if match:
                 return match.group(0).decode(errors="replace")
             if self.process is None or self.process.poll() is not None:

@@ -5,6 +5,11 @@
 #
 #   rootfs/build.sh [OUT]      (default build/image; downloads cached in build/cache)
 #
+# LMGW_VERSION (default: the lmgw package's version) is the firmware version
+# the image reports and RAUC bundles carry. LMGW_UPDATE_CA is the CA
+# certificate whose code-signing certificates may sign bundles (RAUC keyring);
+# without it a development CA is made once in build/update-pki.
+#
 # The first run downloads .debs and wheels into the cache and turns the .debs
 # into a local repository; later runs use only the cache.
 set -euo pipefail
@@ -18,13 +23,19 @@ suite=bookworm
 # Reproducible timestamps: the last commit's time.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)}
 
-packages=systemd,systemd-sysv,udev,kmod,iproute2,e2fsprogs,python3,python3-cffi-backend,systemd-timesyncd,systemd-resolved,libubootenv-tool
+packages=systemd,systemd-sysv,udev,kmod,iproute2,e2fsprogs,python3,python3-cffi-backend,systemd-timesyncd,systemd-resolved
+# A/B field updates: RAUC (a D-Bus service) and its U-Boot environment tools.
+packages=$packages,rauc,rauc-service,dbus,libubootenv-tool
 # Downloaded, not installed: the kernel is unpacked on the host (running its
 # initramfs hooks under emulation would take many minutes), busybox goes in the initramfs.
 extra_debs='busybox-static $(apt-cache depends linux-image-armmp | sed -n "s/ *Depends: \(linux-image-.*\)/\1/p")'
 # Python packages pinned to Buildroot LTS 2026.02.3's versions (firmware/pyproject.toml).
 wheels="websockets==15.0.1 cryptography==46.0.3 pymodbus==3.11.4 pyserial==3.5"
 sdist_wheels="sdnotify==0.3.2"
+version=${LMGW_VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/firmware/pyproject.toml")}
+update_pki=$top/build/update-pki
+# RAUC accepts only bundles built for this flavour (the Buildroot boards have their own).
+compatible=lmgw-qemu-arm-offline
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*"; }
 
@@ -35,7 +46,8 @@ ensure_binfmt() {
 }
 
 fetch_debs() {
-	[ -f "$cache/debs/Release" ] && return
+	[ -f "$cache/debs/Release" ] && [ "$(cat "$cache/debs/.packages" 2>/dev/null)" = "$packages" ] && return
+	rm -rf "$cache/debs"
 	log "downloading Debian packages into $cache/debs (first build only)"
 	mkdir -p "$cache/debs"
 	mmdebstrap --arch=armhf --variant=minbase --mode=root \
@@ -47,6 +59,7 @@ fetch_debs() {
 		"$suite" /dev/null "$mirror"
 	(cd "$cache/debs" && apt-ftparchive packages . > Packages &&
 		apt-ftparchive -o APT::FTPArchive::Release::Codename=$suite -o APT::FTPArchive::Release::Suite=$suite release . > Release)
+	echo "$packages" > "$cache/debs/.packages"
 }
 
 fetch_wheels() {
@@ -86,6 +99,9 @@ install_kernel() {
 	(cd "$src" && find kernel/drivers/virtio kernel/drivers/block/virtio_blk.ko kernel/drivers/net/virtio_net.ko \
 		kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/char/hw_random kernel/drivers/char/virtio_console.ko \
 		kernel/fs/ext4 kernel/fs/jbd2 kernel/fs/mbcache.ko kernel/fs/squashfs \
+		kernel/fs/fat kernel/fs/nls/nls_cp437.ko kernel/fs/nls/nls_ascii.ko kernel/fs/nls/nls_utf8.ko \
+		kernel/drivers/block/loop.ko kernel/drivers/md/dm-mod.ko kernel/drivers/md/dm-verity.ko \
+		kernel/drivers/md/dm-bufio.ko kernel/drivers/md/dm-bio-prison.ko kernel/lib/reed_solomon \
 		kernel/lib/crc16.ko kernel/crypto/crc32c_generic.ko -name '*.ko' 2>/dev/null | cpio -pdm --quiet "$dst")
 	chroot "$out/rootfs" /sbin/depmod "$kver"
 }
@@ -100,19 +116,38 @@ install_python() {
 	chroot "$out/rootfs" python3 -c 'import cryptography.x509, websockets, pymodbus, serial, sdnotify, lmgw.gateway.agent'
 }
 
+update_keyring() {
+	if [ -n "${LMGW_UPDATE_CA:-}" ]; then
+		echo "$LMGW_UPDATE_CA"
+		return
+	fi
+	if [ ! -f "$update_pki/ca/ca.crt" ]; then
+		log "development update CA and signer in $update_pki (set LMGW_UPDATE_CA for a real one)" >&2
+		"$venv/bin/lmgw-pki" --ca-dir "$update_pki/ca" init --name "LMGW development update CA" >&2
+		"$venv/bin/lmgw-pki" --ca-dir "$update_pki/ca" update-signer --name "LMGW development update signing" \
+			--out-key "$update_pki/signer.key" --out-cert "$update_pki/signer.crt" >&2
+	fi
+	echo "$update_pki/ca/ca.crt"
+}
+
 configure_system() {
 	log "overlay, account, units, read-only root"
 	cp -a "$top/overlay/." "$out/rootfs/"
+	"$top/board/rauc-config.sh" "$out/rootfs" "$compatible" "$(update_keyring)"
+	echo "$version" > "$out/rootfs/etc/lmgw-version"
 	chroot "$out/rootfs" systemd-sysusers
 	chroot "$out/rootfs" systemctl enable lmgw.service systemd-networkd.service systemd-resolved.service \
-		systemd-timesyncd.service >/dev/null 2>&1
+		systemd-timesyncd.service lmgw-slot-boot.service lmgw-slot-deadline.timer lmgw-reboot.path >/dev/null 2>&1
 	chroot "$out/rootfs" systemctl mask systemd-update-done.service apt-daily.timer apt-daily-upgrade.timer >/dev/null 2>&1 || true
-	# QEMU test image only: the harness shell (started only when the kernel command
-	# line asks) and no login prompt on the virtio console that carries the RS-485 bus.
+	# QEMU test image only: the harness shell on the second virtio console (a root
+	# shell: never in a Buildroot image) and no login prompt on the virtio console
+	# that carries the RS-485 bus.
 	cp "$top"/qemu/guest/*.service "$out/rootfs/etc/systemd/system/"
+	mkdir -p "$out/rootfs/etc/systemd/system/multi-user.target.wants"
+	ln -sf ../lmgw-test-shell@.service "$out/rootfs/etc/systemd/system/multi-user.target.wants/lmgw-test-shell@hvc1.service"
 	cp "$top"/qemu/guest/*.rules "$out/rootfs/etc/udev/rules.d/"
 	ln -sf /dev/null "$out/rootfs/etc/systemd/system/serial-getty@hvc0.service"
-	mkdir -p "$out/rootfs/identity" "$out/rootfs/data"
+	mkdir -p "$out/rootfs/identity" "$out/rootfs/data" "$out/rootfs/boot"
 	: > "$out/rootfs/etc/machine-id"  # bound from /identity/machine-id by the initramfs
 	ln -sf /run/systemd/resolve/stub-resolv.conf "$out/rootfs/etc/resolv.conf"
 	date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ > "$out/rootfs/etc/lmgw-build-date"
@@ -121,7 +156,7 @@ configure_system() {
 
 write_manifest() {
 	{
-		echo "# LMGW offline image $(cat "$out/rootfs/etc/lmgw-build-date")"
+		echo "# LMGW offline image $version, $(cat "$out/rootfs/etc/lmgw-build-date")"
 		echo "## kernel"; ls "$out/rootfs/usr/lib/modules"
 		echo "## Debian packages"; chroot "$out/rootfs" dpkg-query -W -f '${Package} ${Version}\n'
 		echo "## Python packages"; ls "$cache/wheels" "$out/wheels" | grep '\.whl$'
@@ -156,15 +191,22 @@ build_images() {
 		-wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
 	mke2fs -q -t ext4 -L identity -E root_owner=0:0 -d "$stage/identity" "$stage/identity.ext4" 8M
 	mke2fs -q -t ext4 -L data -E root_owner=0:0 -d "$stage/data" "$stage/data.ext4" 128M
-	# Boot partition: kernel, initramfs and the kernel command line for each slot.
+	# Boot partition: the A/B boot script (QEMU loads U-Boot itself, -bios).
+	mkimage -q -A arm -T script -C none -n "LMGW A/B boot" \
+		-d "$top/buildroot-external/bootloader/boot.ush" "$stage/boot.scr"
 	mkfs.vfat -n BOOT -C "$stage/boot.vfat" $((32 * 1024)) >/dev/null
-	mcopy -i "$stage/boot.vfat" "$out/vmlinuz" ::vmlinuz
-	mcopy -i "$stage/boot.vfat" "$out/initrd.img" ::initrd.img
+	mcopy -i "$stage/boot.vfat" "$stage/boot.scr" ::boot.scr
+	# A slot's kernel partition: kernel and initramfs (the same image in both slots).
+	mkfs.vfat -n KERNEL -C "$stage/kernel.vfat" $((16 * 1024)) >/dev/null
+	mcopy -i "$stage/kernel.vfat" "$out/vmlinuz" ::zImage
+	mcopy -i "$stage/kernel.vfat" "$out/initrd.img" ::initrd.img
 	rm -f "$out/lmgw.img"
 	genimage --config "$top/board/genimage.cfg" --inputpath "$stage" --outputpath "$out" \
 		--tmppath "$out/genimage.tmp" --rootpath "$stage/identity" >/dev/null
 	rm -rf "$out/genimage.tmp"
-	cp "$stage/rootfs.squashfs" "$out/"
+	cp "$stage/rootfs.squashfs" "$stage/kernel.vfat" "$out/"
+	echo "$compatible" > "$out/compatible"
+	echo "$version" > "$out/version"
 }
 
 mkdir -p "$out" "$cache"

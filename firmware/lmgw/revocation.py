@@ -13,7 +13,6 @@ import asyncio
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp
 
 from .atomicfile import write_atomically
-from .proxy import Proxy
+from .httpclient import open_request
 
 log = logging.getLogger(__name__)
 
@@ -125,42 +124,23 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int:
 
 async def _http(method: str, url: str, body: bytes | None, content_type: str | None, *, timeout: float,
                 proxy: str | None) -> bytes:
-    """A minimal HTTP/1.1 client for CRL and OCSP (both signed data: plain HTTP is their norm)."""
-    target = urlsplit(url)
-    if target.scheme != "http" or not target.hostname:
+    """One CRL or OCSP exchange over http://; the answer's body, at most MAX_CRL_BYTES."""
+    if not url.startswith("http://"):
         raise OSError(f"unsupported revocation URL {url!r} (http:// expected)")
-    headers = [f"Host: {target.netloc}", "Connection: close", "User-Agent: lmgw"]
-    if proxy:
-        try:
-            via = Proxy.parse(proxy)
-        except ValueError as exc:
-            raise OSError(str(exc)) from None
-        host, port, path = via.host, via.port, url  # absolute URI through a proxy
-        headers += via.authorization()
-    else:
-        host, port = target.hostname, target.port or 80
-        path = (target.path or "/") + (f"?{target.query}" if target.query else "")
-    if body is not None:
-        headers += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
 
     async def exchange() -> bytes:
-        reader, writer = await asyncio.open_connection(host, port)
+        response = await open_request(url, method=method, body=body, content_type=content_type, proxy=proxy)
         try:
-            request = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n"
-            writer.write(request.encode() + (body or b""))
-            await writer.drain()
-            response = b""
-            while chunk := await reader.read(65536):
-                response += chunk
-                if len(response) > MAX_CRL_BYTES + 65536:
+            if response.status != 200:
+                raise OSError(f"{url} answered {response.status} {response.reason}")
+            content = b""
+            while chunk := await response.reader.read(65536):
+                content += chunk
+                if len(content) > MAX_CRL_BYTES:
                     raise OSError(f"answer from {url} larger than {MAX_CRL_BYTES} bytes")
+            return content
         finally:
-            writer.close()
-        head, _, content = response.partition(b"\r\n\r\n")
-        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
-        if status.split(" ")[1:2] != ["200"]:
-            raise OSError(f"{url} answered {status!r}" if status else f"{url} closed without answering")
-        return content
+            response.close()
 
     try:
         async with asyncio.timeout(timeout):

@@ -112,8 +112,9 @@ def image() -> Path:
 
 
 @contextlib.contextmanager
-def running_rig(work: Path) -> Iterator[Rig]:
-    """CA, DSO, CRL/OCSP service and the TCP LM simulator on host loopback, as the guest expects them."""
+def running_rig(work: Path, bundles_dir: Path | None = None) -> Iterator[Rig]:
+    """CA, DSO, CRL/OCSP service and the TCP LM simulator on host loopback, as the guest expects them;
+    the DSO serves the firmware bundles in ``bundles_dir``."""
     pki = make_pki(work / "ca")
     # The DSO as the guest reaches it: by IP through QEMU's guestfwd (or by name through a proxy).
     dso = pki.ca.issue_server("dso", dns_names=["localhost"], ip_addresses=["127.0.0.1", DSO_IP])
@@ -125,6 +126,7 @@ def running_rig(work: Path) -> Iterator[Rig]:
         "tls": {"ca_file": pki.ca_cert, "cert_file": work / "dso.crt", "key_file": work / "dso.key"},
         "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
         "api": {"socket": work / "dso.sock", "events_file": work / "events.jsonl"},
+        **({"updates": {"bundles_dir": bundles_dir}} if bundles_dir else {}),
     })
     with process([str(VENV_BIN / "lmgw-pki"), "--ca-dir", str(pki.dir), "serve", "--port", str(crl_port)],
                  work / "pki.log", ready=lambda log: "serving" in log), \

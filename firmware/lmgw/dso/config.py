@@ -25,6 +25,8 @@ class DsoConfig:
     call_timeout: float
     max_frame: int
     ping_interval: float
+    bundles_dir: Path | None
+    """Firmware bundles served to gateways at ``/bundles/<file>`` (same mutual TLS as the channel)."""
 
     @classmethod
     def load(cls, file: Path) -> DsoConfig:
@@ -35,6 +37,7 @@ class DsoConfig:
         revocation = section(config, "revocation", required=True)
         api = section(config, "api")
         channel = section(config, "channel")
+        updates = section(config, "updates")
         return cls(
             host=get(listen, "host", str, "listen", "0.0.0.0"),
             port=get(listen, "port", int, "listen", 8443),
@@ -49,4 +52,5 @@ class DsoConfig:
             call_timeout=get(channel, "call_timeout", float, "channel", 30.0),
             max_frame=get(channel, "max_frame", int, "channel", 256 * 1024),
             ping_interval=get(channel, "ping_interval", float, "channel", 20.0),
+            bundles_dir=path(updates, "bundles_dir", "updates", base, None),
         )

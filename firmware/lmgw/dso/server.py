@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import logging
+import re
 from datetime import datetime, timezone
 from typing import Any
 
 from cryptography import x509
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .. import SUBPROTOCOL, __version__
@@ -37,6 +39,8 @@ two thirds of what an idle gateway costs the DSO; two TLS records fit in 32 KiB
 (`make bench`: 352 -> 112 KiB per idle gateway with 16.5 KiB)."""
 CLOSE_REVOKED = 4001
 CLOSE_REPLACED = 4002
+BUNDLE_PATH = "/bundles/"
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.raucb")
 
 
 def _now() -> datetime:
@@ -113,7 +117,25 @@ class DsoServer:
         except RevocationError as exc:
             log.warning("refused gateway %s from %s serial=%x: %s", gateway_id, remote, certificate.serial_number, exc)
             return connection.respond(403, f"{exc}\n")
+        if request.path.startswith(BUNDLE_PATH):
+            return self._bundle(connection, request.path[len(BUNDLE_PATH):], gateway_id)
         return None
+
+    def _bundle(self, connection: ServerConnection, name: str, gateway_id: str) -> Response:
+        """A firmware bundle, to an authenticated gateway only (the request passed the checks above).
+
+        The reference server reads the whole file: a large fleet would serve
+        bundles from a web server with the same client-certificate rule."""
+        if self.config.bundles_dir is None or not BUNDLE_NAME.fullmatch(name):
+            return connection.respond(404, "no such bundle\n")
+        try:
+            body = (self.config.bundles_dir / name).read_bytes()
+        except OSError:
+            return connection.respond(404, "no such bundle\n")
+        log.info("gateway %s downloads bundle %s (%d bytes)", gateway_id, name, len(body))
+        headers = Headers([("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body))),
+                           ("Connection", "close")])
+        return Response(200, "OK", headers, body)
 
     # -- sessions -----------------------------------------------------------
 

@@ -31,6 +31,8 @@ from ..proxy import ProxyError, from_environment, open_tunnel, redact
 from ..revocation import CrlCache, RevocationError, fetch_crl
 from ..session import RpcSession
 from ..tls import client_context, common_name, peer_certificate
+from ..update import rauc
+from ..update.updater import Updater
 from .backoff import Backoff
 from .config import GatewayConfig
 from .interception import presented_certificate
@@ -76,6 +78,9 @@ class GatewayAgent:
         self.methods.add("gw.status", self._status)
         self.methods.add("gw.ping", self._ping, [Param("payload", (str, int, float, bool, list, dict), required=False)])
         self.lms.register(self.methods)
+        self.device_cert = device_cert
+        self.updater = Updater(config.data_dir, self.emit_event, lambda: (self.ssl, self._proxy(), USER_AGENT))
+        self.updater.register(self.methods)
 
     # -- events ---------------------------------------------------------------
 
@@ -104,7 +109,9 @@ class GatewayAgent:
     async def _status(self) -> dict[str, Any]:
         return {
             "gateway_id": self.gateway_id,
-            "firmware_version": __version__,
+            "firmware_version": rauc.running_version(),
+            "agent_version": __version__,
+            "firmware": await self.updater.describe(),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "connected_since": self.connected_since.isoformat() if self.connected_since else None,
             "dso_url": self.config.url,
@@ -122,6 +129,10 @@ class GatewayAgent:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then close the channel cleanly."""
         await self.lms.start()
+        try:
+            await self.updater.start()
+        except (rauc.RaucError, OSError, ValueError) as exc:  # the channel matters more than the report
+            log.error("could not settle the last field update: %s", exc)
         tasks = [asyncio.create_task(self._refresh_crl_forever()), asyncio.create_task(self.watchdog.run())]
         self.watchdog.ready()
         try:
@@ -210,7 +221,7 @@ class GatewayAgent:
         try:
             await session.call("gw.hello", {
                 "gateway_id": self.gateway_id,
-                "firmware_version": __version__,
+                "firmware_version": rauc.running_version(),
                 "lms": self.lms.describe(),
             })
             self.session, self.connected_since = session, datetime.now(timezone.utc)
@@ -219,6 +230,7 @@ class GatewayAgent:
             log.info("connected to DSO %s as %s", self.config.url, self.gateway_id)
             self.watchdog.status(f"connected to {self.config.url}")
             delivery = asyncio.create_task(self._deliver_events(session))
+            await self.updater.connected(self._self_check())
             await reader
         finally:
             self.session = self.connected_since = None
@@ -226,6 +238,23 @@ class GatewayAgent:
                 delivery.cancel()
             reader.cancel()
             log.info("channel to DSO closed (code %s %s)", connection.close_code, connection.close_reason or "")
+
+    def _self_check(self) -> list[str]:
+        """What would make this firmware unfit to keep (checked before a field update is committed)."""
+        problems = []
+        now = datetime.now(timezone.utc)
+        if not self.device_cert.not_valid_before_utc <= now <= self.device_cert.not_valid_after_utc:
+            problems.append(f"device certificate not valid now (valid {self.device_cert.not_valid_before_utc} "
+                            f"to {self.device_cert.not_valid_after_utc})")
+        if self.crl.crl is None:
+            problems.append("no CRL: the DSO certificate cannot be checked")
+        try:
+            probe = self.config.data_dir / ".self-check"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            problems.append(f"data directory {self.config.data_dir} not writable: {exc}")
+        return problems
 
     # -- trust failures ---------------------------------------------------------
 

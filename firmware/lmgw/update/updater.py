@@ -1,0 +1,238 @@
+"""Field updates driven by the DSO: ``gw.update`` in, ``update.*`` events out.
+
+Files in ``<data_dir>/update/`` (the data partition survives every update):
+
+- ``bundle.raucb``: the downloaded bundle, removed once installed;
+- ``state.json``: the update in progress (:class:`PendingUpdate` plus phase);
+- ``pending``: what the root deadline guard reads (``slot-guard``);
+- ``rollback-reason``: written by that guard when it rolls back.
+
+The gateway never reboots or writes a slot itself: RAUC (root) installs,
+``lmgw-reboot.path`` reboots when ``/run/lmgw/reboot`` appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import ssl
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..atomicfile import write_atomically
+from ..jsonrpc import RpcError
+from ..methods import MethodTable, Param
+from . import rauc
+from .download import download
+from .plan import UPDATE_REFUSED, PendingUpdate, UpdateError, UpdateRequest, other_slot
+
+log = logging.getLogger(__name__)
+
+REBOOT_REQUEST = Path("/run/lmgw/reboot")
+GUARD_LOCK = Path("/run/lmgw-slot-guard.lock")
+PROGRESS_STEP = 25
+
+EmitEvent = Callable[[str, dict[str, Any]], None]
+Transport = Callable[[], tuple[ssl.SSLContext, str | None, str]]
+"""TLS context, proxy and user agent of the DSO channel, for the bundle download."""
+
+
+class Updater:
+    def __init__(self, data_dir: Path, emit_event: EmitEvent, transport: Transport,
+                 reboot_request: Path = REBOOT_REQUEST) -> None:
+        self.dir = data_dir / "update"
+        self.emit_event = emit_event
+        self.transport = transport
+        self.reboot_request = reboot_request
+        self.awaiting_commit: PendingUpdate | None = None
+        self.phase = "idle"
+        self._task: asyncio.Task[None] | None = None
+
+    def register(self, methods: MethodTable) -> None:
+        methods.add("gw.update", self._update, [
+            Param("url", str), Param("version", str), Param("sha256", str), Param("size", int),
+            Param("allow_downgrade", bool, required=False, default=UpdateRequest.allow_downgrade),
+            Param("reboot_at", str, required=False, default=UpdateRequest.reboot_at),
+            Param("commit_timeout", int, required=False, default=UpdateRequest.commit_timeout),
+        ])
+
+    # -- after boot ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Settle what the last update left: report a rollback or an interruption, or await the commit."""
+        if not rauc.available():
+            return
+        state = self._read_state()
+        if state is None:
+            return
+        record, phase = state
+        booted = (await rauc.status())["booted"]
+        running = rauc.running_version()
+        if phase == "installing":
+            self._finish("update.failed", {
+                "version": record.version, "running_version": running, "slot": booted,
+                "reason": "installation interrupted (power loss or reboot); the previous firmware still runs"})
+        elif record.after_boot(booted) == "awaiting_commit":
+            self.awaiting_commit, self.phase = record, "awaiting_commit"
+            log.info("firmware %s in slot %s awaits its commit: DSO connection and self-check within %d s of boot",
+                     record.version, booted, record.commit_timeout)
+        else:
+            reason = self._read("rollback-reason") or (
+                f"slot {record.target_slot} did not come up (boot attempts used up or watchdog resets)")
+            log.error("field update to %s rolled back to slot %s (version %s): %s", record.version, booted, running, reason)
+            self._finish("update.rolled_back", {
+                "version": record.version, "running_version": running, "slot": booted, "reason": reason})
+
+    async def connected(self, problems: list[str]) -> None:
+        """The DSO accepted ``gw.hello``; ``problems`` is the self-check's verdict."""
+        record = self.awaiting_commit
+        if record is None:
+            return
+        running = rauc.running_version()
+        if running != record.version:
+            problems = [*problems, f"slot runs version {running}, the update installed {record.version}"]
+        if problems:
+            log.error("firmware %s not committed, self-check failed: %s; the deadline guard will roll back",
+                      record.version, "; ".join(problems))
+            return
+        try:
+            with _guard_lock():  # the deadline guard must not roll back while we commit
+                await rauc.mark_good()
+                (self.dir / "pending").unlink(missing_ok=True)
+        except (rauc.RaucError, OSError) as exc:
+            log.error("firmware %s not committed: %s; retried on the next connection", record.version, exc)
+            return
+        self.awaiting_commit = None
+        log.info("firmware %s committed in slot %s", record.version, record.target_slot)
+        self._finish("update.committed", {"version": record.version, "from_version": record.from_version,
+                                          "slot": record.target_slot})
+
+    # -- gw.update ------------------------------------------------------------------
+
+    async def describe(self) -> dict[str, Any]:
+        """Firmware part of ``gw.status``: running version, booted slot, both slots' versions."""
+        info: dict[str, Any] = {"version": rauc.running_version(), "update": self.phase}
+        if rauc.available():
+            try:
+                info.update(await rauc.status())
+            except (rauc.RaucError, ValueError) as exc:
+                info["error"] = str(exc)
+        return info
+
+    async def _update(self, url: str, version: str, sha256: str, size: int, allow_downgrade: bool,
+                      reboot_at: str | None, commit_timeout: int) -> dict[str, Any]:
+        request = UpdateRequest(url, version, sha256, size, allow_downgrade, reboot_at, commit_timeout)
+        try:
+            if not rauc.available():
+                raise UpdateError("this gateway has no A/B slots (RAUC not configured): it cannot be updated in the field")
+            if self._task is not None and not self._task.done():
+                raise UpdateError(f"an update is already in progress ({self.phase})")
+            if self.awaiting_commit is not None:
+                raise UpdateError(f"firmware {self.awaiting_commit.version} is not committed yet")
+            request.check(rauc.running_version())
+            reboot_time = _parse_time(reboot_at) if reboot_at else None
+            booted = (await rauc.status())["booted"]
+        except (UpdateError, rauc.RaucError) as exc:
+            raise RpcError(UPDATE_REFUSED, str(exc)) from None
+        record = PendingUpdate(version, rauc.running_version(), booted, other_slot(booted), commit_timeout)
+        self._task = asyncio.create_task(self._run(request, record, reboot_time))
+        return {"accepted": True, "version": version, "target_slot": record.target_slot}
+
+    async def _run(self, request: UpdateRequest, record: PendingUpdate, reboot_time: datetime | None) -> None:
+        self.dir.mkdir(exist_ok=True)
+        bundle = self.dir / "bundle.raucb"
+        try:
+            self.phase = "downloading"
+            tls, proxy, user_agent = self.transport()
+            await download(request, bundle, tls=tls, proxy=proxy, user_agent=user_agent,
+                           on_percent=self._progress("downloading", request.version))
+            self.phase = "installing"
+            self._write_state(record, "installing")
+            write_atomically(self.dir / "pending", record.guard_file().encode())
+            await rauc.install(bundle, self._progress("installing", request.version))
+            self._write_state(record, "installed")
+        except (UpdateError, rauc.RaucError, OSError) as exc:
+            log.error("field update to %s failed: %s", request.version, exc)
+            self._finish("update.failed", {"version": request.version, "running_version": record.from_version,
+                                           "slot": record.from_slot, "reason": str(exc)})
+            return
+        finally:
+            bundle.unlink(missing_ok=True)
+        self.phase = "installed"
+        self.emit_event("update.installed", {"version": request.version, "slot": record.target_slot,
+                                             "reboot_at": (reboot_time or datetime.now(timezone.utc)).isoformat()})
+        if reboot_time is not None:
+            await asyncio.sleep(max(0.0, (reboot_time - datetime.now(timezone.utc)).total_seconds()))
+        log.info("rebooting into slot %s for firmware %s", record.target_slot, request.version)
+        self.reboot_request.touch()
+
+    def _progress(self, phase: str, version: str) -> Callable[[int], None]:
+        """Report every PROGRESS_STEP percent, not every chunk."""
+        last = -PROGRESS_STEP
+
+        def report(percent: int) -> None:
+            nonlocal last
+            if percent >= last + PROGRESS_STEP:
+                last = percent - percent % PROGRESS_STEP
+                self.emit_event("update.progress", {"version": version, "phase": phase, "percent": last})
+        return report
+
+    # -- the state files ----------------------------------------------------------
+
+    def _write_state(self, record: PendingUpdate, phase: str) -> None:
+        data = json.loads(record.to_json()) | {"phase": phase}
+        write_atomically(self.dir / "state.json", json.dumps(data).encode())
+
+    def _read_state(self) -> tuple[PendingUpdate, str] | None:
+        text = self._read("state.json")
+        if text is None:
+            return None
+        try:
+            return PendingUpdate.from_json(text), json.loads(text)["phase"]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("update record %s unreadable, discarded: %s", self.dir / "state.json", exc)
+            self._clear()
+            return None
+
+    def _read(self, name: str) -> str | None:
+        try:
+            return (self.dir / name).read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def _finish(self, kind: str, details: dict[str, Any]) -> None:
+        self.phase = "idle"
+        self.emit_event(kind, details)
+        self._clear()
+
+    def _clear(self) -> None:
+        for name in ("state.json", "pending", "rollback-reason"):
+            (self.dir / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _guard_lock() -> Iterator[None]:
+    """The deadline guard's lock (created by it, root's; a read-only descriptor can hold a flock)."""
+    try:
+        lock = open(GUARD_LOCK)
+    except FileNotFoundError:  # the guard never ran this boot, so it cannot be running now
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UpdateError(f"reboot_at {text!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise UpdateError(f"reboot_at {text!r} needs a time zone (e.g. 2026-11-24T02:00:00+00:00)")
+    return moment
