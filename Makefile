@@ -20,7 +20,7 @@ IMAGE := build/image/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader -type f \
 	-not -name '*.pyc' 2>/dev/null)
 
-.PHONY: deps host-packages demo demo-host test bench clean image qemu-run
+.PHONY: deps host-packages demo demo-host test bench clean image qemu-run bundle
 
 deps: host-packages $(VENV)/.stamp $(MITM_VENV)/.stamp
 
@@ -64,6 +64,12 @@ image: deps $(IMAGE)
 
 $(IMAGE): $(IMAGE_INPUTS)
 	rootfs/build.sh
+
+# A signed field-update bundle of the image: build/lmgw-<version>.raucb.
+# VERSION=1.2.0 stamps another version; LMGW_UPDATE_KEY/CERT sign with the
+# real update signer (default: the development one in build/update-pki).
+bundle: image
+	rootfs/bundle.sh build/lmgw-$${VERSION:-$$(cat build/image/version)}.raucb $(VERSION)
 
 bench: deps
 	$(PY) tests/bench/run.py

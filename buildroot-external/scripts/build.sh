@@ -4,6 +4,9 @@
 # U-Boot, the Rust compiler for python-cryptography and every package source
 # are downloaded (about 1.5 GB). Estimate: 30-60+ minutes on 8-16 cores.
 #   build.sh BOARD BUILDROOT_VERSION BUILDROOT_SHA256 OUT
+# Environment: LMGW_UPDATE_CA (required), LMGW_UPDATE_KEY + LMGW_UPDATE_CERT
+# (optional: the update bundle), LMGW_VERSION (optional); see
+# board/post-build.sh and board/post-image.sh.
 set -euo pipefail
 
 board=${1:?usage: build.sh BOARD VERSION SHA256 OUT}
@@ -22,6 +25,23 @@ if [ ! -f "$ext/configs/$defconfig" ]; then
 	done
 	echo "make buildroot: unknown BOARD=$board (one of:$boards)" >&2
 	exit 2
+fi
+
+# post-build.sh needs the update CA (RAUC keyring) and post-image.sh signs a
+# bundle with the update signer: checked now rather than after an hour of
+# build, and made absolute (Buildroot runs those scripts from its own tree).
+for var in LMGW_UPDATE_CA LMGW_UPDATE_KEY LMGW_UPDATE_CERT; do
+	[ -n "${!var:-}" ] || continue
+	[ -f "${!var}" ] || { echo "make buildroot: $var=${!var} is not a file" >&2; exit 2; }
+	export "$var=$(realpath "${!var}")"
+done
+if [ -z "${LMGW_UPDATE_CA:-}" ]; then
+	echo "make buildroot: set LMGW_UPDATE_CA to the LMGW CA certificate (lmgw-pki init writes <ca-dir>/ca.crt):" \
+		"the image's RAUC accepts only bundles signed by a certificate it issued (lmgw-pki update-signer)." >&2
+	exit 2
+fi
+if [ -z "${LMGW_UPDATE_KEY:-}" ] || [ -z "${LMGW_UPDATE_CERT:-}" ]; then
+	echo "make buildroot: no LMGW_UPDATE_KEY/LMGW_UPDATE_CERT: the image is built without an update bundle"
 fi
 
 mkdir -p "$out/dl"
@@ -54,3 +74,6 @@ start=$(date +%s)
 make -C "$src" BR2_EXTERNAL="$ext" O="$out/$board" "$defconfig"
 make -C "$src" O="$out/$board"
 echo "make buildroot: $out/$board/images/lmgw.img built in $(( ($(date +%s) - start) / 60 )) min"
+for bundle in "$out/$board"/images/*.raucb; do
+	if [ -f "$bundle" ]; then echo "make buildroot: update bundle $bundle"; fi
+done

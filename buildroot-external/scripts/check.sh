@@ -4,7 +4,8 @@
 #   check.sh BUILDROOT_SRC OUT
 # For every defconfig: it loads with no symbol dropped (kconfig drops
 # misspelled symbols and unmet dependencies silently, with exit code 0),
-# savedefconfig round-trips, python-lmgw-show-info evaluates; then
+# savedefconfig round-trips, python-lmgw-show-info evaluates; every board's
+# meta file is complete, with a RAUC compatible of its own; then
 # utils/check-package -b is clean on the external tree and the board scripts.
 set -euo pipefail
 
@@ -39,6 +40,33 @@ for defconfig in "$ext"/configs/*_defconfig; do
 	while IFS= read -r path; do
 		[ -e "$ext/${path#*)/}" ] || fail "$(basename "$defconfig"): no such file: $path"
 	done < <(grep -oE '\$\(BR2_EXTERNAL_LMGW_PATH\)/[^" ]*' "$defconfig" | sort -u)
+done
+
+# Board meta files (board/post-build.sh, board/post-image.sh): complete, and
+# each board has a RAUC compatible of its own, so that a bundle never
+# installs on another board.
+meta_var() {
+	# shellcheck source=/dev/null # the board meta file
+	(. "$1" && printf '%s' "${!2:-}")
+}
+compatibles=" "
+for defconfig in "$ext"/configs/*_defconfig; do
+	name=$(basename "$defconfig")
+	# shellcheck disable=SC2016 # the literal $(BR2_EXTERNAL_LMGW_PATH) of the defconfig
+	board_dir=$(sed -n 's/^BR2_ROOTFS_POST_SCRIPT_ARGS="\$(BR2_EXTERNAL_LMGW_PATH)\/\(.*\)"$/\1/p' "$defconfig")
+	meta=$(realpath -m "$ext/$board_dir/meta")
+	if [ -z "$board_dir" ] || [ ! -f "$meta" ]; then
+		fail "$name: no board meta file (BR2_ROOTFS_POST_SCRIPT_ARGS names the board directory)"
+		continue
+	fi
+	for var in BOARD_NAME COMPATIBLE KERNEL_FILE BOOT_FILES BOOT_SIZE_MB; do
+		[ -n "$(meta_var "$meta" "$var")" ] || fail "$name: no $var in ${meta#"$top"/}"
+	done
+	compatible=$(meta_var "$meta" COMPATIBLE)
+	case "$compatibles" in
+	*" $compatible "*) fail "$name: RAUC compatible $compatible is another board's too" ;;
+	esac
+	compatibles="$compatibles$compatible "
 done
 
 # The gateway's account: created by the package at build time (no
@@ -96,7 +124,7 @@ done
 
 # check-package takes paths as given; run from the repository root for short names.
 mapfile -t files < <(cd "$top" && find buildroot-external -type f | sort &&
-	printf '%s\n' board/post-build.sh board/post-image.sh &&
+	printf '%s\n' board/post-build.sh board/post-image.sh board/rauc-config.sh &&
 	find board/raspberrypi3 board/raspberrypi4 board/qemu-arm -type f | sort)
 if (cd "$top" && "$python" "$src/utils/check-package" -b "${files[@]}"); then
 	echo "PASS check-package -b (${#files[@]} files)"
