@@ -86,41 +86,6 @@ else
 	rauc=$(command -v rauc) || die "no rauc to build $bundle (BR2_PACKAGE_HOST_RAUC, or rauc on PATH)"
 fi
 
-# The bundle's images are named in its manifest; RAUC writes each into the
-# inactive slot of that class (board/rauc-config.sh).
-content=$work/bundle
-mkdir "$content"
-for f in "$stage/kernel.vfat" "$images/rootfs.squashfs"; do
-	ln "$f" "$content/" 2>/dev/null || cp "$f" "$content/"
-done
-cat > "$content/manifest.raucm" <<MANIFEST
-[update]
-compatible=$COMPATIBLE
-version=$version
-description=LMGW $BOARD_NAME
-
-[bundle]
-format=verity
-
-[image.kernel]
-filename=kernel.vfat
-
-[image.rootfs]
-filename=rootfs.squashfs
-MANIFEST
-# RAUC checks the new signature against the keyring, with the device's rule
-# (board/rauc-config.sh): the signer must be a code-signing certificate. That
-# rule is read only from a system.conf, hence this one for the build machine.
-cat > "$work/rauc-host.conf" <<CONF
-[system]
-compatible=$COMPATIBLE
-bootloader=noop
-
-[keyring]
-path=$(realpath "$LMGW_UPDATE_CA")
-check-purpose=codesign
-CONF
-rm -f "$bundle"
-"$rauc" --conf="$work/rauc-host.conf" bundle --cert="$LMGW_UPDATE_CERT" --key="$LMGW_UPDATE_KEY" \
-	--keyring="$LMGW_UPDATE_CA" "$content" "$bundle"
+RAUC=$rauc "$top/board/rauc-bundle.sh" "$bundle" "$COMPATIBLE" "$version" "$stage/kernel.vfat" \
+	"$images/rootfs.squashfs" "$LMGW_UPDATE_CA" "$LMGW_UPDATE_CERT" "$LMGW_UPDATE_KEY"
 echo "post-image: $bundle (compatible $COMPATIBLE, version $version)"

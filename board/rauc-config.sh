@@ -38,24 +38,19 @@ check-purpose=codesign
 device=/dev/disk/by-partlabel/boot
 type=vfat
 readonly=true
-
-[slot.kernel.0]
-device=/dev/disk/by-partlabel/kernel-a
-type=raw
-bootname=A
-
-[slot.rootfs.0]
-device=/dev/disk/by-partlabel/rootfs-a
-type=raw
-parent=kernel.0
-
-[slot.kernel.1]
-device=/dev/disk/by-partlabel/kernel-b
-type=raw
-bootname=B
-
-[slot.rootfs.1]
-device=/dev/disk/by-partlabel/rootfs-b
-type=raw
-parent=kernel.1
 CONF
+for slot in 0:a:A 1:b:B; do
+	IFS=: read -r index part bootname <<< "$slot"
+	cat >> "$target/etc/rauc/system.conf" <<CONF
+
+[slot.kernel.$index]
+device=/dev/disk/by-partlabel/kernel-$part
+type=raw
+bootname=$bootname
+
+[slot.rootfs.$index]
+device=/dev/disk/by-partlabel/rootfs-$part
+type=raw
+parent=kernel.$index
+CONF
+done

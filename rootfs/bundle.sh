@@ -28,44 +28,15 @@ done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir "$work/bundle"
-if [ "$version" = "$(cat "$image/version")" ] && [ -z "$extra" ]; then
-	cp "$image/rootfs.squashfs" "$work/bundle/"
-else
+root=$image/rootfs.squashfs
+if [ "$version" != "$(cat "$image/version")" ] || [ -n "$extra" ]; then
+	root=$work/rootfs.squashfs
 	cp -a "$image/rootfs" "$work/rootfs"
 	echo "$version" > "$work/rootfs/etc/lmgw-version"
 	[ -z "$extra" ] || cp -a "$extra/." "$work/rootfs/"
 	SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)} \
-		mksquashfs "$work/rootfs" "$work/bundle/rootfs.squashfs" -comp zstd -noappend -quiet \
+		mksquashfs "$work/rootfs" "$root" -comp zstd -noappend -quiet \
 		-wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
 fi
-cp "$image/kernel.vfat" "$work/bundle/"
-cat > "$work/bundle/manifest.raucm" <<EOF
-[update]
-compatible=$(cat "$image/compatible")
-version=$version
-description=LMGW firmware $version (offline image)
-
-[bundle]
-format=verity
-
-[image.kernel]
-filename=kernel.vfat
-
-[image.rootfs]
-filename=rootfs.squashfs
-EOF
-# Checked as the device will check it: its keyring, code-signing purpose.
-cat > "$work/check.conf" <<EOF
-[system]
-compatible=$(cat "$image/compatible")
-bootloader=noop
-
-[keyring]
-path=$keyring
-check-purpose=codesign
-EOF
-rm -f "$out"
-rauc --conf="$work/check.conf" bundle --cert "$cert" --key "$key" "$work/bundle" "$out"
-rauc --conf="$work/check.conf" info "$out" > "$work/info.log" 2>&1 || { cat "$work/info.log" >&2; exit 1; }
-echo "bundle: $out (version $version, $(du -h "$out" | cut -f1), sha256 $(sha256sum "$out" | cut -d' ' -f1))"
+"$top/board/rauc-bundle.sh" "$out" "$(cat "$image/compatible")" "$version" "$image/kernel.vfat" "$root" \
+	"$keyring" "$cert" "$key"

@@ -124,7 +124,7 @@ done
 
 # check-package takes paths as given; run from the repository root for short names.
 mapfile -t files < <(cd "$top" && find buildroot-external -type f | sort &&
-	printf '%s\n' board/post-build.sh board/post-image.sh board/rauc-config.sh &&
+	printf '%s\n' board/post-build.sh board/post-image.sh board/rauc-config.sh board/rauc-bundle.sh &&
 	find board/raspberrypi3 board/raspberrypi4 board/qemu-arm -type f | sort)
 if (cd "$top" && "$python" "$src/utils/check-package" -b "${files[@]}"); then
 	echo "PASS check-package -b (${#files[@]} files)"

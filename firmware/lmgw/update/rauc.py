@@ -77,7 +77,9 @@ async def _run(*args: str, on_output: Callable[[bytes], None] | None = None, tim
         raise RaucError(f"rauc {args[0]} did not finish within {timeout:g} s") from None
     text = output.decode(errors="replace").strip()
     if process.returncode != 0:
-        raise RaucError(f"rauc {' '.join(args[:2])} failed: {text.splitlines()[-1] if text else process.returncode}")
+        # RAUC says why on the lines before its final "... failed"; progress lines say nothing.
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not _PERCENT.search(line.encode())]
+        raise RaucError(f"rauc {args[0]} failed: {'; '.join(lines[-3:]) or f'exit status {process.returncode}'}")
     return text
 
 
