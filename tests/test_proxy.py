@@ -130,3 +130,45 @@ def test_crl_is_fetched_through_the_proxy_with_its_credentials(pki, tinyproxy):
         server.shutdown()
         server.server_close()
     assert f"GET {server.url}/crl.der" in log.read_text()
+
+
+def bundle_download(pki, tmp_path, proxy_url: str):
+    """Download a firmware bundle from the DSO through ``proxy_url`` with the gateway's certificate."""
+    import hashlib
+
+    from lmgw.tls import client_context
+    from lmgw.update.download import download
+    from lmgw.update.plan import UpdateRequest
+
+    bundles = tmp_path / "bundles"
+    bundles.mkdir(exist_ok=True)
+    payload = b"bundle bytes " * 50000
+    (bundles / "lmgw-2.0.raucb").write_bytes(payload)
+    key, cert = pki.gateway("GW-PROXY-DL")
+
+    async def scenario():
+        async with running_dso(pki, tmp_path, bundles_dir=bundles) as dso:
+            request = UpdateRequest(f"https://localhost:{dso.port}/bundles/lmgw-2.0.raucb", "2.0",
+                                    hashlib.sha256(payload).hexdigest(), len(payload))
+            target = tmp_path / "got.raucb"
+            await download(request, target, tls=client_context(pki.ca_cert, cert, key), proxy=proxy_url,
+                           user_agent="test", on_percent=lambda percent: None)
+            return target.read_bytes() == payload
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("tinyproxy", [("lmgw", "s3cret")], indirect=True)
+def test_bundle_is_downloaded_through_the_proxy_tunnel(pki, tmp_path, tinyproxy):
+    port, log = tinyproxy
+    assert bundle_download(pki, tmp_path, f"http://lmgw:s3cret@127.0.0.1:{port}")
+    assert "CONNECT localhost:" in log.read_text()
+
+
+def test_bundle_download_through_an_intercepting_proxy_is_refused(pki, tmp_path, mitmproxy):
+    from lmgw.update.plan import UpdateError
+
+    port, _ = mitmproxy
+    with pytest.raises(UpdateError, match="certificate verify failed"):
+        bundle_download(pki, tmp_path, f"http://127.0.0.1:{port}")
+    assert not (tmp_path / "got.raucb").exists()
