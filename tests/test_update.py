@@ -159,3 +159,58 @@ def test_gw_update_applies_the_documented_defaults(tmp_path):
     spec = table._methods["gw.update"].params
     values = validate(spec, {"url": "https://x/b.raucb", "version": "1.0", "sha256": SHA, "size": 1})
     assert values["allow_downgrade"] is False and values["reboot_at"] is None and values["commit_timeout"] == 600
+
+
+def test_operator_update_command_computes_url_size_and_hash(pki, tmp_path):
+    from conftest import VENV_BIN, write_toml
+    import subprocess
+
+    from lmgw.config import ConfigError
+    from lmgw.dso.cli import update_params
+    from lmgw.dso.config import DsoConfig
+
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    (bundles / "lmgw-1.2.0.raucb").write_bytes(b"x" * 1000)
+    base = {"tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
+            "revocation": {"crl_file": pki.crl}, "api": {"socket": tmp_path / "api.sock"}}
+    config = DsoConfig.load(write_toml(tmp_path / "dso.toml", base | {
+        "updates": {"bundles_dir": bundles, "base_url": "https://dso.example.net/bundles"}}))
+    params = update_params(config, "lmgw-1.2.0.raucb", "1.2.0", reboot_at=None, allow_downgrade=False,
+                           commit_timeout=120)
+    assert params == {"url": "https://dso.example.net/bundles/lmgw-1.2.0.raucb", "version": "1.2.0",
+                      "sha256": hashlib.sha256(b"x" * 1000).hexdigest(), "size": 1000, "allow_downgrade": False,
+                      "commit_timeout": 120}
+    for name in ("missing.raucb", "../dso.toml"):
+        with pytest.raises(ConfigError, match="no bundle"):
+            update_params(config, name, "1.2.0", reboot_at=None, allow_downgrade=False, commit_timeout=None)
+    unset = write_toml(tmp_path / "unset.toml", base)
+    result = subprocess.run([str(VENV_BIN / "lmgw-dso"), "--config", str(unset), "update", "GW-1", "lmgw-1.2.0.raucb",
+                             "--version", "1.2.0"], capture_output=True, text=True)
+    assert result.returncode == 2 and "[updates] bundles_dir and base_url must be set" in result.stderr
+
+
+def test_a_slow_gateway_gets_the_whole_bundle(pki, tmp_path):
+    """websockets aborts a connection right after a non-upgrade response: a large bundle must still
+    reach a gateway that reads slower than the DSO writes (a QEMU guest behind a proxy, a 3G link)."""
+    from lmgw.httpclient import open_request
+
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    payload = bytes(range(256)) * (8 * 4096)  # 8 MiB, far beyond the socket buffers
+    (bundles / "big.raucb").write_bytes(payload)
+    key, cert = pki.gateway("GW-SLOW")
+
+    async def scenario():
+        async with running_dso(pki, tmp_path, bundles_dir=bundles) as dso:
+            response = await open_request(f"https://localhost:{dso.port}/bundles/big.raucb",
+                                          tls=client_context(pki.ca_cert, cert, key))
+            assert response.status == 200 and response.content_length() == len(payload)
+            received = b""
+            while chunk := await response.reader.read(65536):
+                received += chunk
+                await asyncio.sleep(0.005)
+            response.close()
+            return received
+
+    assert asyncio.run(scenario()) == payload

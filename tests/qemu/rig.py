@@ -126,7 +126,8 @@ def running_rig(work: Path, bundles_dir: Path | None = None) -> Iterator[Rig]:
         "tls": {"ca_file": pki.ca_cert, "cert_file": work / "dso.crt", "key_file": work / "dso.key"},
         "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
         "api": {"socket": work / "dso.sock", "events_file": work / "events.jsonl"},
-        **({"updates": {"bundles_dir": bundles_dir}} if bundles_dir else {}),
+        **({"updates": {"bundles_dir": bundles_dir, "base_url": f"https://{DSO_IP}:{DSO_PORT}/bundles/"}}
+           if bundles_dir else {}),
     })
     with process([str(VENV_BIN / "lmgw-pki"), "--ca-dir", str(pki.dir), "serve", "--port", str(crl_port)],
                  work / "pki.log", ready=lambda log: "serving" in log), \

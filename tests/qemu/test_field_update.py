@@ -157,7 +157,9 @@ def test_downgrade_and_bad_requests_are_refused_before_download(story):
 def test_update_over_the_channel_is_installed_and_committed_in_slot_b(story):
     rig, guest, bundles, events, kept = story
     started = time.monotonic()
-    rig.call(GATEWAY, "gw.update", offer(bundles["0.2.0"], "0.2.0", commit_timeout=300))
+    # as the operator does it: the DSO computes URL, size and hash of a bundle in its bundles_dir
+    result = rig.dso("update", GATEWAY, bundles["0.2.0"].name, "--version", "0.2.0", "--commit-timeout", "300")
+    assert result.returncode == 0 and json.loads(result.stdout)["target_slot"] == "B", result.stderr
     installed = events.wait("update.installed", guest)
     installed_at = time.monotonic()
     assert installed["details"]["slot"] == "B"

@@ -1,9 +1,18 @@
-"""``lmgw-dso``: run the DSO reference server, or talk to a running one as its operator."""
+"""``lmgw-dso``: run the DSO reference server, or talk to a running one as its operator.
+
+    lmgw-dso --config dso.toml serve
+    lmgw-dso gateways
+    lmgw-dso call GW-0001 lm.read '{"lm": "lm-1", "points": ["total_power"]}'
+    lmgw-dso update GW-0001 lmgw-1.2.0.raucb --version 1.2.0 --reboot-at 2026-11-25T02:00:00+00:00
+    lmgw-dso events GW-0001
+    lmgw-dso revoke GW-0001 --reason keyCompromise
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import signal
 import sys
@@ -30,6 +39,28 @@ async def _serve(config: DsoConfig) -> None:
     await server.stop()
 
 
+def update_params(config: DsoConfig, bundle: str, version: str, *, reboot_at: str | None, allow_downgrade: bool,
+                  commit_timeout: int | None) -> dict[str, Any]:
+    """``gw.update`` parameters for a bundle of ``[updates] bundles_dir``: its URL, size and SHA-256."""
+    if config.bundles_dir is None or config.bundles_url is None:
+        raise ConfigError("[updates] bundles_dir and base_url must be set to offer bundles to gateways")
+    file = config.bundles_dir / bundle
+    if Path(bundle).name != bundle or not file.is_file():
+        raise ConfigError(f"no bundle {bundle!r} in {config.bundles_dir}")
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    params: dict[str, Any] = {"url": config.bundles_url.rstrip("/") + "/" + bundle, "version": version,
+                              "sha256": digest.hexdigest(), "size": file.stat().st_size,
+                              "allow_downgrade": allow_downgrade}
+    if reboot_at is not None:
+        params["reboot_at"] = reboot_at
+    if commit_timeout is not None:
+        params["commit_timeout"] = commit_timeout
+    return params
+
+
 def _print(answer: dict[str, Any]) -> int:
     if not answer["ok"]:
         error = answer["error"]
@@ -41,7 +72,8 @@ def _print(answer: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmgw-dso", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lmgw-dso", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("dso.toml"), help="DSO configuration (TOML)")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("method")
     call.add_argument("params", nargs="?", default="{}", help="JSON object")
     call.add_argument("--timeout", type=float)
+    update = commands.add_parser("update", help="offer a gateway a firmware bundle from [updates] bundles_dir")
+    update.add_argument("gateway")
+    update.add_argument("bundle", help="file name in bundles_dir")
+    update.add_argument("--version", required=True, help="the bundle's firmware version")
+    update.add_argument("--reboot-at", help="ISO 8601 time with zone; default: reboot right after installing")
+    update.add_argument("--allow-downgrade", action="store_true")
+    update.add_argument("--commit-timeout", type=int, help="seconds the new firmware has to reach the DSO (default 600)")
     revoke = commands.add_parser("revoke", help="revoke a gateway's certificates and disconnect it")
     revoke.add_argument("gateway")
     revoke.add_argument("--reason", default="unspecified")
@@ -67,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         asyncio.run(_serve(config))
         return 0
+    if args.command == "update":
+        try:
+            params = update_params(config, args.bundle, args.version, reboot_at=args.reboot_at,
+                                   allow_downgrade=args.allow_downgrade, commit_timeout=args.commit_timeout)
+        except ConfigError as exc:
+            print(f"lmgw-dso: {exc}", file=sys.stderr)
+            return 2
+        args.command, args.method, args.params, args.timeout = "call", "gw.update", json.dumps(params), None
     message: dict[str, Any] = {"op": {"gateways": "list"}.get(args.command, args.command)}
     if args.command in ("call", "revoke") or getattr(args, "gateway", None):
         message["gateway"] = args.gateway

@@ -27,6 +27,8 @@ class DsoConfig:
     ping_interval: float
     bundles_dir: Path | None
     """Firmware bundles served to gateways at ``/bundles/<file>`` (same mutual TLS as the channel)."""
+    bundles_url: str | None
+    """Where gateways reach ``bundles_dir`` (``https://<DSO name as gateways know it>/bundles/``)."""
 
     @classmethod
     def load(cls, file: Path) -> DsoConfig:
@@ -53,4 +55,5 @@ class DsoConfig:
             max_frame=get(channel, "max_frame", int, "channel", 256 * 1024),
             ping_interval=get(channel, "ping_interval", float, "channel", 20.0),
             bundles_dir=path(updates, "bundles_dir", "updates", base, None),
+            bundles_url=get(updates, "base_url", str, "updates", None),
         )

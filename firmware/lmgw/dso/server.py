@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import logging
+import os
 import re
 from datetime import datetime, timezone
 from typing import Any
 
 from cryptography import x509
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .. import SUBPROTOCOL, __version__
@@ -41,6 +41,9 @@ CLOSE_REVOKED = 4001
 CLOSE_REPLACED = 4002
 BUNDLE_PATH = "/bundles/"
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.raucb")
+BUNDLE_CHUNK = 256 * 1024
+BUNDLE_STALL_TIMEOUT = 60.0
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 def _now() -> datetime:
@@ -83,6 +86,11 @@ class DsoServer:
             ping_interval=self.config.ping_interval,
             ping_timeout=self.config.ping_interval,
             server_header=f"lmgw-dso/{__version__}",
+            # A bundle download runs inside the opening handshake (see _bundle) and may take
+            # minutes on a slow link: no limit there; the TLS handshake, which already needs
+            # a certificate of our CA, keeps one.
+            open_timeout=None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
         )
         self._watcher = asyncio.create_task(self._watch_crl())
         log.info("DSO listening on %s:%d", self.config.host, self.port)
@@ -101,8 +109,8 @@ class DsoServer:
 
     # -- handshake ----------------------------------------------------------
 
-    def _check_client(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Refuse revoked or unsuitable certificates before the WebSocket opens."""
+    async def _check_client(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Refuse revoked or unsuitable certificates before the WebSocket opens; serve bundles to the others."""
         certificate = peer_certificate(connection.transport.get_extra_info("ssl_object"))
         remote = connection.remote_address
         if certificate is None or not common_name(certificate):
@@ -118,24 +126,40 @@ class DsoServer:
             log.warning("refused gateway %s from %s serial=%x: %s", gateway_id, remote, certificate.serial_number, exc)
             return connection.respond(403, f"{exc}\n")
         if request.path.startswith(BUNDLE_PATH):
-            return self._bundle(connection, request.path[len(BUNDLE_PATH):], gateway_id)
+            return await self._bundle(connection, request.path[len(BUNDLE_PATH):], gateway_id)
         return None
 
-    def _bundle(self, connection: ServerConnection, name: str, gateway_id: str) -> Response:
-        """A firmware bundle, to an authenticated gateway only (the request passed the checks above).
+    async def _bundle(self, connection: ServerConnection, name: str, gateway_id: str) -> Response:
+        """Stream a firmware bundle to a gateway that passed the checks above.
 
-        The reference server reads the whole file: a large fleet would serve
-        bundles from a web server with the same client-certificate rule."""
-        if self.config.bundles_dir is None or not BUNDLE_NAME.fullmatch(name):
-            return connection.respond(404, "no such bundle\n")
+        websockets aborts the transport right after a response that is not an
+        upgrade, which would cut a large body short on a slow link: the bundle
+        is written here, with flow control, and the connection closed cleanly
+        before websockets gets the (then unsent) response back."""
+        file = self.config.bundles_dir / name if self.config.bundles_dir and BUNDLE_NAME.fullmatch(name) else None
         try:
-            body = (self.config.bundles_dir / name).read_bytes()
+            stream = open(file, "rb") if file else None
         except OSError:
+            stream = None
+        if stream is None:
             return connection.respond(404, "no such bundle\n")
-        log.info("gateway %s downloads bundle %s (%d bytes)", gateway_id, name, len(body))
-        headers = Headers([("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body))),
-                           ("Connection", "close")])
-        return Response(200, "OK", headers, body)
+        with stream:
+            size = os.fstat(stream.fileno()).st_size
+            log.info("gateway %s downloads bundle %s (%d bytes)", gateway_id, name, size)
+            connection.transport.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                       f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode())
+            try:
+                while chunk := stream.read(BUNDLE_CHUNK):
+                    connection.transport.write(chunk)
+                    async with asyncio.timeout(BUNDLE_STALL_TIMEOUT):
+                        await connection.drain()
+                connection.transport.close()  # flushes what is buffered, then closes TLS
+                async with asyncio.timeout(BUNDLE_STALL_TIMEOUT):
+                    await asyncio.shield(connection.connection_lost_waiter)
+            except TimeoutError:
+                log.warning("gateway %s stopped reading bundle %s for %g s: connection dropped", gateway_id, name,
+                            BUNDLE_STALL_TIMEOUT)
+        return connection.respond(200, "")
 
     # -- sessions -----------------------------------------------------------
 
