@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -153,6 +153,9 @@ async def fetch_crl(url: str, *, timeout: float = 10.0, proxy: str | None = None
     return await _http("GET", url, None, None, timeout=timeout, proxy=proxy)
 
 
+OCSP_CLOCK_SKEW = timedelta(minutes=5)
+
+
 async def ocsp_status(url: str, cert: x509.Certificate, issuer: x509.Certificate, *, timeout: float = 10.0,
                       proxy: str | None = None) -> str:
     """Ask an OCSP responder (RFC 6960); "good", "revoked" or "unknown"."""
@@ -173,4 +176,11 @@ async def ocsp_status(url: str, cert: x509.Certificate, issuer: x509.Certificate
             raise RevocationError(f"unsupported CA key type {type(key).__name__}")
     except InvalidSignature:
         raise RevocationError("OCSP response signature does not verify with the LMGW CA key") from None
+    if response.serial_number != cert.serial_number:
+        raise RevocationError(f"OCSP response is about serial {response.serial_number:x}, not {cert.serial_number:x}")
+    now = datetime.now(timezone.utc)
+    if response.this_update_utc > now + OCSP_CLOCK_SKEW:
+        raise RevocationError(f"OCSP response dated {response.this_update_utc.isoformat()}, in the future")
+    if response.next_update_utc is not None and response.next_update_utc < now - OCSP_CLOCK_SKEW:
+        raise RevocationError(f"OCSP response expired at {response.next_update_utc.isoformat()} (replayed?)")
     return response.certificate_status.name.lower()

@@ -15,7 +15,7 @@ import ssl
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 from websockets.asyncio.client import ClientConnection, connect
@@ -28,7 +28,7 @@ from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from ..modbus.service import LmService
 from ..proxy import ProxyError, from_environment, open_tunnel, redact
-from ..revocation import CrlCache, RevocationError, fetch_crl
+from ..revocation import CrlCache, RevocationError, fetch_crl, ocsp_status
 from ..session import RpcSession
 from ..tls import client_context, common_name, peer_certificate
 from ..update import rauc
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 CRL_RETRY_SECONDS = 60.0
 CLOCK_POLL_SECONDS = 5.0
 OPEN_TIMEOUT = 30.0
+OCSP_TIMEOUT = 5.0
 USER_AGENT = f"lmgw-gateway/{__version__}"
 
 
@@ -197,10 +198,10 @@ class GatewayAgent:
             await self._report_untrusted_server(exc, proxy)
             raise
         async with connection:
-            self._check_dso(connection)
+            await self._check_dso(connection)
             await self._serve(connection)
 
-    def _check_dso(self, connection: ClientConnection) -> None:
+    async def _check_dso(self, connection: ClientConnection) -> None:
         if connection.subprotocol != SUBPROTOCOL:
             raise RejectedPeer(f"DSO did not accept subprotocol {SUBPROTOCOL} (got {connection.subprotocol!r})")
         certificate = peer_certificate(connection.transport.get_extra_info("ssl_object"))
@@ -208,11 +209,26 @@ class GatewayAgent:
         try:
             self.crl.check(certificate.serial_number, datetime.now(timezone.utc))
         except RevocationError as exc:
-            self._report_once("security.dso_certificate_rejected", {
-                "reason": str(exc), "subject": certificate.subject.rfc4514_string(),
-                "serial": f"{certificate.serial_number:x}",
-            })
-            raise RejectedPeer(f"DSO certificate serial {certificate.serial_number:x} refused: {exc}") from None
+            self._reject_dso(certificate, str(exc))
+        if self.config.ocsp_url is None:
+            return
+        # OCSP knows of a revocation before the next CRL does; if the responder cannot be
+        # reached the CRL (checked above) decides, so an OCSP outage cuts nobody off.
+        try:
+            status = await ocsp_status(self.config.ocsp_url, certificate, self.ca_cert, timeout=OCSP_TIMEOUT,
+                                       proxy=self._revocation_proxy(self.config.ocsp_url))
+        except (OSError, RevocationError, ValueError) as exc:
+            log.warning("OCSP check of the DSO certificate at %s failed, the CRL decides: %s", self.config.ocsp_url, exc)
+            return
+        if status != "good":
+            self._reject_dso(certificate, f"OCSP responder {self.config.ocsp_url} says {status}")
+
+    def _reject_dso(self, certificate: x509.Certificate, reason: str) -> NoReturn:
+        self._report_once("security.dso_certificate_rejected", {
+            "reason": reason, "subject": certificate.subject.rfc4514_string(),
+            "serial": f"{certificate.serial_number:x}",
+        })
+        raise RejectedPeer(f"DSO certificate serial {certificate.serial_number:x} refused: {reason}")
 
     async def _serve(self, connection: ClientConnection) -> None:
         session = RpcSession(connection, self.methods, name="DSO", call_timeout=self.config.call_timeout)
@@ -294,7 +310,7 @@ class GatewayAgent:
             return
         while True:
             try:
-                self.crl.store(await fetch_crl(self.config.crl_url, proxy=self._crl_proxy()))
+                self.crl.store(await fetch_crl(self.config.crl_url, proxy=self._revocation_proxy(self.config.crl_url)))
                 log.info("CRL refreshed from %s (next update %s)", self.config.crl_url, self.crl.next_update)
                 delay = self.config.crl_refresh
             except (OSError, RevocationError, asyncio.TimeoutError) as exc:
@@ -314,9 +330,8 @@ class GatewayAgent:
         except (OSError, RevocationError) as exc:
             log.warning("factory CRL %s not used: %s", factory_crl, exc)
 
-    def _crl_proxy(self) -> str | None:
-        assert self.config.crl_url is not None
-        return from_environment(self.config.crl_url) if self.config.proxy is True else self.config.proxy
+    def _revocation_proxy(self, url: str) -> str | None:
+        return from_environment(url) if self.config.proxy is True else self.config.proxy
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,6 +26,8 @@ class GatewayConfig:
     ping_interval: float
     max_frame: int
     crl_url: str | None
+    ocsp_url: str | None
+    """Asked about the DSO certificate at every connection, on top of the CRL."""
     crl_refresh: float
     crl_grace: timedelta
     min_delay: float
@@ -62,6 +64,7 @@ class GatewayConfig:
             ping_interval=get(dso, "ping_interval", float, "dso", 20.0),
             max_frame=get(dso, "max_frame", int, "dso", 256 * 1024),
             crl_url=get(crl, "url", str, "crl", None),
+            ocsp_url=get(crl, "ocsp_url", str, "crl", None),
             crl_refresh=get(crl, "refresh_interval", float, "crl", 3600.0),
             crl_grace=timedelta(seconds=get(crl, "grace", float, "crl", 7 * 86400.0)),
             min_delay=get(reconnect, "min_delay", float, "reconnect", 1.0),

@@ -1,7 +1,8 @@
 """``lmgw-provision``: give one gateway its identity, at the factory.
 
     lmgw-provision build/image/lmgw.img --gateway-id GW-0001 --ca-dir /srv/lmgw-ca \\
-        --dso-url wss://dso.example.net/lmgw --crl-url http://pki.example.net/crl.der
+        --dso-url wss://dso.example.net/lmgw --crl-url http://pki.example.net/crl.der \\
+        --ocsp-url http://pki.example.net/ocsp
 
 Generates the device key (or, with ``--csr``, makes the key and a CSR on this
 station and has the CA sign the CSR, so the CA never sees the key), issues the
@@ -49,7 +50,7 @@ def _issue(ca: CertificateAuthority, gateway_id: str, csr_flow: bool) -> Issued:
 
 def _config(args: argparse.Namespace) -> bytes:
     extra = args.lm_config.read_text() if args.lm_config else ""
-    text = identity.gateway_toml(args.dso_url, args.crl_url, args.proxy, extra)
+    text = identity.gateway_toml(args.dso_url, args.crl_url, args.proxy, extra, args.ocsp_url)
     try:
         parsed = tomllib.loads(text)
         GatewayConfig.parse(parsed, Path("/identity"))
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ca-dir", type=Path, required=True)
     parser.add_argument("--dso-url", required=True, help="wss://…")
     parser.add_argument("--crl-url")
+    parser.add_argument("--ocsp-url", help="OCSP responder asked about the DSO certificate at every connection")
     parser.add_argument("--proxy", help="http://[user:password@]host:port, if the site needs one")
     parser.add_argument("--lm-config", type=Path, help="TOML with the site's [[lm]]/[[bus]] sections")
     parser.add_argument("--csr", action="store_true", help="make the key here and have the CA sign a CSR")

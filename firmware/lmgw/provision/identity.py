@@ -19,13 +19,15 @@ LMGW_GID = 990
 """Fixed in overlay/usr/lib/sysusers.d/lmgw.conf: the key must be readable by the agent only."""
 
 
-def gateway_toml(dso_url: str, crl_url: str | None, proxy: str | None, extra: str = "") -> str:
+def gateway_toml(dso_url: str, crl_url: str | None, proxy: str | None, extra: str = "",
+                 ocsp_url: str | None = None) -> str:
     lines = ['data_dir = "/data/lmgw"', "", "[dso]", f'url = "{dso_url}"', 'ca_file = "ca.crt"',
              'cert_file = "device.crt"', 'key_file = "device.key"']
     if proxy:
         lines.append(f'proxy = "{proxy}"')
-    if crl_url:
-        lines += ["", "[crl]", f'url = "{crl_url}"']
+    if crl_url or ocsp_url:
+        lines += ["", "[crl]"] + ([f'url = "{crl_url}"'] if crl_url else []) + \
+            ([f'ocsp_url = "{ocsp_url}"'] if ocsp_url else [])
     return "\n".join(lines) + "\n" + (f"\n{extra.strip()}\n" if extra.strip() else "")
 
 
