@@ -52,6 +52,8 @@ def test_versions_compare_as_numbers():
     ({"sha256": "AB" * 32}, "1.0", "64 lowercase hexadecimal"),
     ({"size": 0}, "1.0", "size must be"),
     ({"commit_timeout": 5}, "1.0", "between 60 and 86400"),
+    ({"reboot_at": "tonight"}, "1.0", "'tonight' is not an ISO 8601 time"),
+    ({"reboot_at": "2026-11-25T02:00:00"}, "1.0", "needs a time zone"),
 ])
 def test_requests_that_cannot_be_right_are_refused(overrides, running, message):
     with pytest.raises(UpdateError, match=message):
@@ -60,6 +62,11 @@ def test_requests_that_cannot_be_right_are_refused(overrides, running, message):
 
 def test_an_allowed_downgrade_passes():
     request(version="1.0.0", allow_downgrade=True).check("1.2.0")
+
+
+def test_reboot_time_is_the_dsos_or_right_after_installing():
+    assert request().reboot_time() is None
+    assert request(reboot_at="2026-11-25T02:00:00+01:00").reboot_time().isoformat() == "2026-11-25T02:00:00+01:00"
 
 
 def test_pending_update_survives_the_reboot_and_tells_commit_from_rollback():

@@ -136,12 +136,11 @@ class DsoServer:
         upgrade, which would cut a large body short on a slow link: the bundle
         is written here, with flow control, and the connection closed cleanly
         before websockets gets the (then unsent) response back."""
-        file = self.config.bundles_dir / name if self.config.bundles_dir and BUNDLE_NAME.fullmatch(name) else None
+        if self.config.bundles_dir is None or not BUNDLE_NAME.fullmatch(name):
+            return connection.respond(404, "no such bundle\n")
         try:
-            stream = open(file, "rb") if file else None
+            stream = open(self.config.bundles_dir / name, "rb")
         except OSError:
-            stream = None
-        if stream is None:
             return connection.respond(404, "no such bundle\n")
         with stream:
             size = os.fstat(stream.fileno()).st_size

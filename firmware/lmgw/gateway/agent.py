@@ -80,7 +80,7 @@ class GatewayAgent:
         self.methods.add("gw.ping", self._ping, [Param("payload", (str, int, float, bool, list, dict), required=False)])
         self.lms.register(self.methods)
         self.device_cert = device_cert
-        self.updater = Updater(config.data_dir, self.emit_event, lambda: (self.ssl, self._proxy(), USER_AGENT))
+        self.updater = Updater(config.data_dir, self.emit_event, lambda: (self.ssl, self._proxy_for(config.url), USER_AGENT))
         self.updater.register(self.methods)
 
     # -- events ---------------------------------------------------------------
@@ -116,7 +116,7 @@ class GatewayAgent:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "connected_since": self.connected_since.isoformat() if self.connected_since else None,
             "dso_url": self.config.url,
-            "proxy": _redact(self._proxy()),
+            "proxy": _redact(self._proxy_for(self.config.url)),
             "crl_next_update": self.crl.next_update.isoformat() if self.crl.next_update else None,
             "events_pending": len(self.outbox),
             "lms": self.lms.describe(),
@@ -174,11 +174,8 @@ class GatewayAgent:
             log.info("reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
 
-    def _proxy(self) -> str | None:
-        return from_environment(self.config.url) if self.config.proxy is True else self.config.proxy
-
     async def _connect_once(self) -> None:
-        proxy = self._proxy()
+        proxy = self._proxy_for(self.config.url)
         target = parse_uri(self.config.url)
         try:
             tunnel = await open_tunnel(proxy, target.host, target.port, user_agent=USER_AGENT) if proxy else None
@@ -216,7 +213,7 @@ class GatewayAgent:
         # reached the CRL (checked above) decides, so an OCSP outage cuts nobody off.
         try:
             status = await ocsp_status(self.config.ocsp_url, certificate, self.ca_cert, timeout=OCSP_TIMEOUT,
-                                       proxy=self._revocation_proxy(self.config.ocsp_url))
+                                       proxy=self._proxy_for(self.config.ocsp_url))
         except (OSError, RevocationError, ValueError) as exc:
             log.warning("OCSP check of the DSO certificate at %s failed, the CRL decides: %s", self.config.ocsp_url, exc)
             return
@@ -310,7 +307,7 @@ class GatewayAgent:
             return
         while True:
             try:
-                self.crl.store(await fetch_crl(self.config.crl_url, proxy=self._revocation_proxy(self.config.crl_url)))
+                self.crl.store(await fetch_crl(self.config.crl_url, proxy=self._proxy_for(self.config.crl_url)))
                 log.info("CRL refreshed from %s (next update %s)", self.config.crl_url, self.crl.next_update)
                 delay = self.config.crl_refresh
             except (OSError, RevocationError, asyncio.TimeoutError) as exc:
@@ -330,7 +327,8 @@ class GatewayAgent:
         except (OSError, RevocationError) as exc:
             log.warning("factory CRL %s not used: %s", factory_crl, exc)
 
-    def _revocation_proxy(self, url: str) -> str | None:
+    def _proxy_for(self, url: str) -> str | None:
+        """The configured proxy, or the environment's for ``url`` (``https_proxy``, ``no_proxy``)."""
         return from_environment(url) if self.config.proxy is True else self.config.proxy
 
 

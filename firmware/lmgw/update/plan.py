@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 SLOTS = ("A", "B")
@@ -65,12 +66,26 @@ class UpdateRequest:
             raise UpdateError("size must be the bundle's size in bytes")
         if not 60 <= self.commit_timeout <= 86400:
             raise UpdateError("commit_timeout must be between 60 and 86400 seconds")
+        self.reboot_time()
         wanted, running = parse_version(self.version), parse_version(running_version)
         if wanted == running:
             raise UpdateError(f"version {self.version} is already running")
         if wanted < running and not self.allow_downgrade:
             raise UpdateError(f"version {self.version} is older than the running {running_version}: "
                               "a downgrade needs allow_downgrade=true")
+
+
+    def reboot_time(self) -> datetime | None:
+        """``reboot_at`` as a time, None for "right after installing"."""
+        if self.reboot_at is None:
+            return None
+        try:
+            moment = datetime.fromisoformat(self.reboot_at)
+        except ValueError:
+            raise UpdateError(f"reboot_at {self.reboot_at!r} is not an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            raise UpdateError(f"reboot_at {self.reboot_at!r} needs a time zone (e.g. 2026-11-24T02:00:00+00:00)")
+        return moment
 
 
 @dataclass(frozen=True)

@@ -134,13 +134,13 @@ class Updater:
                 raise UpdateError(f"an update is already in progress ({self.phase})")
             if self.awaiting_commit is not None:
                 raise UpdateError(f"firmware {self.awaiting_commit.version} is not committed yet")
-            request.check(rauc.running_version())
-            reboot_time = _parse_time(reboot_at) if reboot_at else None
+            running = rauc.running_version()
+            request.check(running)
             booted = (await rauc.status())["booted"]
         except (UpdateError, rauc.RaucError) as exc:
             raise RpcError(UPDATE_REFUSED, str(exc)) from None
-        record = PendingUpdate(version, rauc.running_version(), booted, other_slot(booted), commit_timeout)
-        self._task = asyncio.create_task(self._run(request, record, reboot_time))
+        record = PendingUpdate(version, running, booted, other_slot(booted), commit_timeout)
+        self._task = asyncio.create_task(self._run(request, record, request.reboot_time()))
         return {"accepted": True, "version": version, "target_slot": record.target_slot}
 
     async def _run(self, request: UpdateRequest, record: PendingUpdate, reboot_time: datetime | None) -> None:
@@ -227,12 +227,3 @@ def _guard_lock() -> Iterator[None]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
-
-def _parse_time(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise UpdateError(f"reboot_at {text!r} is not an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        raise UpdateError(f"reboot_at {text!r} needs a time zone (e.g. 2026-11-24T02:00:00+00:00)")
-    return moment
