@@ -243,7 +243,7 @@ class GatewayAgent:
             log.info("connected to DSO %s as %s", self.config.url, self.gateway_id)
             self.watchdog.status(f"connected to {self.config.url}")
             delivery = asyncio.create_task(self._deliver_events(session))
-            await self.updater.connected(self._self_check())
+            await self.updater.connected(self._self_check)
             await reader
         finally:
             self.session = self.connected_since = None

@@ -88,14 +88,16 @@ class Updater:
             self._finish("update.rolled_back", {
                 "version": record.version, "running_version": running, "slot": booted, "reason": reason})
 
-    async def connected(self, problems: list[str]) -> None:
-        """The DSO accepted ``gw.hello``; ``problems`` is the self-check's verdict."""
+    async def connected(self, self_check: Callable[[], list[str]]) -> None:
+        """The DSO accepted ``gw.hello``; an update awaiting its commit is committed if ``self_check`` finds
+        no problem (it runs only then)."""
         record = self.awaiting_commit
         if record is None:
             return
+        problems = self_check()
         running = rauc.running_version()
         if running != record.version:
-            problems = [*problems, f"slot runs version {running}, the update installed {record.version}"]
+            problems.append(f"slot runs version {running}, the update installed {record.version}")
         if problems:
             log.error("firmware %s not committed, self-check failed: %s; the deadline guard will roll back",
                       record.version, "; ".join(problems))
