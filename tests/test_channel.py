@@ -13,7 +13,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from conftest import VENV_BIN, gateway_config, running_dso, running_gateway, wait_until
 from lmgw import SUBPROTOCOL, __version__
-from lmgw.jsonrpc import FORBIDDEN, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, RpcError
+from lmgw.codes import RpcCode
+from lmgw.jsonrpc import RpcError
 from lmgw.tls import client_context
 
 
@@ -205,14 +206,14 @@ def test_bad_frames_get_documented_errors_and_the_dso_stays_up(pki, tmp_path):
     async def scenario():
         async with running_dso(pki, tmp_path) as dso:
             async with await raw_gateway(dso, pki, "GW-0008") as ws:
-                assert (await exchange(ws, "{oops"))["error"]["code"] == PARSE_ERROR
-                assert (await exchange(ws, '{"jsonrpc":"2.0","id":1,"method":"gw.nope"}'))["error"]["code"] == METHOD_NOT_FOUND
+                assert (await exchange(ws, "{oops"))["error"]["code"] == RpcCode.PARSE_ERROR
+                assert (await exchange(ws, '{"jsonrpc":"2.0","id":1,"method":"gw.nope"}'))["error"]["code"] == RpcCode.METHOD_NOT_FOUND
                 bad = await exchange(ws, '{"jsonrpc":"2.0","id":2,"method":"gw.event","params":{"id":5}}')
-                assert bad["error"]["code"] == INVALID_PARAMS and bad["id"] == 2
-                assert (await exchange(ws, b"\x00binary"))["error"]["code"] == INVALID_REQUEST
+                assert bad["error"]["code"] == RpcCode.INVALID_PARAMS and bad["id"] == 2
+                assert (await exchange(ws, b"\x00binary"))["error"]["code"] == RpcCode.INVALID_REQUEST
                 forged = await exchange(ws, json.dumps({"jsonrpc": "2.0", "id": 3, "method": "gw.hello", "params": {
                     "gateway_id": "GW-SOMEONE-ELSE", "firmware_version": "x", "lms": []}}))
-                assert forged["error"]["code"] == FORBIDDEN
+                assert forged["error"]["code"] == RpcCode.FORBIDDEN
                 await ws.send("x" * (dso.config.max_frame + 1))
                 with pytest.raises(ConnectionClosed) as info:
                     await asyncio.wait_for(ws.recv(), 5)
@@ -240,10 +241,10 @@ def test_gateway_answers_bad_frames_and_stays_connected(pki, tmp_path):
                 entry = await wait_until(lambda: connected(dso, "GW-0011"))
                 with pytest.raises(RpcError) as info:
                     await dso.call("GW-0011", "lm.nonexistent", {})
-                assert info.value.code == METHOD_NOT_FOUND
+                assert info.value.code == RpcCode.METHOD_NOT_FOUND
                 with pytest.raises(RpcError) as info:
                     await dso.call("GW-0011", "gw.ping", {"payload": 1, "extra": 2})
-                assert info.value.code == INVALID_PARAMS and info.value.data == {"param": "extra"}
+                assert info.value.code == RpcCode.INVALID_PARAMS and info.value.data == {"param": "extra"}
                 await entry.session.connection.send("{definitely not json")
                 await entry.session.connection.send("[]")
                 assert (await dso.call("GW-0011", "gw.ping", {"payload": "still here"}))["payload"] == "still here"

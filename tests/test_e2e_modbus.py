@@ -13,7 +13,7 @@ from lmgw.jsonrpc import RpcError
 from lmgw.lmsim.device import Fault, SimulatedLm
 from lmgw.lmsim.pty import PtyPair
 from lmgw.lmsim.server import LmSimulator
-from lmgw.modbus import errors
+from lmgw.codes import RpcCode
 
 GW = "GW-LM-0001"
 
@@ -55,10 +55,10 @@ def test_read_write_shed_restore_through_the_channel(pki, tmp_path):
                     assert sim[1].get("power_limit") == 2222
                     with pytest.raises(RpcError) as refused:
                         await dso.call(GW, "lm.write", {"lm": "lm1", "values": {"power_limit": 99999}})
-                    assert refused.value.code == errors.OUT_OF_RANGE and refused.value.data["point"] == "power_limit"
+                    assert refused.value.code == RpcCode.OUT_OF_RANGE and refused.value.data["point"] == "power_limit"
                     # Modbus failures cross the channel as documented JSON-RPC errors
-                    for fault, code in ((Fault.EXCEPTION, errors.LM_EXCEPTION), (Fault.GARBAGE, errors.LM_FRAMING),
-                                        (Fault.NO_ANSWER, errors.LM_TIMEOUT)):
+                    for fault, code in ((Fault.EXCEPTION, RpcCode.LM_EXCEPTION), (Fault.GARBAGE, RpcCode.LM_FRAMING),
+                                        (Fault.NO_ANSWER, RpcCode.LM_TIMEOUT)):
                         sim[1].fault = fault
                         with pytest.raises(RpcError) as failed:
                             await dso.call(GW, "lm.read", {"lm": "lm1", "points": ["status"]})
@@ -154,7 +154,7 @@ def test_rtu_bus_with_a_dead_unit_concurrent_commands_and_the_bridge(pki, tmp_pa
                         finally:
                             client.close()
                         assert all(bits[1:] == [True, True, True] for bits in results[0])
-                        assert isinstance(results[1], RpcError) and results[1].code == errors.LM_TIMEOUT
+                        assert isinstance(results[1], RpcError) and results[1].code == RpcCode.LM_TIMEOUT
                         assert all(not isinstance(r, Exception) for r in results[2:])
                         assert sim.max_in_flight == 1 and sim[2].get("relay_1") is False
             finally:

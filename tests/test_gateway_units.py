@@ -9,7 +9,7 @@ import pytest
 
 from lmgw.config import ConfigError
 from lmgw.dso.registry import GatewayRegistry
-from lmgw.gateway.backoff import Backoff
+from lmgw.backoff import Backoff
 from lmgw.gateway.config import GatewayConfig
 from lmgw.gateway.outbox import Outbox
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lmgw.jsonrpc import (INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, NOT_CONNECTED, PARSE_ERROR, Ignored,
-                          Notification, Peer, Reply, Request, Response, RpcError)
+from lmgw.codes import RpcCode
+from lmgw.jsonrpc import Ignored, Notification, Peer, Reply, Request, Response, RpcError
 
 
 def error_of(event):
@@ -36,8 +36,8 @@ def test_error_response_becomes_rpc_error():
     caller, callee = Peer(), Peer()
     request_id, frame = caller.call("lm.read", {})
     callee.receive(frame)
-    response = caller.receive(callee.error(request_id, RpcError(INVALID_PARAMS, "bad", {"param": "lm"})))
-    assert response.error.code == INVALID_PARAMS and response.error.data == {"param": "lm"}
+    response = caller.receive(callee.error(request_id, RpcError(RpcCode.INVALID_PARAMS, "bad", {"param": "lm"})))
+    assert response.error.code == RpcCode.INVALID_PARAMS and response.error.data == {"param": "lm"}
 
 
 def test_late_answer_after_cancel_is_ignored():
@@ -51,8 +51,8 @@ def test_fail_all_on_disconnect():
     caller = Peer()
     caller.call("a", {})
     caller.call("b", {})
-    failed = caller.fail_all(RpcError(NOT_CONNECTED, "gone"))
-    assert [(f.method, f.error.code) for f in failed] == [("a", NOT_CONNECTED), ("b", NOT_CONNECTED)]
+    failed = caller.fail_all(RpcError(RpcCode.NOT_CONNECTED, "gone"))
+    assert [(f.method, f.error.code) for f in failed] == [("a", RpcCode.NOT_CONNECTED), ("b", RpcCode.NOT_CONNECTED)]
     assert caller.in_flight == 0
 
 
@@ -62,7 +62,7 @@ def test_too_many_calls_in_flight_refused():
     caller.call("b", {})
     with pytest.raises(RpcError) as info:
         caller.call("c", {})
-    assert info.value.code == INTERNAL_ERROR
+    assert info.value.code == RpcCode.INTERNAL_ERROR
 
 
 def test_notification_has_no_id():
@@ -70,22 +70,22 @@ def test_notification_has_no_id():
 
 
 @pytest.mark.parametrize("frame, code", [
-    ("{not json", PARSE_ERROR),
-    ('[{"jsonrpc":"2.0","id":1,"method":"x"}]', INVALID_REQUEST),
-    ('"just a string"', INVALID_REQUEST),
-    ('{"jsonrpc":"1.0","id":1,"method":"x"}', INVALID_REQUEST),
-    ('{"jsonrpc":"2.0","id":1}', INVALID_REQUEST),
-    ('{"jsonrpc":"2.0","id":true,"method":"x"}', INVALID_REQUEST),
-    ('{"jsonrpc":"2.0","id":1,"method":5}', INVALID_REQUEST),
-    ('{"jsonrpc":"2.0","id":1,"method":"x","params":[1,2]}', INVALID_PARAMS),
-    ('{"jsonrpc":"2.0","id":"' + "x" * 65 + '","method":"x"}', INVALID_REQUEST),
+    ("{not json", RpcCode.PARSE_ERROR),
+    ('[{"jsonrpc":"2.0","id":1,"method":"x"}]', RpcCode.INVALID_REQUEST),
+    ('"just a string"', RpcCode.INVALID_REQUEST),
+    ('{"jsonrpc":"1.0","id":1,"method":"x"}', RpcCode.INVALID_REQUEST),
+    ('{"jsonrpc":"2.0","id":1}', RpcCode.INVALID_REQUEST),
+    ('{"jsonrpc":"2.0","id":true,"method":"x"}', RpcCode.INVALID_REQUEST),
+    ('{"jsonrpc":"2.0","id":1,"method":5}', RpcCode.INVALID_REQUEST),
+    ('{"jsonrpc":"2.0","id":1,"method":"x","params":[1,2]}', RpcCode.INVALID_PARAMS),
+    ('{"jsonrpc":"2.0","id":"' + "x" * 65 + '","method":"x"}', RpcCode.INVALID_REQUEST),
 ])
 def test_malformed_frames_get_documented_errors(frame, code):
     assert error_of(Peer().receive(frame))["code"] == code
 
 
 def test_binary_frame_refused():
-    assert error_of(Peer().receive(b"\x00\x01"))["code"] == INVALID_REQUEST
+    assert error_of(Peer().receive(b"\x00\x01"))["code"] == RpcCode.INVALID_REQUEST
 
 
 def test_error_keeps_request_id_when_usable():
@@ -98,7 +98,7 @@ def test_stray_and_malformed_responses_ignored_or_reported():
     assert isinstance(peer.receive('{"jsonrpc":"2.0","id":99,"result":1}'), Ignored)
     request_id, _ = peer.call("m", {})
     response = peer.receive(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": "oops"}))
-    assert response.error.code == INTERNAL_ERROR
+    assert response.error.code == RpcCode.INTERNAL_ERROR
 
 
 def test_malformed_notification_is_ignored_not_answered():

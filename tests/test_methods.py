@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from lmgw.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND, RpcError
+from lmgw.codes import RpcCode
+from lmgw.jsonrpc import RpcError
 from lmgw.methods import MethodTable, Param
 
 
@@ -51,20 +52,20 @@ def test_integer_accepted_as_number(table):
 def test_bad_params_name_the_parameter(table, params, param):
     with pytest.raises(RpcError) as info:
         dispatch(table, "echo", params)
-    assert info.value.code == INVALID_PARAMS
+    assert info.value.code == RpcCode.INVALID_PARAMS
     assert info.value.data == {"param": param}
 
 
 def test_unknown_method_lists_known_ones(table):
     with pytest.raises(RpcError) as info:
         dispatch(table, "nope", {})
-    assert info.value.code == METHOD_NOT_FOUND and info.value.data == {"methods": ["broken", "echo"]}
+    assert info.value.code == RpcCode.METHOD_NOT_FOUND and info.value.data == {"methods": ["broken", "echo"]}
 
 
 def test_handler_crash_becomes_internal_error(table):
     with pytest.raises(RpcError) as info:
         dispatch(table, "broken", {})
-    assert info.value.code == INTERNAL_ERROR and "KeyError" in info.value.message
+    assert info.value.code == RpcCode.INTERNAL_ERROR and "KeyError" in info.value.message
 
 
 def test_duplicate_registration_refused(table):

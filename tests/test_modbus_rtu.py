@@ -12,7 +12,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from lmgw.lmsim.device import Fault, SimulatedLm
 from lmgw.lmsim.pty import PtyPair
 from lmgw.lmsim.server import LmSimulator
-from lmgw.modbus import errors
+from lmgw.codes import RpcCode
 from test_modbus_service import Harness, service, values
 
 
@@ -42,7 +42,7 @@ def test_two_lms_on_one_bus_keep_answering_while_a_third_is_dead(tmp_path):
                     gw.call("lm.read", lm="lm1", points=["relay_1", "power_1"]),
                     gw.call("lm.read", lm="lm2", points=["relay_1", "power_1"]),
                     return_exceptions=True)
-                assert results[0].code == errors.LM_TIMEOUT and "unit 3 on bus 'rs485'" in results[0].message
+                assert results[0].code == RpcCode.LM_TIMEOUT and "unit 3 on bus 'rs485'" in results[0].message
                 assert values(results[1]) == {"relay_1": True, "power_1": 2000.0}
                 assert values(results[2]) == {"relay_1": False, "power_1": 0.0}
             health = {lm["name"]: lm["health"] for lm in (await gw.call("lm.list"))["lms"]}
@@ -59,13 +59,13 @@ def test_garbage_and_exception_responses_on_rtu(tmp_path):
         async with rtu_bus(tmp_path) as (sim, gw):
             sim[2].fault = Fault.GARBAGE
             error = await gw.error("lm.read", lm="lm2", points=["status"])
-            assert error.code == errors.LM_FRAMING and "CRC" in error.message
+            assert error.code == RpcCode.LM_FRAMING and "CRC" in error.message
             # the bus recovers at once for the other unit
             assert values(await gw.call("lm.read", lm="lm1", points=["status"])) == {"status": 15}
             sim[2].fault = Fault.EXCEPTION
             sim[2].exception_code = 2
             error = await gw.error("lm.write", lm="lm2", values={"relay_2": False})
-            assert error.code == errors.LM_EXCEPTION and error.data["exception_code"] == 2
+            assert error.code == RpcCode.LM_EXCEPTION and error.data["exception_code"] == 2
             assert error.data["written"] == []
             sim[2].fault = Fault.NONE
             assert values(await gw.call("lm.read", lm="lm2", points=["status"])) == {"status": 15}

@@ -11,11 +11,12 @@ from typing import Any, AsyncIterator
 import pytest
 
 from conftest import free_port, wait_until
-from lmgw.jsonrpc import INVALID_PARAMS, RpcError
+from lmgw.codes import RpcCode
+from lmgw.rpcerrors import jsonable
+from lmgw.jsonrpc import RpcError
 from lmgw.lmsim.device import Fault, SimulatedLm
 from lmgw.lmsim.server import LmSimulator
 from lmgw.methods import MethodTable
-from lmgw.modbus import errors
 from lmgw.modbus.service import LmService
 
 
@@ -43,7 +44,7 @@ class Harness:
 @contextlib.asynccontextmanager
 async def service(data_dir: Path, lms: list[dict[str, Any]], **sections: Any) -> AsyncIterator[Harness]:
     events: list[tuple[str, dict[str, Any]]] = []
-    svc = LmService.from_config({"lm": lms, **sections}, data_dir, lambda kind, details: events.append((kind, details)))
+    svc = LmService.from_config({"lm": lms, **sections}, data_dir, lambda kind, details: events.append((kind, jsonable(details))))
     svc.rng = random.Random(1)
     table = MethodTable()
     svc.register(table)
@@ -93,24 +94,24 @@ def test_bad_writes_are_refused_before_anything_touches_the_bus(tmp_path):
     async def scenario():
         async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
             cases = [
-                ({"lm": "nope", "values": {"relay_1": True}}, errors.LM_UNKNOWN),
-                ({"lm": "lm1", "values": {"relay_9": True}}, errors.POINT_UNKNOWN),
-                ({"lm": "lm1", "values": {"relay_1": True, "total_power": 5}}, errors.NOT_WRITABLE),
-                ({"lm": "lm1", "values": {"relay_1": True, "power_limit": 40001}}, errors.OUT_OF_RANGE),
-                ({"lm": "lm1", "values": {"power_limit": 1.5}}, errors.OUT_OF_RANGE),
-                ({"lm": "lm1", "values": {"relay_1": 1}}, errors.OUT_OF_RANGE),
-                ({"lm": "lm1", "values": {"power_limit": "12"}}, errors.OUT_OF_RANGE),
-                ({"lm": "lm1", "values": {}}, INVALID_PARAMS),
-                ({"lm": "lm1", "values": [1]}, INVALID_PARAMS),
+                ({"lm": "nope", "values": {"relay_1": True}}, RpcCode.LM_UNKNOWN),
+                ({"lm": "lm1", "values": {"relay_9": True}}, RpcCode.POINT_UNKNOWN),
+                ({"lm": "lm1", "values": {"relay_1": True, "total_power": 5}}, RpcCode.NOT_WRITABLE),
+                ({"lm": "lm1", "values": {"relay_1": True, "power_limit": 40001}}, RpcCode.OUT_OF_RANGE),
+                ({"lm": "lm1", "values": {"power_limit": 1.5}}, RpcCode.OUT_OF_RANGE),
+                ({"lm": "lm1", "values": {"relay_1": 1}}, RpcCode.OUT_OF_RANGE),
+                ({"lm": "lm1", "values": {"power_limit": "12"}}, RpcCode.OUT_OF_RANGE),
+                ({"lm": "lm1", "values": {}}, RpcCode.INVALID_PARAMS),
+                ({"lm": "lm1", "values": [1]}, RpcCode.INVALID_PARAMS),
             ]
             for params, code in cases:
                 error = await gw.error("lm.write", **params)
                 assert error.code == code, (params, error)
             assert (await gw.error("lm.write", lm="lm1", values={"power_limit": 40001})).data["range"] == [0, 40000]
             assert sim[1].writes == []  # nothing reached the device
-            assert (await gw.error("lm.read", lm="lm1", points=["relay_1", "relay_1"])).code == INVALID_PARAMS
+            assert (await gw.error("lm.read", lm="lm1", points=["relay_1", "relay_1"])).code == RpcCode.INVALID_PARAMS
             unknown = await gw.error("lm.read", lm="lm1", points=["nope"])
-            assert unknown.code == errors.POINT_UNKNOWN and "relay_1" in unknown.data["points"]
+            assert unknown.code == RpcCode.POINT_UNKNOWN and "relay_1" in unknown.data["points"]
     asyncio.run(scenario())
 
 
@@ -120,13 +121,13 @@ def test_device_faults_map_to_documented_errors(tmp_path):
             sim[1].fault = Fault.EXCEPTION
             sim[1].exception_code = 6
             error = await gw.error("lm.read", lm="lm1", points=["status"])
-            assert error.code == errors.LM_EXCEPTION
+            assert error.code == RpcCode.LM_EXCEPTION
             assert error.data["exception_code"] == 6 and error.data["exception"] == "server device busy"
             sim[1].fault = Fault.NO_ANSWER
             error = await gw.error("lm.read", lm="lm1", points=["status"])
-            assert error.code == errors.LM_TIMEOUT and error.data["lm"] == "lm1"
+            assert error.code == RpcCode.LM_TIMEOUT and error.data["lm"] == "lm1"
             sim[1].fault = Fault.GARBAGE
-            assert (await gw.error("lm.read", lm="lm1", points=["status"])).code == errors.LM_FRAMING
+            assert (await gw.error("lm.read", lm="lm1", points=["status"])).code == RpcCode.LM_FRAMING
             sim[1].fault = Fault.NONE
             assert values(await gw.call("lm.read", lm="lm1", points=["status"])) == {"status": 15}
             health = (await gw.call("lm.list"))["lms"][0]["health"]
@@ -135,7 +136,7 @@ def test_device_faults_map_to_documented_errors(tmp_path):
             # a partly failed write says what was written
             sim[1].fault = Fault.NONE
             error = await gw.error("lm.write", lm="lm1", values={"relay_4": False, "nominal_power_1": 60000})
-            assert error.code == errors.OUT_OF_RANGE
+            assert error.code == RpcCode.OUT_OF_RANGE
     asyncio.run(scenario())
 
 
@@ -145,7 +146,7 @@ def test_unreachable_lm_fails_fast_does_not_block_others_and_reconnects(tmp_path
         async with simulator() as (sim, port), \
                 service(tmp_path, [tcp_lm("dead", dead_port), tcp_lm("alive", port)]) as gw:
             first = await gw.error("lm.read", lm="dead", points=["status"])
-            assert first.code == errors.LM_UNREACHABLE and "cannot open" in first.message
+            assert first.code == RpcCode.LM_UNREACHABLE and "cannot open" in first.message
             # the other LM answers while the dead one keeps failing
             results = await asyncio.gather(gw.call("lm.read", lm="alive", points=["status"]),
                                            gw.table.dispatch("lm.read", {"lm": "dead", "points": ["status"]}),
@@ -191,21 +192,21 @@ def test_shed_rules(tmp_path):
         async with simulator() as (sim, port), \
                 service(tmp_path, [tcp_lm("lm1", port)], shed={"max_duration": 60}) as gw:
             too_long = await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=61)
-            assert too_long.code == errors.OUT_OF_RANGE and too_long.data["max_duration"] == 60
-            assert (await gw.error("load.shed", lm="lm1", points=["power_limit"], duration_s=5)).code == errors.NOT_WRITABLE
-            assert (await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=0)).code == INVALID_PARAMS
+            assert too_long.code == RpcCode.OUT_OF_RANGE and too_long.data["max_duration"] == 60
+            assert (await gw.error("load.shed", lm="lm1", points=["power_limit"], duration_s=5)).code == RpcCode.NOT_WRITABLE
+            assert (await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=0)).code == RpcCode.INVALID_PARAMS
             assert (await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=5,
-                                   randomize_s=-1)).code == INVALID_PARAMS
+                                   randomize_s=-1)).code == RpcCode.INVALID_PARAMS
             assert sim[1].writes == []
             first = await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_2"], duration_s=30, shed_id="dso-42")
             again = await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_2"], duration_s=30, shed_id="dso-42")
             assert first["shed_id"] == again["shed_id"] == "dso-42" and again["duplicate"]
             conflict = await gw.error("load.shed", lm="lm1", points=["relay_2", "relay_3"], duration_s=5)
-            assert conflict.code == errors.SHED_CONFLICT and conflict.data["shed_id"] == "dso-42"
+            assert conflict.code == RpcCode.SHED_CONFLICT and conflict.data["shed_id"] == "dso-42"
             held = await gw.error("lm.write", lm="lm1", values={"relay_1": True})
-            assert held.code == errors.SHED_CONFLICT
-            assert (await gw.error("load.restore", shed_id="nope")).code == errors.SHED_UNKNOWN
-            assert (await gw.error("load.restore")).code == INVALID_PARAMS
+            assert held.code == RpcCode.SHED_CONFLICT
+            assert (await gw.error("load.restore", shed_id="nope")).code == RpcCode.SHED_UNKNOWN
+            assert (await gw.error("load.restore")).code == RpcCode.INVALID_PARAMS
             restored = await gw.call("load.restore", shed_id="dso-42")
             assert [r["shed_id"] for r in restored["restored"]] == ["dso-42"]
             assert restored["restored"][0]["reason"] == "command"
@@ -235,7 +236,7 @@ def test_shed_on_dead_lm_fails_cleanly(tmp_path):
         async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
             sim[1].fault = Fault.NO_ANSWER
             error = await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=10)
-            assert error.code == errors.LM_TIMEOUT
+            assert error.code == RpcCode.LM_TIMEOUT
             assert gw.service.book.sheds == {} and gw.kinds() == ["load.shed_failed"]
     asyncio.run(scenario())
 
@@ -298,7 +299,7 @@ def test_missing_serial_device_is_unreachable_and_backs_off(tmp_path):
         lm = {"name": "lm1", "profile": "simulated-lm", "transport": "rtu", "bus": "rs485", "unit": 1}
         async with service(tmp_path, [lm], bus=[bus]) as gw:
             first = await gw.error("lm.read", lm="lm1", points=["status"])
-            assert first.code == errors.LM_UNREACHABLE and "ttyMISSING" in first.message
+            assert first.code == RpcCode.LM_UNREACHABLE and "ttyMISSING" in first.message
             assert first.data["retry_in"] >= 0
     asyncio.run(scenario())
 
@@ -327,7 +328,7 @@ def test_restore_command_to_a_dead_lm_reports_and_keeps_retrying(tmp_path):
             shed = await gw.call("load.shed", lm="lm1", points=["relay_2"], duration_s=60)
             sim[1].fault = Fault.NO_ANSWER
             error = await gw.error("load.restore", lm="lm1")
-            assert error.code == errors.LM_TIMEOUT
+            assert error.code == RpcCode.LM_TIMEOUT
             assert error.data["retrying"] == [shed["shed_id"]] and error.data["restored"] == []
             sim[1].fault = Fault.NONE
             await wait_until(lambda: sim[1].get("relay_2") is True, 5, "the gateway's own retry")

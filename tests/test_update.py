@@ -11,11 +11,12 @@ import json
 import pytest
 
 from conftest import gateway_config, running_dso, running_gateway
+from lmgw.codes import RpcCode
 from lmgw.jsonrpc import RpcError
 from lmgw.tls import client_context
 from lmgw.update import rauc
 from lmgw.update.download import RESERVE_BYTES, check_space, download
-from lmgw.update.plan import UPDATE_REFUSED, PendingUpdate, UpdateError, UpdateRequest, parse_version
+from lmgw.update.plan import PendingUpdate, UpdateError, UpdateRequest, parse_version
 
 SHA = "ab" * 32
 
@@ -150,7 +151,7 @@ def test_gateway_without_ab_slots_refuses_an_update_clearly(pki, tmp_path):
                 with pytest.raises(RpcError) as refused:
                     await dso.call("GW-NOAB", "gw.update", {"url": "https://x/b.raucb", "version": "9.0", "sha256": SHA,
                                                             "size": 10})
-                assert refused.value.code == UPDATE_REFUSED
+                assert refused.value.code == RpcCode.UPDATE_REFUSED
                 assert "no A/B slots (RAUC not configured)" in refused.value.message
                 assert agent.updater.phase == "idle"
 

@@ -5,7 +5,7 @@ may be in flight, and every call carries a deadline.  This module turns text
 frames into events and calls into text frames; it never touches a socket or
 a clock, so it is tested without I/O.
 
-Batches are not supported: a JSON array is answered with ``INVALID_REQUEST``.
+Batches are not supported: a JSON array is answered with ``RpcCode.INVALID_REQUEST``.
 """
 
 from __future__ import annotations
@@ -15,19 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-JSONRPC = "2.0"
+from .codes import RpcCode
 
-# Standard JSON-RPC 2.0 codes.
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-# LMGW codes (-32000 to -32099 are reserved for implementations).
-CALL_TIMEOUT = -32000
-NOT_CONNECTED = -32001
-FORBIDDEN = -32002
-# -32010 to -32029: load manager (Modbus) errors, see docs/protocol.md.
+JSONRPC = "2.0"
 
 MAX_ID_LENGTH = 64
 
@@ -39,12 +29,13 @@ class RpcError(Exception):
 
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = RpcCode(code) if code in RpcCode._value2member_map_ else code
+        """An ``RpcCode`` when it is one of ours; a peer may send any integer."""
         self.message = message
         self.data = data
 
     def to_json(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        error: dict[str, Any] = {"code": int(self.code), "message": self.message}
         if self.data is not None:
             error["data"] = self.data
         return error
@@ -132,7 +123,7 @@ class Peer:
     def call(self, method: str, params: dict[str, Any]) -> tuple[int, str]:
         """Start a call; return its id and the frame to send."""
         if len(self._pending) >= self.max_pending:
-            raise RpcError(INTERNAL_ERROR, f"too many calls in flight ({self.max_pending})")
+            raise RpcError(RpcCode.INTERNAL_ERROR, f"too many calls in flight ({self.max_pending})")
         request_id = next(self._ids)
         self._pending[request_id] = method
         return request_id, encode({"jsonrpc": JSONRPC, "id": request_id, "method": method, "params": params})
@@ -165,32 +156,32 @@ class Peer:
     def receive(self, frame: str | bytes) -> Event:
         """Parse one frame into one event."""
         if isinstance(frame, bytes):
-            return Reply(error_frame(None, RpcError(INVALID_REQUEST, "binary frames are not allowed; send JSON text")))
+            return Reply(error_frame(None, RpcError(RpcCode.INVALID_REQUEST, "binary frames are not allowed; send JSON text")))
         try:
             message = json.loads(frame)
         except (ValueError, RecursionError) as exc:
-            return Reply(error_frame(None, RpcError(PARSE_ERROR, f"frame is not valid JSON: {exc}")))
+            return Reply(error_frame(None, RpcError(RpcCode.PARSE_ERROR, f"frame is not valid JSON: {exc}")))
         if not isinstance(message, dict):
-            return Reply(error_frame(None, RpcError(INVALID_REQUEST, "frame must be a JSON object (batches are not supported)")))
+            return Reply(error_frame(None, RpcError(RpcCode.INVALID_REQUEST, "frame must be a JSON object (batches are not supported)")))
         if message.get("jsonrpc") != JSONRPC:
-            return Reply(error_frame(_id_or_none(message), RpcError(INVALID_REQUEST, 'member "jsonrpc" must be "2.0"')))
+            return Reply(error_frame(_id_or_none(message), RpcError(RpcCode.INVALID_REQUEST, 'member "jsonrpc" must be "2.0"')))
         if "method" in message:
             return self._receive_call(message)
         if "result" in message or "error" in message:
             return self._receive_response(message)
-        return Reply(error_frame(_id_or_none(message), RpcError(INVALID_REQUEST, 'frame has neither "method" nor "result"/"error"')))
+        return Reply(error_frame(_id_or_none(message), RpcError(RpcCode.INVALID_REQUEST, 'frame has neither "method" nor "result"/"error"')))
 
     def _receive_call(self, message: dict[str, Any]) -> Event:
         request_id = message.get("id")
         has_id = "id" in message
         if has_id and not _valid_id(request_id):
-            return Reply(error_frame(None, RpcError(INVALID_REQUEST, f'"id" must be an integer or a string of 1 to {MAX_ID_LENGTH} characters')))
+            return Reply(error_frame(None, RpcError(RpcCode.INVALID_REQUEST, f'"id" must be an integer or a string of 1 to {MAX_ID_LENGTH} characters')))
         method = message["method"]
         if not isinstance(method, str) or not method:
-            return self._bad_call(has_id, request_id, RpcError(INVALID_REQUEST, '"method" must be a non-empty string'))
+            return self._bad_call(has_id, request_id, RpcError(RpcCode.INVALID_REQUEST, '"method" must be a non-empty string'))
         params = message.get("params", {})
         if not isinstance(params, dict):
-            return self._bad_call(has_id, request_id, RpcError(INVALID_PARAMS, '"params" must be an object (named parameters)'))
+            return self._bad_call(has_id, request_id, RpcError(RpcCode.INVALID_PARAMS, '"params" must be an object (named parameters)'))
         if not has_id:
             return Notification(method, params)
         return Request(request_id, method, params)
@@ -211,7 +202,7 @@ class Peer:
         if "error" in message:
             error = message["error"]
             if not (isinstance(error, dict) and isinstance(error.get("code"), int) and isinstance(error.get("message"), str)):
-                return Response(request_id, method, error=RpcError(INTERNAL_ERROR, f"peer sent a malformed error object: {error!r}"))
+                return Response(request_id, method, error=RpcError(RpcCode.INTERNAL_ERROR, f"peer sent a malformed error object: {error!r}"))
             return Response(request_id, method, error=RpcError(error["code"], error["message"], error.get("data")))
         return Response(request_id, method, result=message["result"])
 

@@ -12,7 +12,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
-from .jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND, RpcError
+from .codes import RpcCode
+from .errors import DomainError
+from .jsonrpc import RpcError
+from .rpcerrors import rpc_error
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +52,22 @@ def validate(spec: Sequence[Param], params: dict[str, Any]) -> dict[str, Any]:
     known = {p.name for p in spec}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise RpcError(INVALID_PARAMS, f"unknown parameter {unknown[0]!r}; expected {sorted(known)}", {"param": unknown[0]})
+        raise RpcError(RpcCode.INVALID_PARAMS, f"unknown parameter {unknown[0]!r}; expected {sorted(known)}", {"param": unknown[0]})
     values: dict[str, Any] = {}
     for p in spec:
         if p.name not in params:
             if p.required:
-                raise RpcError(INVALID_PARAMS, f"missing parameter {p.name!r} ({p.type_name()})", {"param": p.name})
+                raise RpcError(RpcCode.INVALID_PARAMS, f"missing parameter {p.name!r} ({p.type_name()})", {"param": p.name})
             values[p.name] = p.default
             continue
         value = params[p.name]
         if not p.accepts(value):
-            raise RpcError(INVALID_PARAMS, f"parameter {p.name!r} must be {p.type_name()}", {"param": p.name})
+            raise RpcError(RpcCode.INVALID_PARAMS, f"parameter {p.name!r} must be {p.type_name()}", {"param": p.name})
         if p.check is not None:
             try:
                 p.check(value)
             except ValueError as exc:
-                raise RpcError(INVALID_PARAMS, f"parameter {p.name!r}: {exc}", {"param": p.name}) from None
+                raise RpcError(RpcCode.INVALID_PARAMS, f"parameter {p.name!r}: {exc}", {"param": p.name}) from None
         values[p.name] = value
     return values
 
@@ -90,15 +93,17 @@ class MethodTable:
         return sorted(self._methods)
 
     async def dispatch(self, method: str, params: dict[str, Any]) -> Any:
-        """Validate and run one call; every failure becomes an ``RpcError``."""
+        """Validate and run one call; every failure becomes an ``RpcError`` (domain errors through ``rpc_error``)."""
         entry = self._methods.get(method)
         if entry is None:
-            raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}", {"methods": self.names()})
+            raise RpcError(RpcCode.METHOD_NOT_FOUND, f"unknown method {method!r}", {"methods": self.names()})
         kwargs = validate(entry.params, params)
         try:
             return await entry.handler(**kwargs)
         except RpcError:
             raise
+        except DomainError as exc:
+            raise rpc_error(exc) from None
         except Exception as exc:
             log.exception("method %s failed", method)
-            raise RpcError(INTERNAL_ERROR, f"{method} failed: {type(exc).__name__}: {exc}") from exc
+            raise RpcError(RpcCode.INTERNAL_ERROR, f"{method} failed: {type(exc).__name__}: {exc}") from exc

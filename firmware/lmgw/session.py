@@ -16,7 +16,8 @@ from typing import Any
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
-from .jsonrpc import CALL_TIMEOUT, NOT_CONNECTED, Ignored, Notification, Peer, Reply, Request, Response, RpcError
+from .codes import RpcCode
+from .jsonrpc import Ignored, Notification, Peer, Reply, Request, Response, RpcError
 from .methods import MethodTable
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ class RpcSession:
             async with asyncio.timeout(timeout):
                 return await waiter
         except ConnectionClosed:
-            raise RpcError(NOT_CONNECTED, f"connection to {self.name} closed during {method}") from None
+            raise RpcError(RpcCode.NOT_CONNECTED, f"connection to {self.name} closed during {method}") from None
         except TimeoutError:
-            raise RpcError(CALL_TIMEOUT, f"{self.name} did not answer {method} within {timeout:g} s") from None
+            raise RpcError(RpcCode.CALL_TIMEOUT, f"{self.name} did not answer {method} within {timeout:g} s") from None
         finally:
             self._waiters.pop(request_id, None)
             self._peer.cancel(request_id)
@@ -59,7 +60,7 @@ class RpcSession:
         except ConnectionClosed:
             pass
         finally:
-            for response in self._peer.fail_all(RpcError(NOT_CONNECTED, f"connection to {self.name} closed")):
+            for response in self._peer.fail_all(RpcError(RpcCode.NOT_CONNECTED, f"connection to {self.name} closed")):
                 self._resolve(response)
             for task in list(self._tasks):
                 task.cancel()

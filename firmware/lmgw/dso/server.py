@@ -21,7 +21,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from .. import SUBPROTOCOL, __version__
-from ..jsonrpc import FORBIDDEN, RpcError
+from ..codes import CloseCode, RpcCode
+from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from ..revocation import CrlCache, RevocationError
 from ..session import RpcSession
@@ -37,8 +38,6 @@ TLS_READ_BUFFER = 32 * 1024
 """asyncio allocates a 256 KiB TLS read buffer per connection (``SSLProtocol.max_size``),
 two thirds of what an idle gateway costs the DSO; two TLS records fit in 32 KiB
 (`make bench`: 352 -> 112 KiB per idle gateway with 16.5 KiB)."""
-CLOSE_REVOKED = 4001
-CLOSE_REPLACED = 4002
 BUNDLE_PATH = "/bundles/"
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.raucb")
 BUNDLE_CHUNK = 256 * 1024
@@ -171,7 +170,7 @@ class DsoServer:
         replaced = self.registry.attach(gateway_id, certificate.serial_number, remote, session, _now())
         if replaced is not None:
             log.warning("gateway %s connected again from %s: closing its previous session", gateway_id, remote)
-            await replaced.connection.close(CLOSE_REPLACED, "replaced by a newer connection")
+            await replaced.connection.close(CloseCode.REPLACED, "replaced by a newer connection")
         log.info("gateway %s connected from %s serial=%x", gateway_id, remote, certificate.serial_number)
         try:
             await session.run()
@@ -185,7 +184,7 @@ class DsoServer:
 
         async def hello(gateway_id: str, firmware_version: str, lms: list[Any], status: dict[str, Any] | None) -> dict[str, Any]:
             if gateway_id != bound_id:
-                raise RpcError(FORBIDDEN, f"gateway_id {gateway_id!r} does not match the certificate ({bound_id!r})")
+                raise RpcError(RpcCode.FORBIDDEN, f"gateway_id {gateway_id!r} does not match the certificate ({bound_id!r})")
             self.registry.hello(bound_id, firmware_version, lms)
             log.info("gateway %s hello: firmware %s, %d LM(s)", bound_id, firmware_version, len(lms))
             return {"server": f"lmgw-dso/{__version__}", "time": _now().isoformat()}
@@ -248,4 +247,4 @@ class DsoServer:
                 self.crl.check(entry.serial, now)
             except RevocationError as exc:
                 log.warning("disconnecting gateway %s serial=%x: %s", entry.gateway_id, entry.serial, exc)
-                await entry.session.connection.close(CLOSE_REVOKED, "certificate revoked")
+                await entry.session.connection.close(CloseCode.REVOKED, "certificate revoked")

@@ -24,16 +24,18 @@ from websockets.uri import parse_uri
 
 from .. import SUBPROTOCOL, __version__
 from ..clock import build_date, clock_plausible
+from ..codes import CloseCode
 from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from ..modbus.service import LmService
 from ..proxy import ProxyError, from_environment, open_tunnel, redact
+from ..rpcerrors import jsonable
 from ..revocation import CrlCache, RevocationError, fetch_crl, ocsp_status
 from ..session import RpcSession
 from ..tls import client_context, common_name, peer_certificate
 from ..update import rauc
 from ..update.updater import Updater
-from .backoff import Backoff
+from ..backoff import Backoff
 from .config import GatewayConfig
 from .interception import presented_certificate
 from .outbox import Outbox
@@ -87,7 +89,7 @@ class GatewayAgent:
 
     def emit_event(self, kind: str, details: dict[str, Any]) -> None:
         """Queue an event for the DSO; it survives restarts until acknowledged."""
-        self.outbox.add(kind, details)
+        self.outbox.add(kind, jsonable(details))
         self._outbox_wakeup.set()
 
     async def _deliver_events(self, session: RpcSession) -> None:
@@ -141,7 +143,7 @@ class GatewayAgent:
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({connector, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if self.session is not None:
-                await self.session.connection.close(1001, "gateway shutting down")
+                await self.session.connection.close(CloseCode.GOING_AWAY, "gateway shutting down")
             connector.cancel()
             stopper.cancel()
             await asyncio.gather(connector, stopper, return_exceptions=True)

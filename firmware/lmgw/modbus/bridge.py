@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 
-from ..jsonrpc import RpcError
 from .config import BridgeConfig, BusConfig
-from .errors import BUS_BUSY, LM_EXCEPTION, LM_FRAMING, LM_TIMEOUT, LM_UNREACHABLE
+from .errors import BusBusy, DeviceException, ModbusError, Unreachable
 from .transport import Link
 
 log = logging.getLogger(__name__)
 
 MAX_PDU = 253
-_GATEWAY_EXCEPTION = {LM_TIMEOUT: 0x0B, LM_FRAMING: 0x0B, LM_UNREACHABLE: 0x0A, BUS_BUSY: 0x06}
+_GATEWAY_EXCEPTION: dict[type[ModbusError], int] = {Unreachable: 0x0A, BusBusy: 0x06}
+"""Modbus exception a TCP master gets for a bus failure; any other (timeout, framing) is 0x0B."""
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,12 @@ class Bridge:
         for attempt in range(1 + self.bus.retries):
             try:
                 return _pdu(await self.link.transact(target, lambda c: c.execute(False, request), timeout=self.bus.timeout))
-            except RpcError as exc:
-                if exc.code == LM_EXCEPTION:
-                    return _pdu(ExceptionResponse(function_code, exc.data["exception_code"]))
-                if exc.code not in (LM_TIMEOUT, LM_FRAMING) or attempt == self.bus.retries:
+            except DeviceException as exc:
+                return _pdu(ExceptionResponse(function_code, exc.exception_code))
+            except ModbusError as exc:
+                if not exc.retryable or attempt == self.bus.retries:
                     log.info("bridge: %s", exc.message)
-                    return _pdu(ExceptionResponse(function_code, _GATEWAY_EXCEPTION.get(exc.code, 0x0B)))
+                    return _pdu(ExceptionResponse(function_code, _GATEWAY_EXCEPTION.get(type(exc), 0x0B)))
         raise AssertionError("unreachable")
 
 

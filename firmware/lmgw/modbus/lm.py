@@ -11,19 +11,15 @@ from typing import Any, Sequence
 from pymodbus.client.base import ModbusBaseClient
 from pymodbus.pdu import ModbusPDU
 
-from ..jsonrpc import RpcError
 from .codec import EncodeError, Value, decode
 from .config import LmConfig
-from .errors import (BUS_BUSY, LM_EXCEPTION, LM_FRAMING, LM_TIMEOUT, LM_UNREACHABLE, NOT_WRITABLE, OUT_OF_RANGE,
-                     POINT_UNKNOWN, lm_error)
+from .errors import FramingError, ModbusError, NotWritable, OutOfRange, PointUnknown
 from .profile import Point, Profile, ReadBlock, plan_reads
 from .transport import Link
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE = (LM_TIMEOUT, LM_FRAMING)
-_ERROR_KINDS = {LM_TIMEOUT: "timeout", LM_EXCEPTION: "exception", LM_FRAMING: "framing", LM_UNREACHABLE: "unreachable",
-                BUS_BUSY: "busy"}
+_ERROR_KINDS = ("timeout", "exception", "framing", "unreachable", "busy")
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -33,7 +29,7 @@ def _iso(timestamp: float | None) -> str | None:
 @dataclass
 class Health:
     requests: int = 0
-    errors: dict[str, int] = field(default_factory=lambda: {k: 0 for k in _ERROR_KINDS.values()})
+    errors: dict[str, int] = field(default_factory=lambda: {k: 0 for k in _ERROR_KINDS})
     consecutive_failures: int = 0
     last_success: float | None = None
     last_error: str | None = None
@@ -73,7 +69,7 @@ class LoadManager:
         for name in names:
             point = self.profile.points.get(name)
             if point is None:
-                raise lm_error(POINT_UNKNOWN, f"{self.target}: profile {self.profile.model!r} has no point {name!r}",
+                raise PointUnknown(f"{self.target}: profile {self.profile.model!r} has no point {name!r}",
                                lm=self.name, point=name, points=sorted(self.profile.points))
             out.append(point)
         return out
@@ -83,11 +79,11 @@ class LoadManager:
         prepared = []
         for point, (name, value) in zip(self.points(list(values)), values.items()):
             if not point.writable:
-                raise lm_error(NOT_WRITABLE, f"{self.target}: point {name!r} is read-only", lm=self.name, point=name)
+                raise NotWritable(f"{self.target}: point {name!r} is read-only", lm=self.name, point=name)
             try:
                 prepared.append((point, value, point.check_value(value)))
             except EncodeError as exc:
-                raise lm_error(OUT_OF_RANGE, f"{self.target}: point {name!r}: {exc}", lm=self.name, point=name,
+                raise OutOfRange(f"{self.target}: point {name!r}: {exc}", lm=self.name, point=name,
                                value=value, range=[point.min, point.max]) from None
         return prepared
 
@@ -113,9 +109,9 @@ class LoadManager:
         for point, _value, registers in prepared:
             try:
                 await self._transact(lambda client, p=point, r=registers: _write_call(client, p, r, self.config.unit))
-            except RpcError as exc:
+            except ModbusError as exc:
                 # Tell the caller exactly what did change before the failure.
-                exc.data = {**(exc.data or {}), "lm": self.name, "point": point.name, "written": written}
+                exc.add(lm=self.name, point=point.name, written=written)
                 raise
             written.append(point.name)
         return written
@@ -124,7 +120,7 @@ class LoadManager:
         response = await self._transact(lambda client: _read_call(client, block, self.config.unit))
         data = response.bits if block.register in ("coil", "discrete_input") else response.registers
         if len(data) < block.count:
-            raise lm_error(LM_FRAMING, f"{self.target} returned {len(data)} values for a read of {block.count}",
+            raise FramingError(f"{self.target} returned {len(data)} values for a read of {block.count}",
                            lm=self.name)
         return list(data[:block.count])
 
@@ -135,20 +131,20 @@ class LoadManager:
             self.health.requests += 1
             try:
                 response = await self.link.transact(self.target, call, timeout=self.config.timeout)
-            except RpcError as exc:
+            except ModbusError as exc:
                 self._failed(exc)
-                if exc.code in _RETRYABLE and attempt + 1 < attempts:
+                if exc.retryable and attempt + 1 < attempts:
                     log.info("%s (attempt %d of %d), retrying", exc.message, attempt + 1, attempts)
                     continue
-                exc.data = {**(exc.data or {}), "lm": self.name}
+                exc.add(lm=self.name)
                 raise
             self.health.consecutive_failures = 0
             self.health.last_success = time.time()
             return response
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def _failed(self, exc: RpcError) -> None:
-        kind = _ERROR_KINDS.get(exc.code, "other")
+    def _failed(self, exc: ModbusError) -> None:
+        kind = exc.kind
         self.health.errors[kind] = self.health.errors.get(kind, 0) + 1
         self.health.last_error, self.health.last_error_at = exc.message, time.time()
         # An exception response proves the LM is alive and talking; it is not a link failure.

@@ -18,12 +18,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from ..jsonrpc import INVALID_PARAMS, RpcError
+from ..errors import DomainError, InvalidArguments
 from ..methods import MethodTable, Param
 from .bridge import Bridge
 from .config import LmSections, parse_lm_sections
 from . import errors
-from .errors import LM_UNKNOWN, NOT_WRITABLE, OUT_OF_RANGE, SHED_CONFLICT, SHED_UNKNOWN, lm_error
+from .errors import LmUnknown, NotWritable, OutOfRange, PointUnknown, ShedUnknown
 from .lm import LoadManager
 from .profile import load_profile
 from .shedding import EXPIRE, PENDING, RESTORE, START, Shed, ShedBook, ShedConflict, ShedStore
@@ -32,7 +32,7 @@ from .transport import Link
 log = logging.getLogger(__name__)
 
 EmitEvent = Callable[[str, dict[str, Any]], None]
-Outcome = Union[dict[str, Any], RpcError, None]
+Outcome = Union[dict[str, Any], DomainError, None]
 STATE_FILE = "sheds.json"
 
 
@@ -143,7 +143,7 @@ class LmService:
     def _lm(self, name: str) -> LoadManager:
         lm = self.lms.get(name)
         if lm is None:
-            raise lm_error(LM_UNKNOWN, f"no LM named {name!r} is configured", lm=name, lms=sorted(self.lms))
+            raise LmUnknown(f"no LM named {name!r} is configured", lm=name, lms=sorted(self.lms))
         return lm
 
     async def lm_list(self) -> dict[str, Any]:
@@ -160,7 +160,7 @@ class LmService:
         for name in values:
             holder = self.book.holder(lm, name)
             if holder is not None:
-                raise lm_error(SHED_CONFLICT, f"point {name!r} of LM {lm!r} is held by shed {holder.id!r}; "
+                raise errors.ShedConflict(f"point {name!r} of LM {lm!r} is held by shed {holder.id!r}; "
                                "restore it first", lm=lm, point=name, shed_id=holder.id)
         return {"lm": lm, "written": await target.write(values)}
 
@@ -171,52 +171,52 @@ class LmService:
         target = self._lm(lm)
         for point in target.points(points):
             if point.shed_value is None:
-                raise lm_error(NOT_WRITABLE, f"point {point.name!r} of LM {lm!r} has no shed_value in profile "
+                raise NotWritable(f"point {point.name!r} of LM {lm!r} has no shed_value in profile "
                                f"{target.profile.model!r}: it cannot be shed", lm=lm, point=point.name)
         limits = self.sections.shed
         if duration_s > limits.max_duration:
-            raise lm_error(OUT_OF_RANGE, f"duration_s {duration_s:g} exceeds the maximum shed duration "
+            raise OutOfRange(f"duration_s {duration_s:g} exceeds the maximum shed duration "
                            f"{limits.max_duration:g} s", max_duration=limits.max_duration)
         window = limits.default_randomize if randomize_s is None else randomize_s
         if window > limits.max_duration:
-            raise lm_error(OUT_OF_RANGE, f"randomize_s {window:g} exceeds {limits.max_duration:g} s",
+            raise OutOfRange(f"randomize_s {window:g} exceeds {limits.max_duration:g} s",
                            max_duration=limits.max_duration)
         if shed_id is not None and shed_id in self.book.sheds:
             existing = self.book.sheds[shed_id]
             if (existing.lm, existing.points) != (lm, points):
-                raise lm_error(SHED_CONFLICT, f"shed id {shed_id!r} is already used for other points", shed_id=shed_id)
+                raise errors.ShedConflict(f"shed id {shed_id!r} is already used for other points", shed_id=shed_id)
             return {**existing.summary(), "duplicate": True}  # a retried command: same answer, no second shed
         start_at = time.time() + self.rng.uniform(0, window)
         shed = Shed(shed_id or uuid.uuid4().hex, lm, list(points), start_at, start_at + duration_s)
         try:
             self.book.add(shed)
         except ShedConflict as exc:
-            raise lm_error(SHED_CONFLICT, f"LM {lm!r}: {exc}", lm=lm, point=exc.point, shed_id=exc.shed_id) from None
+            raise errors.ShedConflict(f"LM {lm!r}: {exc}", lm=lm, point=exc.point, shed_id=exc.shed_id) from None
         self.store.save(self.book)
         if window == 0:
             # Start now, so that the answer says whether the loads really are off.
             outcome = await self._perform(START, shed.id, "command")
-            if isinstance(outcome, RpcError):
+            if isinstance(outcome, DomainError):
                 raise outcome
         self._wake()
         return {**shed.summary(), "duplicate": False}
 
     async def load_restore(self, shed_id: str | None, lm: str | None) -> dict[str, Any]:
         if (shed_id is None) == (lm is None):
-            raise RpcError(INVALID_PARAMS, "give exactly one of shed_id or lm", {"param": "shed_id"})
+            raise InvalidArguments("give exactly one of shed_id or lm", param="shed_id")
         if lm is not None:
             self._lm(lm)
         chosen = [s.id for s in self.book.sheds.values() if s.id == shed_id or s.lm == lm]
         if not chosen:
             which = f"with id {shed_id!r}" if shed_id else f"on LM {lm!r}"
-            raise lm_error(SHED_UNKNOWN, f"no pending or active shed {which}", shed_id=shed_id, lm=lm)
+            raise ShedUnknown(f"no pending or active shed {which}", shed_id=shed_id, lm=lm)
         outcomes = await asyncio.gather(*(self._perform(RESTORE, s, "command") for s in chosen))
         restored = [o for o in outcomes if isinstance(o, dict)]
-        failures = [o for o in outcomes if isinstance(o, RpcError)]
+        failures = [o for o in outcomes if isinstance(o, DomainError)]
         if failures:
             # The gateway keeps retrying these by itself; the caller learns which.
-            failures[0].data = {**(failures[0].data or {}), "restored": [r["shed_id"] for r in restored],
-                                "retrying": [s for s in chosen if s in self.book.sheds]}
+            failures[0].add(restored=[r["shed_id"] for r in restored],
+                            retrying=[s for s in chosen if s in self.book.sheds])
             raise failures[0]
         return {"restored": restored}
 
@@ -284,18 +284,18 @@ class LmService:
                 del self._busy[shed_id]
             self._wake()
 
-    def _orphaned(self, shed: Shed) -> RpcError | None:
+    def _orphaned(self, shed: Shed) -> DomainError | None:
         """A persisted shed whose LM or points the configuration no longer has: drop it, loudly."""
         lm = self.lms.get(shed.lm)
         missing = [p for p in shed.points if lm is None or p not in lm.profile.points]
         if not missing:
             return None
         self._forget(shed)
-        error = lm_error(LM_UNKNOWN if lm is None else errors.POINT_UNKNOWN,
+        error = (LmUnknown if lm is None else PointUnknown)(
                          f"shed {shed.id}: LM {shed.lm!r} or its points {missing} are no longer configured; "
                          "check these loads by hand", lm=shed.lm, points=missing)
         log.error("%s", error.message)
-        self.emit_event("load.restore_failed", {**shed.summary(), "reason": "not configured", "error": error.to_json()})
+        self.emit_event("load.restore_failed", {**shed.summary(), "reason": "not configured", "error": error})
         return error
 
     def _forget(self, shed: Shed) -> None:
@@ -303,12 +303,12 @@ class LmService:
         self.store.save(self.book)
         self._locks.pop(shed.id, None)
 
-    async def _start(self, shed: Shed) -> RpcError | None:
+    async def _start(self, shed: Shed) -> DomainError | None:
         lm = self.lms[shed.lm]
         try:
             previous = {name: v["value"] for name, v in (await lm.read(shed.points)).items()}
             prepared = lm.prepare_write({name: lm.profile.points[name].shed_value for name in shed.points})
-        except RpcError as exc:
+        except DomainError as exc:
             self._forget(shed)
             self._report_start_failure(shed, exc)
             return exc
@@ -317,7 +317,7 @@ class LmService:
         self.store.save(self.book)
         try:
             await lm.write_prepared(prepared)
-        except RpcError as exc:
+        except DomainError as exc:
             # Some points may be off already: undo through the normal (retried) restore path.
             self._report_start_failure(shed, exc)
             await self._restore(shed, "shed failed part way")
@@ -327,11 +327,11 @@ class LmService:
         self.emit_event("load.shed_started", shed.summary())
         return None
 
-    def _report_start_failure(self, shed: Shed, exc: RpcError) -> None:
+    def _report_start_failure(self, shed: Shed, exc: DomainError) -> None:
         log.error("shed %s on LM %s could not start: %s", shed.id, shed.lm, exc.message)
-        self.emit_event("load.shed_failed", {**shed.summary(), "error": exc.to_json()})
+        self.emit_event("load.shed_failed", {**shed.summary(), "error": exc})
 
-    async def _restore(self, shed: Shed, reason: str) -> dict[str, Any] | RpcError:
+    async def _restore(self, shed: Shed, reason: str) -> dict[str, Any] | DomainError:
         if shed.state == PENDING:  # nothing was written yet: cancelling is enough
             self._forget(shed)
             result = {**shed.summary(), "state": "cancelled", "reason": reason}
@@ -341,14 +341,14 @@ class LmService:
         self.store.save(self.book)
         try:
             await self.lms[shed.lm].write(shed.previous)
-        except RpcError as exc:
+        except DomainError as exc:
             retry = self.sections.shed.restore_retry
             self.book.restore_failed(shed.id, time.time(), retry)
             self.store.save(self.book)
             log.error("shed %s: restoring LM %s failed (%s); retrying every %g s", shed.id, shed.lm, exc.message, retry)
             if shed.failures == 1:  # one event per outage, not one per attempt
                 self.emit_event("load.restore_failed", {**shed.summary(), "reason": shed.restore_reason,
-                                                        "error": exc.to_json(), "retry_s": retry})
+                                                        "error": exc, "retry_s": retry})
             return exc
         self._forget(shed)
         log.info("shed %s on LM %s restored (%s)", shed.id, shed.lm, shed.restore_reason)

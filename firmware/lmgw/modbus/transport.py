@@ -24,9 +24,9 @@ from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.pdu import ModbusPDU
 
-from ..gateway.backoff import Backoff
+from ..backoff import Backoff
 from .config import BusConfig, LmConfig
-from .errors import BUS_BUSY, EXCEPTION_NAMES, LM_EXCEPTION, LM_FRAMING, LM_TIMEOUT, LM_UNREACHABLE, lm_error
+from .errors import BusBusy, DeviceException, DeviceTimeout, FramingError, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,13 @@ class Link:
         return self._queued
 
     async def transact(self, target: str, call: Call, *, timeout: float) -> ModbusPDU:
-        """Run one request/response on the wire; raise ``RpcError`` for every failure.
+        """Run one request/response on the wire; raise a ``ModbusError`` for every failure.
 
         ``target`` names the LM in error messages.  Exception responses are
-        errors too (``LM_EXCEPTION``), with the code in ``data``.
+        errors too (``DeviceException``, with the code).
         """
         if self._queued >= self.max_queue:
-            raise lm_error(BUS_BUSY, f"{self.name}: {self._queued} requests already queued; try again later",
+            raise BusBusy(f"{self.name}: {self._queued} requests already queued; try again later",
                            queued=self._queued)
         self._queued += 1
         try:
@@ -115,7 +115,7 @@ class Link:
             response = await call(client)
         except ConnectionException as exc:
             client.close()
-            raise lm_error(LM_UNREACHABLE, f"{target}: connection lost ({exc})", link=self.name) from None
+            raise Unreachable(f"{target}: connection lost ({exc})", link=self.name) from None
         except ModbusException as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -123,17 +123,14 @@ class Link:
             if self._received:
                 if self.stream:  # resynchronize the byte stream: start a fresh connection
                     client.close()
-                raise lm_error(LM_FRAMING, f"{target} answered {self._received} bytes that are not a valid "
+                raise FramingError(f"{target} answered {self._received} bytes that are not a valid "
                                "Modbus frame (CRC error, noise or wrong framing?)", link=self.name) from None
             if not client.connected:
-                raise lm_error(LM_UNREACHABLE, f"{target}: connection lost ({exc})", link=self.name) from None
-            raise lm_error(LM_TIMEOUT, f"{target} did not answer within {timeout:g} s "
+                raise Unreachable(f"{target}: connection lost ({exc})", link=self.name) from None
+            raise DeviceTimeout(f"{target} did not answer within {timeout:g} s "
                            "(powered off, wrong unit id or wiring?)", link=self.name, timeout=timeout) from None
         if response.isError():
-            code = getattr(response, "exception_code", 0)
-            name = EXCEPTION_NAMES.get(code, "unknown exception")
-            raise lm_error(LM_EXCEPTION, f"{target} refused the request: Modbus exception {code} ({name})",
-                           exception_code=code, exception=name)
+            raise DeviceException(target, getattr(response, "exception_code", 0))
         return response
 
     async def _connect(self, target: str, timeout: float) -> ModbusBaseClient:
@@ -143,7 +140,7 @@ class Link:
         wait = self._retry_at - time.monotonic()
         if wait > 0:
             # Fail fast while backing off: a dead connection must not make callers wait.
-            raise lm_error(LM_UNREACHABLE, f"{target}: {self.name} unreachable ({self._last_connect_error}); "
+            raise Unreachable(f"{target}: {self.name} unreachable ({self._last_connect_error}); "
                            f"next attempt in {wait:.1f} s", link=self.name, retry_in=round(wait, 1))
         client.ctx.comm_params.timeout_connect = timeout
         try:
@@ -157,7 +154,7 @@ class Link:
             delay = self.backoff.next_delay()
             self._retry_at = time.monotonic() + delay
             log.warning("%s: cannot connect (%s); next attempt in %.1f s", self.name, self._last_connect_error, delay)
-            raise lm_error(LM_UNREACHABLE, f"{target}: cannot open {self.name} ({self._last_connect_error})",
+            raise Unreachable(f"{target}: cannot open {self.name} ({self._last_connect_error})",
                            link=self.name, retry_in=round(delay, 1))
         self.backoff.reset()
         log.info("%s: connected", self.name)

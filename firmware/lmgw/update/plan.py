@@ -20,15 +20,15 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from ..errors import DomainError
+
 SLOTS = ("A", "B")
-UPDATE_REFUSED = -32030
-"""JSON-RPC error code of a ``gw.update`` the gateway will not carry out (the message says why)."""
 _VERSION = re.compile(r"\d+(\.\d+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class UpdateError(Exception):
-    """An update request that cannot be carried out, with the reason."""
+class UpdateError(DomainError):
+    """An update request that cannot be carried out, with the reason (``UPDATE_REFUSED`` on the channel)."""
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from ..atomicfile import write_atomically
-from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from . import rauc
 from .download import download
-from .plan import UPDATE_REFUSED, PendingUpdate, UpdateError, UpdateRequest, other_slot
+from .plan import PendingUpdate, UpdateError, UpdateRequest, other_slot
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +138,8 @@ class Updater:
             running = rauc.running_version()
             request.check(running)
             booted = (await rauc.status())["booted"]
-        except (UpdateError, rauc.RaucError) as exc:
-            raise RpcError(UPDATE_REFUSED, str(exc)) from None
+        except rauc.RaucError as exc:
+            raise UpdateError(str(exc)) from None
         record = PendingUpdate(version, running, booted, other_slot(booted), commit_timeout)
         self._task = asyncio.create_task(self._run(request, record, request.reboot_time()))
         return {"accepted": True, "version": version, "target_slot": record.target_slot}
