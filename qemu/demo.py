@@ -10,22 +10,19 @@ secure channel.  Everything is torn down at the end.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "qemu")]
-
-from rig import GATEWAY, booted_gateway, running_rig  # noqa: E402
+from rig import GATEWAY, Rig, booted_gateway, running_rig
 
 
 def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def show(rig, method: str, params: dict) -> None:
+def show(rig: Rig, method: str, params: dict[str, Any]) -> None:
     print(f"$ lmgw-dso call {GATEWAY} {method} '{json.dumps(params)}'")
     print(json.dumps(rig.call(GATEWAY, method, params), indent=2))
 

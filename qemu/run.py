@@ -13,11 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "qemu")]
+from harness import DSO_IP, DSO_PORT
+from rig import GATEWAY, running_rig
 
-from rig import GATEWAY, running_rig  # noqa: E402
-from harness import DSO_IP, DSO_PORT  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-# ruff: noqa: F811 - pytest fixtures are imported from rig and received as parameters
+# ruff: noqa: F811 - pytest fixtures are imported from fixtures and received as parameters
 """Field updates end to end in QEMU, one gateway's story in order:
 
 a bundle signed by a foreign key is refused, a downgrade is refused, a good
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO, VENV_BIN
-from rig import Rig, image, running_rig  # noqa: F401 - fixtures; rig puts qemu/ on the path
+from fixtures import Rig, image, running_rig  # noqa: F401 - fixtures; fixtures puts qemu/ on the path
 from harness import DSO_IP, DSO_PORT, Guest  # noqa: E402
 
 pytestmark = pytest.mark.qemu

@@ -1,4 +1,4 @@
-# ruff: noqa: F811 - pytest fixtures are imported from rig and received as parameters
+# ruff: noqa: F811 - pytest fixtures are imported from fixtures and received as parameters
 """End to end in QEMU: the provisioned ARMv7 image boots, reaches the DSO and
 relays commands to a Modbus TCP LM and a Modbus RTU LM; it survives a stopped
 agent, a power cut in the middle of a shed, and a revocation.
@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import VENV_BIN, free_port, process
-from rig import GATEWAY, booted, image, rig  # noqa: F401 - fixtures; rig puts qemu/ on the path
+from fixtures import GATEWAY, booted, image, rig  # noqa: F401 - fixtures; fixtures puts qemu/ on the path
 from harness import PROXY_IP, PROXY_PORT  # noqa: E402
 
 pytestmark = pytest.mark.qemu

@@ -1,7 +1,7 @@
-"""Fixtures for the QEMU tests (a module, not a conftest: tests/conftest.py is
-imported as ``conftest``).  A QEMU test rig: the provisioned image booted with the DSO, the CRL service
-and two LM simulators (Modbus TCP over user networking, Modbus RTU over a
-virtio console connected to a host pseudo-terminal) on host loopback."""
+"""The QEMU rig: the provisioned image booted with the DSO, the CRL service and two LM
+simulators (Modbus TCP over user networking, Modbus RTU over a virtio console connected
+to a host pseudo-terminal) on host loopback.  Used by ``make demo``, ``make qemu-run``
+and the QEMU tests (whose pytest fixtures are in tests/qemu/fixtures.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
+from dso_side import Pki, free_port, make_pki, process, write_toml
+from harness import CRL_PORT, DSO_IP, DSO_PORT, IMAGE_DIR, LM_IP, LM_PORT, PROXY_IP, PROXY_PORT, Guest, copy_image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "qemu"))
-
-from conftest import VENV_BIN, free_port, make_pki, process, write_toml  # noqa: E402
-from harness import (CRL_PORT, DSO_IP, DSO_PORT, IMAGE_DIR, LM_IP, LM_PORT, PROXY_IP, PROXY_PORT, Guest,  # noqa: E402
-                     copy_image)
+VENV_BIN = Path(sys.executable).parent
 
 GATEWAY = "GW-QEMU-0001"
 LM_CONFIG = f"""
@@ -51,7 +48,7 @@ unit = 7
 @dataclass
 class Rig:
     work: Path
-    pki: Any
+    pki: Pki
     dso_config: Path
     dso_port: int
     crl_port: int
@@ -103,14 +100,6 @@ class Rig:
         return Guest(disk, self.work, forwards, name=name)
 
 
-@pytest.fixture(scope="session")
-def image() -> Path:
-    disk = IMAGE_DIR / "lmgw.img"
-    if not disk.exists():
-        pytest.fail(f"{disk} is missing: `make image` builds it (`make test` does so first)")
-    return disk
-
-
 @contextlib.contextmanager
 def running_rig(work: Path, bundles_dir: Path | None = None) -> Iterator[Rig]:
     """CA, DSO, CRL/OCSP service and the TCP LM simulator on host loopback, as the guest expects them;
@@ -153,17 +142,3 @@ def booted_gateway(rig: Rig, gateway: str = GATEWAY) -> Iterator[tuple[Guest, fl
         rtu.terminate()
         rtu.wait(10)
         guest.stop()
-
-
-@pytest.fixture(scope="module")
-def rig(image, tmp_path_factory):
-    work = tmp_path_factory.mktemp("qemu")
-    with running_rig(work) as running:
-        yield running
-    print(f"rig logs and console logs kept in {work}")
-
-
-@pytest.fixture(scope="module")
-def booted(rig):
-    with booted_gateway(rig) as guest_started_rtu:
-        yield guest_started_rtu

@@ -1,0 +1,109 @@
+"""The DSO side of a bench on this host: CA, configuration files and server processes on loopback.
+
+Used by the QEMU rig (``make demo``, ``make qemu-run``) and by the test suite alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(value)
+
+
+def write_toml(path: Path, config: dict[str, Any]) -> Path:
+    """A tiny TOML writer for test configurations (tables and arrays of tables)."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in config.items() if not isinstance(v, (dict, list))]
+    for key, value in config.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list):
+            for item in value:
+                lines.append(f"\n[[{key}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Pki:
+    """A CA directory with a DSO server certificate and one gateway certificate."""
+
+    dir: Path
+    ca: Any
+    dso_key: Path
+    dso_cert: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca.cert_path
+
+    @property
+    def crl(self) -> Path:
+        return self.dir / "crl.der"
+
+    def gateway(self, gateway_id: str, **kwargs: Any) -> tuple[Path, Path]:
+        """Issue a gateway key and certificate; return their paths."""
+        issued = self.ca.issue_gateway(gateway_id, **kwargs)
+        out = self.dir / "gateways" / f"{gateway_id}-{issued.serial:x}"
+        out.mkdir(parents=True)
+        (out / "device.key").write_bytes(issued.key_pem)
+        (out / "device.crt").write_bytes(issued.cert_pem)
+        return out / "device.key", out / "device.crt"
+
+
+def make_pki(directory: Path, name: str = "LMGW Test CA") -> Pki:
+    from lmgw.pki.ca import CertificateAuthority
+
+    ca = CertificateAuthority.create(directory, name=name)
+    server = ca.issue_server("dso", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    (directory / "dso.key").write_bytes(server.key_pem)
+    (directory / "dso.crt").write_bytes(server.cert_pem)
+    ca.publish_crl()
+    return Pki(directory, ca, directory / "dso.key", directory / "dso.crt")
+
+
+@contextlib.contextmanager
+def process(args: list[str], log: Path, ready: Callable[[str], bool] | None = None, timeout: float = 20.0,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A real server process, its output kept in ``log``; killed at the end."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while ready is not None and not ready(log.read_text(errors="replace")):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{args[0]} not ready after {timeout} s:\n{log.read_text(errors='replace')}")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
