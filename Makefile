@@ -20,7 +20,7 @@ IMAGE := build/image/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader -type f \
 	-not -name '*.pyc' 2>/dev/null)
 
-.PHONY: deps host-packages demo demo-host test bench clean image qemu-run bundle
+.PHONY: deps host-packages demo demo-host test lint bench clean image qemu-run bundle
 
 deps: host-packages $(VENV)/.stamp $(MITM_VENV)/.stamp
 
@@ -56,8 +56,13 @@ qemu-run: deps image
 demo-host: deps
 	qemu/demo_host.sh
 
-test: deps image
+test: deps lint image
 	$(VENV)/bin/pytest tests
+
+# Strict checks of the package, run by `make test` before the tests (CI enforces them).
+lint: deps
+	$(VENV)/bin/ruff check firmware/lmgw
+	cd firmware && ../$(VENV)/bin/mypy lmgw
 
 # Rebuilt when the package, overlay, layout or builder change; downloads are cached in build/cache.
 image: deps $(IMAGE)

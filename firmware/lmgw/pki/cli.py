@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"revoked {', '.join(f'{s:x}' for s in serials)} ({args.reason}); CRL published")
     elif args.command == "crl":
         crl = ca.publish_crl(days=args.days)
-        print(f"CRL published, next update {crl.next_update_utc.isoformat()}")
+        print(f"CRL published, next update {crl.next_update_utc.isoformat() if crl.next_update_utc else 'never'}")
     elif args.command == "list":
         rows = ca.inventory_rows()
         if args.json:

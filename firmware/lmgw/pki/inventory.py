@@ -47,7 +47,7 @@ class Inventory:
                        (when.isoformat(), reason, f"{serial:x}"))
 
     def find(self, *, common_name: str | None = None, serial: int | None = None) -> list[dict[str, Any]]:
-        query, args = "SELECT * FROM certificate", ()
+        query, args = "SELECT * FROM certificate", tuple[str, ...]()
         if common_name is not None:
             query, args = query + " WHERE common_name = ?", (common_name,)
         elif serial is not None:
