@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lmgw  # noqa: F401  first: points OPENSSL_CONF at lmgw's TLS policy before asyncio loads OpenSSL
 import asyncio
 import contextlib
 import shutil

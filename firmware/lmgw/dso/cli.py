@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmgw-dso: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        asyncio.run(_serve(config))
+        try:
+            asyncio.run(_serve(config))
+        except ConfigError as exc:  # e.g. lmgw.tls.TlsPolicyError
+            print(f"lmgw-dso: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "update":
         try:
