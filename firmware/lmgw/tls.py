@@ -37,8 +37,8 @@ class TlsPolicyError(ConfigError):
 def _policy_error(problem: str) -> TlsPolicyError:
     conf = os.environ.get("OPENSSL_CONF", "(unset)")
     return TlsPolicyError(
-        f"TLS key exchange is not restricted to {'/'.join(ALLOWED_GROUPS.values())}: {problem}; OPENSSL_CONF={conf} must be "
-        f"or .include {OPENSSL_POLICY} and be set before the process first uses OpenSSL")
+        f"TLS key exchange is not restricted to {'/'.join(ALLOWED_GROUPS.values())}: {problem}; "
+        f"OPENSSL_CONF={conf} must be or .include {OPENSSL_POLICY} and be set before the process first uses OpenSSL")
 
 
 def _client_offers(context: ssl.SSLContext) -> list[int]:
