@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
 from conftest import free_port, gateway_config, running_dso, running_gateway, wait_until
+from lmgw.gateway.connection import ChannelState
 from lmgw.pki.http import PkiHttpServer
 from lmgw.revocation import RevocationError, ocsp_status
 
@@ -40,7 +41,10 @@ def test_dso_revoked_after_the_last_crl_is_refused_through_ocsp(pki, tmp_path, r
             config["crl"] = {"ocsp_url": responder}
             pki.ca.revoke(serial=dso_certificate(pki).serial_number, reason="keyCompromise")
             async with running_gateway(config, tmp_path) as agent:
-                await wait_until(lambda: agent.outbox.pending(), what="security event")
+                # Wait for the state (refused, waiting to retry), not for the event: the DSO must
+                # never have seen this gateway, whatever the reconnect timing.
+                await wait_until(lambda: agent.channel.state is ChannelState.BACKING_OFF
+                                 and "says revoked" in (agent.channel.last_failure or ""), what="OCSP refusal")
                 event = agent.outbox.pending()[0]
                 assert event["kind"] == "security.dso_certificate_rejected"
                 assert event["details"]["reason"] == f"OCSP responder {responder} says revoked"

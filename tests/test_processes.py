@@ -49,7 +49,9 @@ def test_operator_cli_and_clean_shutdown_on_sigterm(tmp_path):
             gateway.send_signal(signal.SIGTERM)
             assert gateway.wait(15) == 0
         wait_for(lambda: "gateway GW-CLI disconnected (code 1001)" in (tmp_path / "dso.log").read_text(), what="clean close")
-        assert "stopped" in (tmp_path / "gateway.log").read_text()
+        gateway_log = (tmp_path / "gateway.log").read_text()
+        assert "channel to DSO closed: code 1001 (gateway shutting down)" in gateway_log and "stopped" in gateway_log
+        assert "reconnecting" not in gateway_log and "code None" not in gateway_log
 
         with process([str(VENV_BIN / "lmgw-gateway"), "--config", str(gw_config)], tmp_path / "gateway2.log",
                      ready=lambda log: "connected to DSO" in log):

@@ -16,7 +16,7 @@ from lmgw.jsonrpc import RpcError
 from lmgw.tls import client_context
 from lmgw.update import rauc
 from lmgw.update.download import RESERVE_BYTES, check_space, download
-from lmgw.update.plan import PendingUpdate, UpdateError, UpdateRequest, parse_version
+from lmgw.update.plan import PendingUpdate, UpdateError, UpdatePhase, UpdateRequest, parse_version
 
 SHA = "ab" * 32
 
@@ -74,7 +74,7 @@ def test_pending_update_survives_the_reboot_and_tells_commit_from_rollback():
     record = PendingUpdate("1.2.0", "1.1.0", "A", "B", 300)
     again = PendingUpdate.from_json(record.to_json())
     assert again == record
-    assert again.after_boot("B") == "awaiting_commit" and again.after_boot("A") == "rolled_back"
+    assert again.booted_new_slot("B") and not again.booted_new_slot("A")
     assert record.guard_file() == "target=B\ntimeout=300\n"
     with pytest.raises(ValueError):
         PendingUpdate.from_json(json.dumps(json.loads(record.to_json()) | {"target_slot": "C"}))
@@ -153,7 +153,7 @@ def test_gateway_without_ab_slots_refuses_an_update_clearly(pki, tmp_path):
                                                             "size": 10})
                 assert refused.value.code == RpcCode.UPDATE_REFUSED
                 assert "no A/B slots (RAUC not configured)" in refused.value.message
-                assert agent.updater.phase == "idle"
+                assert agent.updater.phase is UpdatePhase.IDLE
 
     asyncio.run(scenario())
 
@@ -163,7 +163,7 @@ def test_gw_update_applies_the_documented_defaults(tmp_path):
     from lmgw.update.updater import Updater
 
     table = MethodTable()
-    Updater(tmp_path, lambda kind, details: None, lambda: None).register(table)  # type: ignore[arg-type,return-value]
+    Updater(tmp_path, lambda kind, details: None, lambda: None, None).register(table)  # type: ignore[arg-type,return-value]
     spec = table._methods["gw.update"].params
     values = validate(spec, {"url": "https://x/b.raucb", "version": "1.0", "sha256": SHA, "size": 1})
     assert values["allow_downgrade"] is False and values["reboot_at"] is None and values["commit_timeout"] == 600

@@ -51,6 +51,8 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001
     """The gateway is shutting down (SIGTERM)."""
     MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    """Either end: the peer did not answer keepalive pings in time, or an unexpected failure."""
     REVOKED = 4001
     """DSO: the gateway's certificate was revoked while connected."""
     REPLACED = 4002

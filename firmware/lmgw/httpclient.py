@@ -52,9 +52,12 @@ async def open_request(url: str, *, method: str = "GET", body: bytes | None = No
         raise OSError(str(exc)) from None
     try:
         if secure:
-            sock = await open_tunnel(proxy, target.hostname, port, user_agent=user_agent) if proxy else None
-            where = {"sock": sock} if sock else {"host": target.hostname, "port": port}
-            reader, writer = await asyncio.open_connection(ssl=tls, server_hostname=target.hostname, **where)
+            if proxy:
+                sock = await open_tunnel(proxy, target.hostname, port, user_agent=user_agent)
+                reader, writer = await asyncio.open_connection(sock=sock, ssl=tls, server_hostname=target.hostname)
+            else:
+                reader, writer = await asyncio.open_connection(target.hostname, port, ssl=tls,
+                                                               server_hostname=target.hostname)
         elif via is not None:
             path = url  # absolute URI through a forward proxy
             headers += via.authorization()

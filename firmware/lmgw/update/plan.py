@@ -3,8 +3,8 @@
 A field update goes through these phases, each recorded in the gateway's
 data directory so that it survives the reboot it ends with:
 
-    downloading -> installing -> installed (reboot) -> committed
-                                                    -> rolled back
+    idle -> downloading -> installing -> installed (reboot) -> awaiting_commit -> idle (committed)
+                                                           -> idle (rolled back)
 
 After the reboot the gateway compares the slot it booted with the slot the
 update was written to: the same slot means the update waits for its health
@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from enum import IntEnum
 from typing import Any
 
 from ..errors import DomainError
@@ -29,6 +30,30 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 class UpdateError(DomainError):
     """An update request that cannot be carried out, with the reason (``UPDATE_REFUSED`` on the channel)."""
+
+
+class UpdatePhase(IntEnum):
+    """Where the field update stands; ``gw.status`` and ``state.json`` spell it ``label``."""
+
+    IDLE = 0
+    DOWNLOADING = 1
+    INSTALLING = 2
+    """Recorded before RAUC writes the slot: found again after a boot, the install was interrupted."""
+    INSTALLED = 3
+    """Recorded once RAUC is done: the next boot runs the new slot or fell back to the old one."""
+    AWAITING_COMMIT = 4
+    """The new slot booted; it is committed once it reached the DSO and passed its self-check."""
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> UpdatePhase:
+        try:
+            return cls[label.upper()]
+        except KeyError:
+            raise ValueError(f"unknown update phase {label!r}") from None
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -74,7 +99,6 @@ class UpdateRequest:
             raise UpdateError(f"version {self.version} is older than the running {running_version}: "
                               "a downgrade needs allow_downgrade=true")
 
-
     def reboot_time(self) -> datetime | None:
         """``reboot_at`` as a time, None for "right after installing"."""
         if self.reboot_at is None:
@@ -113,6 +137,6 @@ class PendingUpdate:
         """The file the root deadline guard reads (overlay/usr/libexec/lmgw/slot-guard)."""
         return f"target={self.target_slot}\ntimeout={self.commit_timeout}\n"
 
-    def after_boot(self, booted_slot: str) -> str:
-        """``"awaiting_commit"`` if the update's slot booted, else ``"rolled_back"``."""
-        return "awaiting_commit" if booted_slot == self.target_slot else "rolled_back"
+    def booted_new_slot(self, booted_slot: str) -> bool:
+        """True if the update's slot booted (it awaits its commit); False if the old slot came back (rollback)."""
+        return booted_slot == self.target_slot

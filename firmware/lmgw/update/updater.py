@@ -3,7 +3,7 @@
 Files in ``<data_dir>/update/`` (the data partition survives every update):
 
 - ``bundle.raucb``: the downloaded bundle, removed once installed;
-- ``state.json``: the update in progress (:class:`PendingUpdate` plus phase);
+- ``state.json``: the update in progress (:class:`PendingUpdate` plus its phase label);
 - ``pending``: what the root deadline guard reads (``slot-guard``);
 - ``rollback-reason``: written by that guard when it rolls back.
 
@@ -28,7 +28,8 @@ from ..atomicfile import write_atomically
 from ..methods import MethodTable, Param
 from . import rauc
 from .download import download
-from .plan import PendingUpdate, UpdateError, UpdateRequest, other_slot
+from .plan import PendingUpdate, UpdateError, UpdatePhase, UpdateRequest, other_slot
+from .selfcheck import SelfCheck
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,30 @@ Transport = Callable[[], tuple[ssl.SSLContext, str | None, str]]
 
 
 class Updater:
-    def __init__(self, data_dir: Path, emit_event: EmitEvent, transport: Transport,
+    def __init__(self, data_dir: Path, emit_event: EmitEvent, transport: Transport, self_check: SelfCheck,
                  reboot_request: Path = REBOOT_REQUEST) -> None:
         self.dir = data_dir / "update"
         self.emit_event = emit_event
         self.transport = transport
+        self.self_check = self_check
         self.reboot_request = reboot_request
         self.awaiting_commit: PendingUpdate | None = None
-        self.phase = "idle"
+        self.phase = UpdatePhase.IDLE
         self._task: asyncio.Task[None] | None = None
+
+    def _enter(self, phase: UpdatePhase, record: PendingUpdate, note: str = "") -> None:
+        """The one place the update phase changes: it is logged, and the phases a reboot must find are
+        recorded in ``state.json`` (INSTALLING also tells the deadline guard); IDLE clears the record."""
+        if phase is UpdatePhase.INSTALLING:
+            self._write_state(record, phase)
+            write_atomically(self.dir / "pending", record.guard_file().encode())
+        elif phase is UpdatePhase.INSTALLED:
+            self._write_state(record, phase)
+        elif phase is UpdatePhase.IDLE:
+            self._clear()
+        self.phase = phase
+        self.awaiting_commit = record if phase is UpdatePhase.AWAITING_COMMIT else None
+        log.info("field update to %s: %s%s", record.version, phase.label, f" ({note})" if note else "")
 
     def register(self, methods: MethodTable) -> None:
         methods.add("gw.update", self._update, [
@@ -72,31 +88,27 @@ class Updater:
         record, phase = state
         booted = (await rauc.status())["booted"]
         running = rauc.running_version()
-        if phase == "installing":
-            self._finish("update.failed", {
+        if phase is UpdatePhase.INSTALLING:
+            self._finish(record, "update.failed", {
                 "version": record.version, "running_version": running, "slot": booted,
                 "reason": "installation interrupted (power loss or reboot); the previous firmware still runs"})
-        elif record.after_boot(booted) == "awaiting_commit":
-            self.awaiting_commit, self.phase = record, "awaiting_commit"
-            log.info("firmware %s in slot %s awaits its commit: DSO connection and self-check within %d s of boot",
-                     record.version, booted, record.commit_timeout)
+        elif record.booted_new_slot(booted):
+            self._enter(UpdatePhase.AWAITING_COMMIT, record,
+                        f"slot {booted}: DSO connection and self-check within {record.commit_timeout} s of boot")
         else:
             reason = self._read("rollback-reason") or (
                 f"slot {record.target_slot} did not come up (boot attempts used up or watchdog resets)")
             log.error("field update to %s rolled back to slot %s (version %s): %s", record.version, booted, running, reason)
-            self._finish("update.rolled_back", {
+            self._finish(record, "update.rolled_back", {
                 "version": record.version, "running_version": running, "slot": booted, "reason": reason})
 
-    async def connected(self, self_check: Callable[[], list[str]]) -> None:
-        """The DSO accepted ``gw.hello``; an update awaiting its commit is committed if ``self_check`` finds
-        no problem (it runs only then)."""
+    async def connected(self) -> None:
+        """The DSO accepted ``gw.hello``; an update awaiting its commit is committed if the self-check
+        finds no problem (it runs only then)."""
         record = self.awaiting_commit
         if record is None:
             return
-        problems = self_check()
-        running = rauc.running_version()
-        if running != record.version:
-            problems.append(f"slot runs version {running}, the update installed {record.version}")
+        problems = self.self_check.problems(record.version, rauc.running_version(), datetime.now(timezone.utc))
         if problems:
             log.error("firmware %s not committed, self-check failed: %s; the deadline guard will roll back",
                       record.version, "; ".join(problems))
@@ -108,16 +120,15 @@ class Updater:
         except (rauc.RaucError, OSError) as exc:
             log.error("firmware %s not committed: %s; retried on the next connection", record.version, exc)
             return
-        self.awaiting_commit = None
         log.info("firmware %s committed in slot %s", record.version, record.target_slot)
-        self._finish("update.committed", {"version": record.version, "from_version": record.from_version,
-                                          "slot": record.target_slot})
+        self._finish(record, "update.committed", {"version": record.version, "from_version": record.from_version,
+                                                  "slot": record.target_slot})
 
     # -- gw.update ------------------------------------------------------------------
 
     async def describe(self) -> dict[str, Any]:
         """Firmware part of ``gw.status``: running version, booted slot, both slots' versions."""
-        info: dict[str, Any] = {"version": rauc.running_version(), "update": self.phase}
+        info: dict[str, Any] = {"version": rauc.running_version(), "update": self.phase.label}
         if rauc.available():
             try:
                 info.update(await rauc.status())
@@ -132,7 +143,7 @@ class Updater:
             if not rauc.available():
                 raise UpdateError("this gateway has no A/B slots (RAUC not configured): it cannot be updated in the field")
             if self._task is not None and not self._task.done():
-                raise UpdateError(f"an update is already in progress ({self.phase})")
+                raise UpdateError(f"an update is already in progress ({self.phase.label})")
             if self.awaiting_commit is not None:
                 raise UpdateError(f"firmware {self.awaiting_commit.version} is not committed yet")
             running = rauc.running_version()
@@ -148,23 +159,20 @@ class Updater:
         self.dir.mkdir(exist_ok=True)
         bundle = self.dir / "bundle.raucb"
         try:
-            self.phase = "downloading"
+            self._enter(UpdatePhase.DOWNLOADING, record, request.url)
             tls, proxy, user_agent = self.transport()
             await download(request, bundle, tls=tls, proxy=proxy, user_agent=user_agent,
-                           on_percent=self._progress("downloading", request.version))
-            self.phase = "installing"
-            self._write_state(record, "installing")
-            write_atomically(self.dir / "pending", record.guard_file().encode())
-            await rauc.install(bundle, self._progress("installing", request.version))
-            self._write_state(record, "installed")
+                           on_percent=self._progress(UpdatePhase.DOWNLOADING, request.version))
+            self._enter(UpdatePhase.INSTALLING, record, f"slot {record.target_slot}")
+            await rauc.install(bundle, self._progress(UpdatePhase.INSTALLING, request.version))
+            self._enter(UpdatePhase.INSTALLED, record, f"slot {record.target_slot}")
         except (UpdateError, rauc.RaucError, OSError) as exc:
             log.error("field update to %s failed: %s", request.version, exc)
-            self._finish("update.failed", {"version": request.version, "running_version": record.from_version,
-                                           "slot": record.from_slot, "reason": str(exc)})
+            self._finish(record, "update.failed", {"version": request.version, "running_version": record.from_version,
+                                                   "slot": record.from_slot, "reason": str(exc)})
             return
         finally:
             bundle.unlink(missing_ok=True)
-        self.phase = "installed"
         self.emit_event("update.installed", {"version": request.version, "slot": record.target_slot,
                                              "reboot_at": (reboot_time or datetime.now(timezone.utc)).isoformat()})
         if reboot_time is not None:
@@ -172,7 +180,7 @@ class Updater:
         log.info("rebooting into slot %s for firmware %s", record.target_slot, request.version)
         self.reboot_request.touch()
 
-    def _progress(self, phase: str, version: str) -> Callable[[int], None]:
+    def _progress(self, phase: UpdatePhase, version: str) -> Callable[[int], None]:
         """Report every PROGRESS_STEP percent, not every chunk."""
         last = -PROGRESS_STEP
 
@@ -180,21 +188,21 @@ class Updater:
             nonlocal last
             if percent >= last + PROGRESS_STEP:
                 last = percent - percent % PROGRESS_STEP
-                self.emit_event("update.progress", {"version": version, "phase": phase, "percent": last})
+                self.emit_event("update.progress", {"version": version, "phase": phase.label, "percent": last})
         return report
 
     # -- the state files ----------------------------------------------------------
 
-    def _write_state(self, record: PendingUpdate, phase: str) -> None:
-        data = json.loads(record.to_json()) | {"phase": phase}
+    def _write_state(self, record: PendingUpdate, phase: UpdatePhase) -> None:
+        data = json.loads(record.to_json()) | {"phase": phase.label}
         write_atomically(self.dir / "state.json", json.dumps(data).encode())
 
-    def _read_state(self) -> tuple[PendingUpdate, str] | None:
+    def _read_state(self) -> tuple[PendingUpdate, UpdatePhase] | None:
         text = self._read("state.json")
         if text is None:
             return None
         try:
-            return PendingUpdate.from_json(text), json.loads(text)["phase"]
+            return PendingUpdate.from_json(text), UpdatePhase.from_label(json.loads(text)["phase"])
         except (ValueError, KeyError, TypeError) as exc:
             log.error("update record %s unreadable, discarded: %s", self.dir / "state.json", exc)
             self._clear()
@@ -206,10 +214,10 @@ class Updater:
         except FileNotFoundError:
             return None
 
-    def _finish(self, kind: str, details: dict[str, Any]) -> None:
-        self.phase = "idle"
+    def _finish(self, record: PendingUpdate, kind: str, details: dict[str, Any]) -> None:
+        """Report the outcome, then forget the update."""
         self.emit_event(kind, details)
-        self._clear()
+        self._enter(UpdatePhase.IDLE, record, kind)
 
     def _clear(self) -> None:
         for name in ("state.json", "pending", "rollback-reason"):
