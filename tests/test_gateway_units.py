@@ -143,3 +143,34 @@ def test_clock_before_the_build_date_is_not_plausible(tmp_path):
     assert build_date(tmp_path / "missing") is None and clock_plausible(datetime(1970, 1, 1, tzinfo=timezone.utc), None)
     stamp.write_text("garbage")
     assert build_date(stamp) is None
+
+
+def test_a_repeated_failure_is_reported_once_until_the_channel_is_up(tmp_path):
+    import asyncio
+
+    from lmgw.gateway.delivery import EventDelivery
+
+    delivery = EventDelivery(Outbox(tmp_path))
+    for _ in range(3):
+        delivery.emit_once("interception:abc", "security.tls_interception_suspected", {"n": 1})
+    delivery.emit_once("rejected:1", "security.dso_certificate_rejected", {"n": 2})
+    delivery.emit_once("interception:abc", "security.tls_interception_suspected", {"n": 3})
+    assert [e["details"]["n"] for e in delivery.outbox.pending()] == [1, 2, 3]
+
+    class Closed:
+        async def call(self, method, params):
+            from lmgw.jsonrpc import RpcError
+
+            raise RpcError(-32001, "closed")
+
+    asyncio.run(delivery.deliver(Closed()))  # type: ignore[arg-type]  # a connection that closes at once
+    delivery.emit_once("interception:abc", "security.tls_interception_suspected", {"n": 4})
+    assert len(delivery.outbox.pending()) == 4
+
+
+def test_close_reasons_fit_a_close_frame():
+    from lmgw.gateway.connection import MAX_CLOSE_REASON, _fit
+
+    assert _fit("short") == "short"
+    long = _fit("DSO refused gw.hello: " + "é" * 200)
+    assert len(long.encode()) <= MAX_CLOSE_REASON and long.endswith("...")

@@ -222,3 +222,28 @@ def test_a_slow_gateway_gets_the_whole_bundle(pki, tmp_path):
             return received
 
     assert asyncio.run(scenario()) == payload
+
+
+def test_update_phases_keep_their_labels_on_disk_and_in_gw_status():
+    assert [phase.label for phase in UpdatePhase] == ["idle", "downloading", "installing", "installed", "awaiting_commit"]
+    assert all(UpdatePhase.from_label(phase.label) is phase for phase in UpdatePhase)
+    with pytest.raises(ValueError, match="unknown update phase"):
+        UpdatePhase.from_label("rebooting")
+
+
+def test_self_check_names_every_problem(pki, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+
+    from lmgw.update.selfcheck import SelfCheck
+
+    _, cert_file = pki.gateway("GW-SELF")
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    now = datetime.now(timezone.utc)
+    data = tmp_path / "data"
+    data.mkdir()
+    assert SelfCheck(cert, data, lambda: True).problems("1.2.0", "1.2.0", now) == []
+    problems = SelfCheck(cert, tmp_path / "missing", lambda: False).problems("1.2.0", "1.1.0", now + timedelta(days=9999))
+    assert [p.split(" ")[0] for p in problems] == ["slot", "device", "no", "data"]
+    assert not list(data.iterdir())  # the write probe leaves nothing behind
