@@ -13,6 +13,8 @@ APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test mmdebs
 # Field updates: RAUC on the host builds and signs bundles (make bundle).
 APT_PACKAGES += rauc
 APT_PACKAGES += socat
+# Benchmark: `make bench` counts IP bytes on the gateway<->DSO connection with a packet capture.
+APT_PACKAGES += tcpdump
 # Buildroot tree: host tools for `make buildroot` and utils/check-package (`make buildroot-check`).
 APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools
 
@@ -78,6 +80,11 @@ bundle: image
 
 bench: deps
 	$(PY) tests/bench/run.py
+
+# The IP-level part of `make bench` alone (LMGW_BENCH_IDLE_S=120 LMGW_BENCH_LOAD_S=60 by default).
+.PHONY: bench-wire
+bench-wire: deps
+	$(PY) tests/bench/bench_wire.py
 
 clean:
 	rm -rf $(VENV) $(MITM_VENV) build

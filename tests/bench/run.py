@@ -2,7 +2,8 @@
 
 1. Bytes on the wire (TLS level) per gateway at the paper's load of 4 calls/s
    with realistic payloads (``lm.read`` of an LM simulator when available),
-   beside the paper's 43.39 kbps.
+   beside the paper's 43.39 kbps; then the IP level from a packet capture
+   (``bench_wire.py``: idle, per call, 4 calls/s, MB/month of a duty cycle).
 2. DSO calls/s across N concurrent gateways, and in the same run a bare
    websockets echo server over the same mTLS setup.
 3. mTLS + WebSocket handshakes/s against the DSO (revocation check included).
@@ -306,6 +307,9 @@ async def main(args: argparse.Namespace) -> None:
         work = Path(tmp)
         lines: list[str] = []
         lines += await bench_wire(work, args.seconds * 2)
+        if not args.skip_wire_ip:
+            sys.path.insert(0, str(HERE))
+            lines += await importlib.import_module("bench_wire").run(work)
         lines += await bench_throughput(work, args.gateways, args.seconds)
         lines += await bench_handshakes(work, args.seconds)
         lines += await bench_capacity(work, args.capacity)
@@ -323,6 +327,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--gateways", type=int, default=100)
     parser.add_argument("--capacity", type=int, default=2000)
+    parser.add_argument("--skip-wire-ip", action="store_true", help="skip the packet capture (minutes: LMGW_BENCH_IDLE_S)")
     parser.add_argument("--role", choices=["gateways", "echo", "idle"])
     parser.add_argument("--work")
     parser.add_argument("--port", type=int)
