@@ -12,6 +12,7 @@ estimate for a stated duty cycle.  Prints figures, asserts nothing about time.
 
 from __future__ import annotations
 
+import lmgw  # noqa: F401  first: points OPENSSL_CONF at lmgw's TLS policy before asyncio loads OpenSSL
 import asyncio
 import contextlib
 import json

@@ -14,6 +14,7 @@ Each figure that needs two sides runs them in two processes, as in the field.
 
 from __future__ import annotations
 
+import lmgw  # noqa: F401  first: points OPENSSL_CONF at lmgw's TLS policy before asyncio loads OpenSSL
 import argparse
 import asyncio
 import importlib
