@@ -18,13 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.asyncio.server import ServerConnection, serve
 
 from conftest import gateway_config, running_gateway, wait_until
+from test_ocsp import responder  # noqa: F401 - the OCSP responder fixture
 from lmgw.codes import CloseCode
 from lmgw.gateway.connection import ChannelState
 from lmgw.gateway.trust import INTERCEPTED, INVALID, signed_by, unverified_server
 from lmgw.tls import server_context
 
 
-def forged_ca(pki, directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def forged_ca(pki) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A CA that copies the LMGW CA's name (what a careful interceptor does), with its own key."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
@@ -38,7 +39,7 @@ def forged_ca(pki, directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Ce
 
 def forged_server_cert(pki, directory: Path) -> tuple[Path, Path, x509.Certificate]:
     """The DSO's own subject and names, issued by the same-named forged CA: key and certificate files."""
-    ca_key, ca_cert = forged_ca(pki, directory)
+    ca_key, ca_cert = forged_ca(pki)
     real = x509.load_pem_x509_certificate(pki.dso_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
@@ -146,19 +147,8 @@ def test_genuine_certificate_for_another_name_is_reported_as_invalid(pki, tmp_pa
 # -- A16: trust is decided before the WebSocket upgrade -------------------------------------------
 
 
-@pytest.fixture
-def responder(pki):
-    from lmgw.pki.http import PkiHttpServer
-
-    server = PkiHttpServer(pki.ca, "127.0.0.1", 0)
-    server.start_in_thread()
-    yield f"{server.url}/ocsp"
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("check", ["crl", "ocsp"])
-def test_a_revoked_dso_never_receives_the_upgrade_request(pki, tmp_path, responder, check):
+def test_a_revoked_dso_never_receives_the_upgrade_request(pki, tmp_path, responder, check):  # noqa: F811
     """The DSO's own TLS listener with its real certificate: it must see the TLS handshake and nothing else."""
     serial = x509.load_pem_x509_certificate(pki.dso_cert.read_bytes()).serial_number
 
