@@ -44,7 +44,7 @@ def other_pki(tmp_path: Path) -> Pki:
 
 @contextlib.asynccontextmanager
 async def running_dso(pki: Pki, tmp_path: Path, *, port: int = 0, bundles_dir: Path | None = None,
-                      **channel: Any) -> AsyncIterator[Any]:
+                      events: dict[str, Any] | None = None, **channel: Any) -> AsyncIterator[Any]:
     from lmgw.dso.api import start_api
     from lmgw.dso.config import DsoConfig
     from lmgw.dso.server import DsoServer
@@ -56,6 +56,7 @@ async def running_dso(pki: Pki, tmp_path: Path, *, port: int = 0, bundles_dir: P
         "api": {"socket": tmp_path / "dso-api.sock", "events_file": tmp_path / "dso-events.jsonl"},
         "channel": {"call_timeout": 5, "ping_interval": 20, **channel},
         **({"updates": {"bundles_dir": bundles_dir}} if bundles_dir else {}),
+        **({"events": events} if events else {}),
     })
     server = DsoServer(DsoConfig.load(config_file))
     await server.start()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lmgw.codes import RpcCode
-from lmgw.jsonrpc import Ignored, Notification, Peer, Reply, Request, Response, RpcError
+from lmgw.jsonrpc import Busy, Ignored, Notification, Peer, Reply, Request, Response, RpcError
 
 
 def error_of(event):
@@ -63,6 +63,25 @@ def test_too_many_calls_in_flight_refused():
     with pytest.raises(RpcError) as info:
         caller.call("c", {})
     assert info.value.code == RpcCode.INTERNAL_ERROR
+
+
+def test_calls_past_the_serving_bound_are_refused_and_answers_still_pass():
+    """Issue 9 A1: a peer calling without waiting costs at most ``max_serving`` calls being served."""
+    caller, callee = Peer(), Peer(max_serving=2)
+    served = [callee.receive(caller.call("m", {"n": n})[1]) for n in range(2)]
+    assert all(isinstance(event, Request) for event in served) and callee.serving == 2
+    refused = [callee.receive(caller.call("m", {"n": n})[1]) for n in (2, 3)]
+    assert [event.refused for event in refused] == [1, 2]
+    errors = [caller.receive(event.text).error for event in refused]
+    assert {e.code for e in errors} == {RpcCode.TOO_MANY_CALLS} and errors[0].data == {"max_in_flight": 2}
+    dropped = callee.receive(caller.notify("m", {}))
+    assert isinstance(dropped, Busy) and dropped.text is None
+    # the callee's own calls are answered whatever its serving count
+    request_id, frame = callee.call("back", {})
+    assert callee.receive(caller.result(caller.receive(frame).id, "ok")) == Response(request_id, "back", result="ok")
+    assert callee.finished() == 3  # refusals of the episode, reported once
+    assert callee.finished() == 0 and callee.serving == 0
+    assert isinstance(callee.receive(caller.call("m", {})[1]), Request)
 
 
 def test_notification_has_no_id():

@@ -6,6 +6,11 @@ frames into events and calls into text frames; it never touches a socket or
 a clock, so it is tested without I/O.
 
 Batches are not supported: a JSON array is answered with ``RpcCode.INVALID_REQUEST``.
+
+The peer's calls being served are bounded (``max_serving``): past the bound a
+call is refused at once with ``RpcCode.TOO_MANY_CALLS`` (a notification is
+dropped), so a peer that calls without waiting for answers costs bounded memory
+while its answers to our own calls are still read.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from .codes import RpcCode
 JSONRPC = "2.0"
 
 MAX_ID_LENGTH = 64
+MAX_SERVING = 32
+"""The peer's calls (and notifications) being served at once on one connection, by default."""
 
 RequestId = Union[str, int]
 
@@ -79,13 +86,24 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """A call refused because ``max_serving`` calls are being served; send ``text`` (None: a notification).
+
+    ``refused`` counts the refusals since the bound was reached, so the edge logs the first one only.
+    """
+
+    text: str | None
+    refused: int
+
+
+@dataclass(frozen=True)
 class Ignored:
     """A frame that needs no answer and matched nothing (late or stray response)."""
 
     reason: str
 
 
-Event = Union[Request, Notification, Response, Reply, Ignored]
+Event = Union[Request, Notification, Response, Reply, Busy, Ignored]
 
 
 def encode(message: dict[str, Any]) -> str:
@@ -111,11 +129,16 @@ class Peer:
 
     ``call`` returns the frame to send; ``receive`` turns an incoming frame
     into an event.  Deadlines belong to the caller: when it stops waiting it
-    calls ``cancel`` so that a late answer is ignored.
+    calls ``cancel`` so that a late answer is ignored.  Every ``Request`` and
+    ``Notification`` that ``receive`` returns holds a place among ``max_serving``
+    until the edge calls ``finished``.
     """
 
     max_pending: int = 1024
-    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    max_serving: int = MAX_SERVING
+    _serving: int = 0
+    _refused: int = 0
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _pending: dict[RequestId, str] = field(default_factory=dict)
 
     # -- outgoing ---------------------------------------------------------
@@ -151,6 +174,20 @@ class Peer:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def serving(self) -> int:
+        return self._serving
+
+    def finished(self) -> int:
+        """A call that ``receive`` returned has been answered: free its place.
+
+        Returns how many calls were refused while the bound was reached, once, when the
+        first place frees up after refusals (0 otherwise), so the edge can log the episode.
+        """
+        self._serving -= 1
+        refused, self._refused = self._refused, 0
+        return refused
+
     # -- incoming ---------------------------------------------------------
 
     def receive(self, frame: str | bytes) -> Event:
@@ -172,7 +209,7 @@ class Peer:
         return Reply(error_frame(_id_or_none(message), RpcError(RpcCode.INVALID_REQUEST, 'frame has neither "method" nor "result"/"error"')))
 
     def _receive_call(self, message: dict[str, Any]) -> Event:
-        request_id = message.get("id")
+        request_id: Any = message.get("id")
         has_id = "id" in message
         if has_id and not _valid_id(request_id):
             return Reply(error_frame(None, RpcError(RpcCode.INVALID_REQUEST, f'"id" must be an integer or a string of 1 to {MAX_ID_LENGTH} characters')))
@@ -182,6 +219,12 @@ class Peer:
         params = message.get("params", {})
         if not isinstance(params, dict):
             return self._bad_call(has_id, request_id, RpcError(RpcCode.INVALID_PARAMS, '"params" must be an object (named parameters)'))
+        if self._serving >= self.max_serving:
+            self._refused += 1
+            busy = RpcError(RpcCode.TOO_MANY_CALLS, f"{self._serving} of your calls are in flight, the most this end serves "
+                            "at once: wait for answers before calling again", {"max_in_flight": self.max_serving})
+            return Busy(error_frame(request_id, busy) if has_id else None, self._refused)
+        self._serving += 1
         if not has_id:
             return Notification(method, params)
         return Request(request_id, method, params)
@@ -193,7 +236,7 @@ class Peer:
         return Reply(error_frame(request_id, error))
 
     def _receive_response(self, message: dict[str, Any]) -> Event:
-        request_id = message.get("id")
+        request_id: Any = message.get("id")
         if not _valid_id(request_id):
             return Ignored(f"response with unusable id {request_id!r}: {message.get('error')!r}")
         method = self._pending.pop(request_id, None)

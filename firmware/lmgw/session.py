@@ -4,6 +4,15 @@
 peer's calls concurrently (several may be in flight) and resolving our own.
 Every outgoing call has a timeout; on close, calls in flight fail with
 ``NOT_CONNECTED``.
+
+Memory per connection is bounded whatever the peer does: at most
+``max_calls`` of its calls are served at once (one task each); past that the
+reader answers ``TOO_MANY_CALLS`` itself.  The reader never stops for our own
+calls' sake, so answers to them and pings keep flowing however busy the
+handlers are.  It only waits while *writing* an immediate answer (a refusal,
+an error for a malformed frame): a peer that does not read our frames thus
+stops our reading through the WebSocket/TCP flow control, instead of making us
+queue answers it never takes.
 """
 
 from __future__ import annotations
@@ -17,22 +26,28 @@ from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
 from .codes import RpcCode
-from .jsonrpc import Ignored, Notification, Peer, Reply, Request, Response, RpcError
+from .jsonrpc import MAX_SERVING, Busy, Ignored, Notification, Peer, Reply, Request, Response, RpcError
 from .methods import MethodTable
 
 log = logging.getLogger(__name__)
 
 
 class RpcSession:
-    def __init__(self, connection: Connection, methods: MethodTable, *, name: str, call_timeout: float = 30.0) -> None:
+    def __init__(self, connection: Connection, methods: MethodTable, *, name: str, call_timeout: float = 30.0,
+                 max_calls: int = MAX_SERVING) -> None:
         self.connection = connection
         self.methods = methods
         self.name = name
         self.call_timeout = call_timeout
-        self._peer = Peer()
+        self._peer = Peer(max_serving=max_calls)
         self._waiters: dict[Any, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_received = datetime.now(timezone.utc)
+
+    @property
+    def serving(self) -> int:
+        """The peer's calls being served now (at most ``max_calls``)."""
+        return self._peer.serving
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         """Call a method of the peer and return its result or raise ``RpcError``."""
@@ -56,7 +71,7 @@ class RpcSession:
         """Serve the connection until it closes."""
         try:
             async for frame in self.connection:
-                self._handle(frame)
+                await self._handle(frame)
         except ConnectionClosed:
             pass
         finally:
@@ -65,7 +80,7 @@ class RpcSession:
             for task in list(self._tasks):
                 task.cancel()
 
-    def _handle(self, frame: str | bytes) -> None:
+    async def _handle(self, frame: str | bytes) -> None:
         self.last_received = datetime.now(timezone.utc)
         event = self._peer.receive(frame)
         if isinstance(event, Response):
@@ -74,7 +89,13 @@ class RpcSession:
             self._spawn(self._serve(event))
         elif isinstance(event, Reply):
             log.warning("malformed frame from %s answered with an error: %s", self.name, event.text[:200])
-            self._spawn(self._send(event.text))
+            await self._send(event.text)
+        elif isinstance(event, Busy):
+            if event.refused == 1:
+                log.warning("%s has %d calls in flight, the most served at once: refusing more with %d until one is "
+                            "answered", self.name, self._peer.serving, RpcCode.TOO_MANY_CALLS)
+            if event.text is not None:
+                await self._send(event.text)
         elif isinstance(event, Ignored):
             log.warning("frame from %s ignored: %s", self.name, event.reason)
 
@@ -93,6 +114,14 @@ class RpcSession:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, call: Request | Notification) -> None:
+        try:
+            await self._answer(call)
+        finally:
+            refused = self._peer.finished()
+            if refused:
+                log.info("%s: serving calls again after refusing %d with %d", self.name, refused, RpcCode.TOO_MANY_CALLS)
+
+    async def _answer(self, call: Request | Notification) -> None:
         try:
             result = await self.methods.dispatch(call.method, call.params)
         except RpcError as error:

@@ -84,6 +84,7 @@ async def request(socket_path: Path, message: dict[str, Any], timeout: float = 6
         writer.write(json.dumps(message).encode() + b"\n")
         await writer.drain()
         async with asyncio.timeout(timeout):
-            return json.loads(await reader.readline())
+            answer: dict[str, Any] = json.loads(await reader.readline())
+            return answer
     finally:
         writer.close()

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from ..config import get, load_toml, path, section
+from ..config import ConfigError, get, load_toml, path, section
+from ..jsonrpc import MAX_SERVING
+from .eventpolicy import EventLimits
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,13 @@ class DsoConfig:
     call_timeout: float
     max_frame: int
     ping_interval: float
+    open_timeout: float
+    """Seconds a client has, after TLS, to send its HTTP request (WebSocket upgrade or bundle download)."""
+    close_timeout: float
+    """Seconds a closing connection waits for the peer's close frame before it is dropped."""
+    max_calls: int
+    """A gateway's calls served at once on one connection; more are refused with TOO_MANY_CALLS."""
+    events: EventLimits
     bundles_dir: Path | None
     """Firmware bundles served to gateways at ``/bundles/<file>`` (same mutual TLS as the channel)."""
     bundles_url: str | None
@@ -40,6 +49,21 @@ class DsoConfig:
         api = section(config, "api")
         channel = section(config, "channel")
         updates = section(config, "updates")
+        events = section(config, "events")
+        defaults = EventLimits()
+        limits = EventLimits(
+            max_event_bytes=get(events, "max_event_bytes", int, "events", defaults.max_event_bytes),
+            max_kind_length=get(events, "max_kind_length", int, "events", defaults.max_kind_length),
+            per_minute=get(events, "per_minute", float, "events", defaults.per_minute),
+            burst=get(events, "burst", int, "events", defaults.burst),
+            max_bytes_per_gateway=get(events, "max_bytes_per_gateway", int, "events", defaults.max_bytes_per_gateway),
+        )
+        if limits.per_minute <= 0 or limits.burst < 1:
+            raise ConfigError("[events] per_minute must be above 0 and burst at least 1")
+        open_timeout = get(channel, "open_timeout", float, "channel", 10.0)
+        max_calls = get(channel, "max_calls", int, "channel", MAX_SERVING)
+        if open_timeout <= 0 or max_calls < 1:
+            raise ConfigError("[channel] open_timeout must be above 0 and max_calls at least 1")
         return cls(
             host=get(listen, "host", str, "listen", "0.0.0.0"),
             port=get(listen, "port", int, "listen", 8443),
@@ -54,6 +78,10 @@ class DsoConfig:
             call_timeout=get(channel, "call_timeout", float, "channel", 30.0),
             max_frame=get(channel, "max_frame", int, "channel", 256 * 1024),
             ping_interval=get(channel, "ping_interval", float, "channel", 20.0),
+            open_timeout=open_timeout,
+            close_timeout=get(channel, "close_timeout", float, "channel", 10.0),
+            max_calls=max_calls,
+            events=limits,
             bundles_dir=path(updates, "bundles_dir", "updates", base, None),
             bundles_url=get(updates, "base_url", str, "updates", None),
         )

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 class Session(Protocol):
     last_received: datetime
+    connection: Any
 
 SEEN_EVENT_IDS = 4096
 """Event ids remembered per gateway, to drop redelivered events."""
@@ -69,6 +70,10 @@ class GatewayRegistry:
         entry = self._entries[gateway_id]
         entry.firmware_version = firmware_version
         entry.lms = lms
+
+    def seen(self, gateway_id: str, event_id: str) -> bool:
+        """True when an event id was already delivered by this gateway."""
+        return event_id in self._seen_events.get(gateway_id, {})
 
     def first_delivery(self, gateway_id: str, event_id: str) -> bool:
         """True the first time an event id is seen for a gateway (at-least-once → exactly-once)."""

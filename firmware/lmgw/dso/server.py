@@ -4,6 +4,11 @@ Identity comes from the client certificate (its CN is the gateway ID), never
 from message content.  Revocation is checked at every handshake against the
 CRL file, which is reloaded when it changes; a gateway whose certificate
 becomes revoked while connected is disconnected at once.
+
+Every stage a client can stall is bounded: TLS (``TLS_HANDSHAKE_TIMEOUT``),
+the HTTP request after it (``[channel] open_timeout``), a bundle download (each
+chunk within ``BUNDLE_STALL_TIMEOUT``), calls in flight (``[channel]
+max_calls``) and events (``[events]``).
 """
 
 from __future__ import annotations
@@ -13,12 +18,17 @@ import asyncio.sslproto
 import logging
 import os
 import re
+import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import InvalidHandshake
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from .. import SUBPROTOCOL, __version__
 from ..codes import CloseCode, RpcCode
@@ -28,6 +38,7 @@ from ..revocation import CrlCache, RevocationError
 from ..session import RpcSession
 from ..tls import common_name, peer_certificate, server_context
 from .config import DsoConfig
+from .eventpolicy import EventRate, EventRefused, check_event
 from .events import EventLog
 from .registry import GatewayRegistry
 
@@ -49,25 +60,61 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _connection_class(open_timeout: float) -> type[ServerConnection]:
+    """websockets' connection, with the wait for the HTTP request bounded and a failed opening handshake
+    logged in one line.
+
+    websockets' own ``open_timeout`` also covers ``process_request``, where bundles are streamed
+    (see ``DsoServer._bundle``): it is off, and this bounds only the wait for the request, so a
+    client that sends nothing after TLS is dropped while a bundle download keeps its own limit."""
+
+    class GatewayConnection(ServerConnection):
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            who = self._who()  # now: once the peer is gone its address is too
+            try:
+                async with asyncio.timeout(open_timeout):
+                    await asyncio.wait([self.request_rcvd, self.connection_lost_waiter],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                await super().handshake(*args, **kwargs)
+            except TimeoutError:
+                log.warning("dropped %s: no HTTP request within %g s after TLS", who, open_timeout)
+            except InvalidHandshake as exc:
+                # Returning leaves the connection unopened: websockets then closes it.
+                cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+                log.warning("opening handshake with %s failed: %s%s", who, exc, cause)
+
+        def _who(self) -> str:
+            remote = "%s:%d" % self.remote_address[:2] if self.remote_address else "unknown peer"
+            certificate = peer_certificate(self.transport.get_extra_info("ssl_object"))
+            name = common_name(certificate) if certificate is not None else None
+            return f"{remote} ({name})" if name else remote
+
+    return GatewayConnection
+
+
 def _client_auth_allowed(certificate: x509.Certificate) -> bool:
     try:
         usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return False
-    return x509.ExtendedKeyUsageOID.CLIENT_AUTH in usage
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
 
 
 class DsoServer:
-    def __init__(self, config: DsoConfig) -> None:
+    def __init__(self, config: DsoConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
+        """Seconds, for the event rate bound (tests drive it)."""
         self.ca_cert = x509.load_pem_x509_certificate(config.ca_file.read_bytes())
         self.crl = CrlCache(config.crl_file, self.ca_cert, config.crl_grace)
         self.registry = GatewayRegistry()
-        self.events = EventLog(config.events_file)
+        self.events = EventLog(config.events_file, config.events.max_bytes_per_gateway)
+        self.event_rate = EventRate(config.events)
         for record in self.events.read():
             self.registry.first_delivery(record["gateway_id"], record["event"]["id"])
         self._server: Server | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -79,17 +126,19 @@ class DsoServer:
             self.config.host,
             self.config.port,
             ssl=server_context(self.config.ca_file, self.config.cert_file, self.config.key_file),
-            subprotocols=[SUBPROTOCOL],
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
             process_request=self._check_client,
             max_size=self.config.max_frame,
             ping_interval=self.config.ping_interval,
             ping_timeout=self.config.ping_interval,
             server_header=f"lmgw-dso/{__version__}",
             # A bundle download runs inside the opening handshake (see _bundle) and may take
-            # minutes on a slow link: no limit there; the TLS handshake, which already needs
-            # a certificate of our CA, keeps one.
+            # minutes on a slow link: the connection class bounds the wait for the request
+            # instead, _bundle the download, ssl_handshake_timeout the TLS handshake.
             open_timeout=None,
+            create_connection=_connection_class(self.config.open_timeout),
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            close_timeout=self.config.close_timeout,
         )
         self._watcher = asyncio.create_task(self._watch_crl())
         log.info("DSO listening on %s:%d", self.config.host, self.port)
@@ -97,7 +146,8 @@ class DsoServer:
     @property
     def port(self) -> int:
         assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        port: int = list(self._server.sockets)[0].getsockname()[1]
+        return port
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -112,10 +162,10 @@ class DsoServer:
         """Refuse revoked or unsuitable certificates before the WebSocket opens; serve bundles to the others."""
         certificate = peer_certificate(connection.transport.get_extra_info("ssl_object"))
         remote = connection.remote_address
-        if certificate is None or not common_name(certificate):
+        gateway_id = common_name(certificate) if certificate is not None else None
+        if certificate is None or not gateway_id:
             log.warning("refused %s: no client certificate with a CN", remote)
             return connection.respond(403, "client certificate with a gateway ID (CN) required\n")
-        gateway_id = common_name(certificate)
         if not _client_auth_allowed(certificate):
             log.warning("refused %s (%s): certificate is not for client authentication", remote, gateway_id)
             return connection.respond(403, "certificate not issued for client authentication\n")
@@ -166,11 +216,13 @@ class DsoServer:
         assert certificate is not None  # _check_client refused it otherwise
         gateway_id = common_name(certificate) or ""
         remote = "%s:%d" % connection.remote_address[:2]
-        session = RpcSession(connection, self._methods(gateway_id), name=f"gateway {gateway_id}", call_timeout=self.config.call_timeout)
+        session = RpcSession(connection, self._methods(gateway_id), name=f"gateway {gateway_id}",
+                             call_timeout=self.config.call_timeout, max_calls=self.config.max_calls)
         replaced = self.registry.attach(gateway_id, certificate.serial_number, remote, session, _now())
         if replaced is not None:
+            # The old connection may be dead (its close then waits close_timeout): not our business here.
             log.warning("gateway %s connected again from %s: closing its previous session", gateway_id, remote)
-            await replaced.connection.close(CloseCode.REPLACED, "replaced by a newer connection")
+            self._close_in_background(replaced.connection, CloseCode.REPLACED, "replaced by a newer connection")
         log.info("gateway %s connected from %s serial=%x", gateway_id, remote, certificate.serial_number)
         try:
             await session.run()
@@ -178,23 +230,39 @@ class DsoServer:
             self.registry.detach(gateway_id, session)
             log.info("gateway %s disconnected (code %s)", gateway_id, connection.close_code)
 
+    def _close_in_background(self, connection: Connection, code: CloseCode, reason: str) -> None:
+        task = asyncio.create_task(connection.close(code, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _methods(self, gateway_id: str) -> MethodTable:
-        """Methods a gateway may call; ``gateway_id`` is bound from its certificate."""
+        """Methods a gateway may call on one connection; ``gateway_id`` is bound from its certificate."""
         table = MethodTable()
+        said_hello = False
 
         async def hello(gateway_id: str, firmware_version: str, lms: list[Any], status: dict[str, Any] | None) -> dict[str, Any]:
             if gateway_id != bound_id:
                 raise RpcError(RpcCode.FORBIDDEN, f"gateway_id {gateway_id!r} does not match the certificate ({bound_id!r})")
+            nonlocal said_hello
+            said_hello = True
             self.registry.hello(bound_id, firmware_version, lms)
             log.info("gateway %s hello: firmware %s, %d LM(s)", bound_id, firmware_version, len(lms))
             return {"server": f"lmgw-dso/{__version__}", "time": _now().isoformat()}
 
         async def event(id: str, kind: str, time: str, details: dict[str, Any]) -> dict[str, Any]:
+            if not said_hello:
+                raise RpcError(RpcCode.FORBIDDEN, "gw.event before gw.hello: say hello first on every connection")
+            event = {"id": id, "kind": kind, "time": time, "details": details}
+            try:
+                check_event(event, self.config.events)
+                self.event_rate.admit(bound_id, self.clock())
+                if not self.registry.seen(bound_id, id):
+                    self.events.append({"gateway_id": bound_id, "received": _now().isoformat(), "event": event})
+            except EventRefused as exc:
+                log.warning("gateway %s event %s refused: %s", bound_id, kind[:80], exc.message)
+                raise RpcError(RpcCode.EVENT_REFUSED, exc.message, exc.data()) from None
             first = self.registry.first_delivery(bound_id, id)
             if first:
-                record = {"gateway_id": bound_id, "received": _now().isoformat(),
-                          "event": {"id": id, "kind": kind, "time": time, "details": details}}
-                self.events.append(record)
                 level = logging.WARNING if kind.startswith("security.") else logging.INFO
                 log.log(level, "gateway %s event %s: %s", bound_id, kind, details)
             return {"accepted": True, "duplicate": not first}
@@ -247,4 +315,4 @@ class DsoServer:
                 self.crl.check(entry.serial, now)
             except RevocationError as exc:
                 log.warning("disconnecting gateway %s serial=%x: %s", entry.gateway_id, entry.serial, exc)
-                await entry.session.connection.close(CloseCode.REVOKED, "certificate revoked")
+                self._close_in_background(entry.session.connection, CloseCode.REVOKED, "certificate revoked")
