@@ -261,6 +261,29 @@ def test_tls_connections_that_send_no_request_are_dropped_after_the_open_timeout
     assert "(GW-SILENT)" in text and "(GW-REVOKED)" in text and "Traceback" not in text
 
 
+def test_a_bundle_download_outlasts_the_open_timeout(pki, tmp_path):
+    """The open timeout bounds the wait for the request, not the download that follows it."""
+    from lmgw.httpclient import open_request
+
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    payload = bytes(range(256)) * (8 * 4096)  # 8 MiB, beyond the socket buffers: the DSO writes while we read
+    (bundles / "big.raucb").write_bytes(payload)
+
+    async def scenario() -> bytes:
+        async with running_dso(pki, tmp_path, bundles_dir=bundles, open_timeout=0.5) as dso:
+            response = await open_request(f"https://localhost:{dso.port}/bundles/big.raucb",
+                                          tls=tls_context(pki, pki.gateway("GW-BUNDLE")))
+            received = b""
+            while chunk := await response.reader.read(65536):
+                received += chunk
+                await asyncio.sleep(0.01)  # 128 reads or more: well past the 0.5 s open timeout
+            response.close()
+            return received
+
+    assert asyncio.run(scenario()) == payload
+
+
 def test_a_failed_opening_handshake_is_one_log_line(pki, tmp_path):
     """TLS then nothing (close), and a request that is not a WebSocket upgrade: one line each, no traceback."""
     key_cert = pki.gateway("GW-QUIET")
