@@ -1,4 +1,8 @@
-"""LmService through the method table against the simulator over real Modbus TCP."""
+"""LmService through the method table against the simulator over real Modbus TCP.
+
+Shed timing runs on a ``ManualClock``: tests move time and wait for the scheduler to
+go back to sleep (a counter), never for a fixed while.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from typing import Any, AsyncIterator
 import pytest
 
 from conftest import free_port, wait_until
+from lmgw.clock import ManualClock
 from lmgw.codes import RpcCode
+from lmgw.gateway.lm_methods import register_lm_methods
 from lmgw.rpcerrors import jsonable
 from lmgw.jsonrpc import RpcError
 from lmgw.lmsim.device import Fault, SimulatedLm
@@ -26,8 +32,9 @@ def tcp_lm(name: str, port: int, **extra: Any) -> dict[str, Any]:
 
 
 class Harness:
-    def __init__(self, service: LmService, table: MethodTable, events: list[tuple[str, dict[str, Any]]]) -> None:
-        self.service, self.table, self.events = service, table, events
+    def __init__(self, service: LmService, table: MethodTable, events: list[tuple[str, dict[str, Any]]],
+                 clock: ManualClock) -> None:
+        self.service, self.table, self.events, self.clock = service, table, events, clock
 
     async def call(self, method: str, **params: Any) -> Any:
         return await self.table.dispatch(method, params)
@@ -40,17 +47,27 @@ class Harness:
     def kinds(self) -> list[str]:
         return [kind for kind, _ in self.events]
 
+    async def advance(self, seconds: float) -> None:
+        """Move the clock and return once the scheduler did all that is due and waits again."""
+        scheduler, sleeps = self.service.scheduler, self.clock.sleeps
+        self.clock.advance(seconds)
+        await wait_until(lambda: self.clock.sleeps > sleeps and self.clock.waiting and scheduler.idle, 10,
+                         "the scheduler to go back to sleep")
+
 
 @contextlib.asynccontextmanager
-async def service(data_dir: Path, lms: list[dict[str, Any]], **sections: Any) -> AsyncIterator[Harness]:
+async def service(data_dir: Path, lms: list[dict[str, Any]], *, clock: ManualClock | None = None,
+                  **sections: Any) -> AsyncIterator[Harness]:
     events: list[tuple[str, dict[str, Any]]] = []
-    svc = LmService.from_config({"lm": lms, **sections}, data_dir, lambda kind, details: events.append((kind, jsonable(details))))
-    svc.rng = random.Random(1)
+    clock = clock or ManualClock()
+    svc = LmService.from_config({"lm": lms, **sections}, data_dir,
+                                lambda kind, details: events.append((kind, jsonable(details))),
+                                clock=clock, rng=random.Random(1))
     table = MethodTable()
-    svc.register(table)
+    register_lm_methods(table, svc)
     await svc.start()
     try:
-        yield Harness(svc, table, events)
+        yield Harness(svc, table, events, clock)
     finally:
         await svc.stop()
 
@@ -174,15 +191,19 @@ def test_shed_expires_and_restores_previous_values(tmp_path):
     async def scenario():
         async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
             sim[1].set("relay_3", False)  # already off: restoring must leave it off
-            shed = await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_3"], duration_s=0.4)
+            shed = await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_3"], duration_s=900)
             assert shed["state"] == "active" and shed["previous"] == {"relay_1": True, "relay_3": False}
-            assert not shed["duplicate"] and shed["deadline"] == pytest.approx(shed["start_at"] + 0.4)
+            assert not shed["duplicate"] and shed["deadline"] == shed["start_at"] + 900 == gw.clock.now() + 900
             assert sim[1].get("relay_1") is False and sim[1].get("power_1") == 0.0
-            await wait_until(lambda: sim[1].get("relay_1") is True, 5, "the shed to expire")
+            await gw.advance(899.9)
+            assert sim[1].get("relay_1") is False and gw.kinds() == ["load.shed_started"]  # not before the deadline
+            await gw.advance(0.1)
+            assert sim[1].get("relay_1") is True
             assert sim[1].get("relay_3") is False and sim[1].get("power_1") == 2000.0
-            await wait_until(lambda: "load.restored" in gw.kinds(), 5, "the event")
             assert gw.kinds() == ["load.shed_started", "load.restored"]
-            assert gw.events[1][1]["reason"] == "deadline" and gw.events[1][1]["shed_id"] == shed["shed_id"]
+            restored = gw.events[1][1]
+            assert restored["reason"] == "deadline" and restored["shed_id"] == shed["shed_id"]
+            assert restored["state"] == "restored" and restored["ended_at"] == gw.clock.now()
             assert gw.service.book.sheds == {}
     asyncio.run(scenario())
 
@@ -217,10 +238,13 @@ def test_shed_rules(tmp_path):
 def test_randomized_start_window(tmp_path):
     async def scenario():
         async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
-            shed = await gw.call("load.shed", lm="lm1", points=["relay_4"], duration_s=30, randomize_s=0.5)
-            assert shed["state"] == "pending" and shed["start_at"] > shed["deadline"] - 30 - 1e-6
-            await wait_until(lambda: sim[1].get("relay_4") is False, 5, "the randomized start")
-            await wait_until(lambda: "load.shed_started" in gw.kinds(), 5, "the event")
+            shed = await gw.call("load.shed", lm="lm1", points=["relay_4"], duration_s=30, randomize_s=60)
+            delay = shed["start_at"] - gw.clock.now()
+            assert shed["state"] == "pending" and 0 < delay <= 60 and shed["deadline"] == shed["start_at"] + 30
+            await gw.advance(delay - 0.1)
+            assert sim[1].get("relay_4") is True and gw.kinds() == []
+            await gw.advance(0.1)
+            assert sim[1].get("relay_4") is False and gw.kinds() == ["load.shed_started"]
             # a pending shed is cancelled by restore without touching the device
             pending = await gw.call("load.shed", lm="lm1", points=["relay_3"], duration_s=30, randomize_s=30)
             writes = len(sim[1].writes)
@@ -244,31 +268,38 @@ def test_shed_on_dead_lm_fails_cleanly(tmp_path):
 def test_restore_is_retried_until_the_lm_answers(tmp_path):
     async def scenario():
         async with simulator() as (sim, port), \
-                service(tmp_path, [tcp_lm("lm1", port)], shed={"restore_retry": 0.2}) as gw:
-            await gw.call("load.shed", lm="lm1", points=["relay_1"], duration_s=0.3)
+                service(tmp_path, [tcp_lm("lm1", port)], shed={"restore_retry": 30}) as gw:
+            await gw.call("load.shed", lm="lm1", points=["relay_1"], duration_s=60)
             sim[1].fault = Fault.NO_ANSWER
-            await wait_until(lambda: "load.restore_failed" in gw.kinds(), 5, "the failed restore")
+            await gw.advance(60)
+            assert gw.kinds() == ["load.shed_started", "load.restore_failed"]
+            assert gw.events[-1][1]["retry_s"] == 30 and gw.events[-1][1]["error"]["code"] == RpcCode.LM_TIMEOUT
             assert sim[1].get("relay_1") is False
             assert next(iter(gw.service.book.sheds.values())).state == "restoring"
+            await gw.advance(30)  # a second failed attempt: no second event
+            assert gw.kinds() == ["load.shed_started", "load.restore_failed"]
             sim[1].fault = Fault.NONE
-            await wait_until(lambda: sim[1].get("relay_1") is True, 5, "the retried restore")
-            await wait_until(lambda: gw.kinds()[-1] == "load.restored", 5, "the event")
-            assert gw.kinds().count("load.restore_failed") == 1  # one event per outage
+            await gw.advance(29.9)
+            assert sim[1].get("relay_1") is False  # not before the retry time
+            await gw.advance(0.1)
+            assert sim[1].get("relay_1") is True
+            assert gw.kinds() == ["load.shed_started", "load.restore_failed", "load.restored"]
     asyncio.run(scenario())
 
 
 def test_restart_mid_shed_restores_overdue_sheds_first(tmp_path):
     async def scenario():
+        clock = ManualClock()
         async with simulator() as (sim, port):
-            async with service(tmp_path, [tcp_lm("lm1", port)]) as gw:
-                await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_2"], duration_s=0.3)
-                long = await gw.call("load.shed", lm="lm1", points=["relay_3"], duration_s=60)
-                await gw.call("load.shed", lm="lm1", points=["relay_4"], duration_s=0.3, randomize_s=0.1)
+            async with service(tmp_path, [tcp_lm("lm1", port)], clock=clock) as gw:
+                await gw.call("load.shed", lm="lm1", points=["relay_1", "relay_2"], duration_s=30)
+                long = await gw.call("load.shed", lm="lm1", points=["relay_3"], duration_s=600)
+                await gw.call("load.shed", lm="lm1", points=["relay_4"], duration_s=30, randomize_s=10)
                 # power cut: the service stops before any deadline
             assert sim[1].get("relay_1") is False and sim[1].get("relay_3") is False
-            await asyncio.sleep(0.5)
+            clock.advance(60)
             assert sim[1].get("relay_1") is False  # nobody restored it while the gateway was down
-            async with service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+            async with service(tmp_path, [tcp_lm("lm1", port)], clock=clock) as gw:
                 # start() returned: overdue sheds are already restored, before any command is served
                 assert sim[1].get("relay_1") is True and sim[1].get("relay_2") is True
                 assert sim[1].get("relay_3") is False  # not due yet: still shed
@@ -281,11 +312,12 @@ def test_restart_mid_shed_restores_overdue_sheds_first(tmp_path):
 
 def test_persisted_shed_of_an_lm_no_longer_configured_is_dropped_loudly(tmp_path):
     async def scenario():
+        clock = ManualClock()
         async with simulator() as (sim, port):
-            async with service(tmp_path, [tcp_lm("old", port)]) as gw:
-                await gw.call("load.shed", lm="old", points=["relay_1"], duration_s=0.2)
-            await asyncio.sleep(0.3)
-            async with service(tmp_path, [tcp_lm("new", port)]) as gw:
+            async with service(tmp_path, [tcp_lm("old", port)], clock=clock) as gw:
+                await gw.call("load.shed", lm="old", points=["relay_1"], duration_s=20)
+            clock.advance(30)
+            async with service(tmp_path, [tcp_lm("new", port)], clock=clock) as gw:
                 assert gw.service.book.sheds == {}
                 assert gw.kinds() == ["load.restore_failed"]
                 assert "check these loads by hand" in gw.events[0][1]["error"]["message"]
@@ -324,14 +356,14 @@ def test_lms_behind_one_tcp_address_share_one_connection(tmp_path):
 def test_restore_command_to_a_dead_lm_reports_and_keeps_retrying(tmp_path):
     async def scenario():
         async with simulator() as (sim, port), \
-                service(tmp_path, [tcp_lm("lm1", port)], shed={"restore_retry": 0.2}) as gw:
-            shed = await gw.call("load.shed", lm="lm1", points=["relay_2"], duration_s=60)
+                service(tmp_path, [tcp_lm("lm1", port)], shed={"restore_retry": 30}) as gw:
+            shed = await gw.call("load.shed", lm="lm1", points=["relay_2"], duration_s=600)
             sim[1].fault = Fault.NO_ANSWER
             error = await gw.error("load.restore", lm="lm1")
             assert error.code == RpcCode.LM_TIMEOUT
             assert error.data["retrying"] == [shed["shed_id"]] and error.data["restored"] == []
             sim[1].fault = Fault.NONE
-            await wait_until(lambda: sim[1].get("relay_2") is True, 5, "the gateway's own retry")
-            await wait_until(lambda: gw.service.book.sheds == {}, 5, "the shed to be gone")
+            await gw.advance(30)
+            assert sim[1].get("relay_2") is True and gw.service.book.sheds == {}
             assert gw.events[-1][1]["reason"] == "command"
     asyncio.run(scenario())

@@ -7,16 +7,24 @@ from pathlib import Path
 
 
 def write_atomically(target: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write to a temporary file, fsync it, rename it over ``target``, fsync the directory."""
+    """Write to a temporary file, fsync it, rename it over ``target``, fsync the directory.
+
+    On any failure (a full partition: ``OSError`` ENOSPC) ``target`` is unchanged, the temporary
+    file is gone and the caller gets the one ``OSError`` that stopped the write.
+    """
     temporary = target.with_name(f".{target.name}.tmp")
     try:
+        # Unbuffered: a buffered file that failed to flush fails again on close, chaining a second error.
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temporary, target)
-    except OSError:
+    except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     directory = os.open(target.parent, os.O_RDONLY)

@@ -33,6 +33,7 @@ from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
 from lmgw.methods import MethodTable  # noqa: E402
 from lmgw.modbus.service import LmService  # noqa: E402
+from lmgw.gateway.lm_methods import register_lm_methods  # noqa: E402
 
 POINT = {"lm": "lm1", "points": ["total_power"]}
 
@@ -72,7 +73,7 @@ async def _bench(n: int) -> list[str]:
             work = Path(tmp)
             service = LmService.from_config({"lm": [lm]}, work, lambda kind, details: None)
             table = MethodTable()
-            service.register(table)
+            register_lm_methods(table, service)
             await service.start()
             try:
                 results["lm.read via LmService"] = await _timed(lambda: table.dispatch("lm.read", POINT), n)

@@ -33,6 +33,7 @@ from .config import GatewayConfig
 from .connection import Channel
 from .crlupdate import refresh_forever, seed_crl
 from .delivery import EventDelivery
+from .lm_methods import register_lm_methods
 from .outbox import Outbox
 from .trust import DsoRefused, TrustChecks
 from .watchdog import Watchdog
@@ -61,7 +62,7 @@ class GatewayAgent:
         self.methods.add("gw.ping", self._ping, [Param("payload", (str, int, float, bool, list, dict), required=False)])
         # Load managers: built and registered here, the one place the agent wires them.
         self.lms = LmService.from_config(config.raw, config.data_dir, self.emit_event)
-        self.lms.register(self.methods)
+        register_lm_methods(self.methods, self.lms)
         self.updater = Updater(config.data_dir, self.emit_event,
                                lambda: (self.ssl, self._proxy_for(config.url), USER_AGENT),
                                SelfCheck(self.device_cert, config.data_dir, lambda: self.crl.crl is not None))

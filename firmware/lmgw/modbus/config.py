@@ -59,6 +59,10 @@ class ShedConfig:
     default_randomize: float = 0.0
     restore_retry: float = 30.0
     """Delay between attempts to restore a load whose LM does not answer."""
+    remember_finished_s: float = 7 * 86400.0
+    """How long a finished shed's id is remembered, so a late retry of ``load.shed`` is not a new shed."""
+    remember_finished_max: int = 1000
+    """At most this many finished sheds are remembered (the oldest are forgotten first)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,10 @@ def parse_lm_sections(config: dict[str, Any]) -> LmSections:
         max_duration=_positive(get(shed_t, "max_duration", float, "shed", 4 * 3600.0), "max_duration", "shed"),
         default_randomize=get(shed_t, "default_randomize", float, "shed", 0.0),
         restore_retry=_positive(get(shed_t, "restore_retry", float, "shed", 30.0), "restore_retry", "shed"),
+        remember_finished_s=_positive(get(shed_t, "remember_finished_s", float, "shed", 7 * 86400.0),
+                                      "remember_finished_s", "shed"),
+        remember_finished_max=int(_positive(get(shed_t, "remember_finished_max", int, "shed", 1000),
+                                            "remember_finished_max", "shed")),
     )
     if not 0 <= shed.default_randomize <= shed.max_duration:
         raise ConfigError("key 'default_randomize' in [shed] must be between 0 and max_duration")

@@ -5,8 +5,17 @@ A shed switches points of one LM to their profile's ``shed_value`` from
 at the deadline the gateway writes back the values it read before shedding,
 by itself, connected to the DSO or not.
 
-    pending --start--> active --deadline/command--> restoring --written--> (gone)
-       \\--deadline passed before it could start--> expired (gone, nothing was written)
+    pending --start--> active --deadline/command--> restoring --written--> restored
+       |                  \\--state not saved, nothing written--> failed
+       +--start failed (nothing written)--> failed
+       +--load.restore before the start--> cancelled
+       \\--deadline passed before it could start--> expired
+    any live state --LM or points no longer configured--> dropped
+
+The last five states are final: the shed leaves the schedule and is
+remembered (``ShedBook.finished``, bounded by age and count) so that a late
+retry of the same ``shed_id`` gets the finished shed instead of a new one.
+``ShedBook._move`` is the one place that changes a state, and it logs it.
 
 ``ShedBook`` never reads a clock: every method takes ``now`` (Unix seconds,
 wall clock, because a deadline must survive a power cut).  A wall clock that
@@ -18,7 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Collection
 
@@ -27,8 +38,39 @@ from .codec import Value
 
 log = logging.getLogger(__name__)
 
-PENDING, ACTIVE, RESTORING = "pending", "active", "restoring"
-START, RESTORE, EXPIRE = "start", "restore", "expire"
+
+class ShedState(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    RESTORING = "restoring"
+    RESTORED = "restored"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    FAILED = "failed"
+    DROPPED = "dropped"
+
+    @property
+    def final(self) -> bool:
+        return self not in _NEXT
+
+
+_NEXT: dict[ShedState, frozenset[ShedState]] = {
+    ShedState.PENDING: frozenset({ShedState.ACTIVE, ShedState.CANCELLED, ShedState.EXPIRED, ShedState.FAILED,
+                                  ShedState.DROPPED}),
+    ShedState.ACTIVE: frozenset({ShedState.RESTORING, ShedState.FAILED, ShedState.DROPPED}),
+    ShedState.RESTORING: frozenset({ShedState.RESTORED, ShedState.DROPPED}),
+}
+"""The allowed transitions; ACTIVE -> FAILED only before anything was written (state not saved)."""
+
+_LOG_LEVEL = {ShedState.EXPIRED: logging.WARNING, ShedState.FAILED: logging.ERROR, ShedState.DROPPED: logging.ERROR}
+
+
+class Step(StrEnum):
+    """What the scheduler has to do for a shed now."""
+
+    START = "start"
+    RESTORE = "restore"
+    EXPIRE = "expire"
 
 
 @dataclass
@@ -38,23 +80,34 @@ class Shed:
     points: list[str]
     start_at: float
     deadline: float
-    state: str = PENDING
+    state: ShedState = ShedState.PENDING
     previous: dict[str, Value] = field(default_factory=dict)
     """Values read just before shedding: what restoring writes back."""
     started_at: float | None = None
     retry_at: float | None = None
-    restore_reason: str | None = None
+    reason: str | None = None
+    """Why it is being restored, or why it ended."""
     failures: int = 0
+    ended_at: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"shed_id": self.id, "lm": self.lm, "points": list(self.points), "state": self.state,
-                "start_at": self.start_at, "deadline": self.deadline, "previous": dict(self.previous)}
+        summary = {"shed_id": self.id, "lm": self.lm, "points": list(self.points), "state": str(self.state),
+                   "start_at": self.start_at, "deadline": self.deadline, "previous": dict(self.previous)}
+        if self.state.final:
+            summary.update(reason=self.reason, ended_at=self.ended_at)
+        return summary
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Shed:
+        raw = dict(raw)
+        if "restore_reason" in raw:  # version 1 files
+            raw["reason"] = raw.pop("restore_reason")
+        return cls(**{**raw, "state": ShedState(raw["state"])})
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str
-    """START, RESTORE or EXPIRE."""
+    step: Step
     shed: Shed
 
 
@@ -64,9 +117,26 @@ class ShedConflict(Exception):
         self.shed_id, self.point = shed_id, point
 
 
+@dataclass(frozen=True)
+class Memory:
+    """How long and how many finished sheds are remembered (``[shed] remember_finished_s/_max``)."""
+
+    seconds: float = 7 * 86400.0
+    entries: int = 1000
+
+
 class ShedBook:
-    def __init__(self, sheds: dict[str, Shed] | None = None) -> None:
+    def __init__(self, sheds: dict[str, Shed] | None = None, finished: dict[str, Shed] | None = None,
+                 memory: Memory = Memory()) -> None:
         self.sheds: dict[str, Shed] = sheds or {}
+        """The live sheds (pending, active, restoring)."""
+        self.finished: dict[str, Shed] = finished or {}
+        """Finished sheds by id, oldest first."""
+        self.memory = memory
+
+    def lookup(self, shed_id: str) -> Shed | None:
+        """A live or a remembered finished shed."""
+        return self.sheds.get(shed_id) or self.finished.get(shed_id)
 
     def holder(self, lm: str, point: str) -> Shed | None:
         return next((s for s in self.sheds.values() if s.lm == lm and point in s.points), None)
@@ -79,20 +149,24 @@ class ShedBook:
                 raise ShedConflict(other.id, point)
         self.sheds[shed.id] = shed
 
+    def withdraw(self, shed_id: str) -> None:
+        """Take back a shed just added whose scheduling could not be saved: as if it never was."""
+        del self.sheds[shed_id]
+
     def due(self, now: float) -> list[Action]:
         actions = []
         for shed in self.sheds.values():
-            if shed.state == PENDING:
+            if shed.state == ShedState.PENDING:
                 if now >= shed.deadline:
-                    actions.append(Action(EXPIRE, shed))
+                    actions.append(Action(Step.EXPIRE, shed))
                 elif now >= shed.start_at:
-                    actions.append(Action(START, shed))
-            elif shed.state == ACTIVE:
+                    actions.append(Action(Step.START, shed))
+            elif shed.state == ShedState.ACTIVE:
                 clock_went_back = shed.started_at is not None and now < shed.started_at
                 if now >= shed.deadline or clock_went_back:
-                    actions.append(Action(RESTORE, shed))
+                    actions.append(Action(Step.RESTORE, shed))
             elif shed.retry_at is None or now >= shed.retry_at:
-                actions.append(Action(RESTORE, shed))
+                actions.append(Action(Step.RESTORE, shed))
         return actions
 
     def next_due(self, exclude: Collection[str] = ()) -> float | None:
@@ -101,63 +175,100 @@ class ShedBook:
         for shed in self.sheds.values():
             if shed.id in exclude:
                 continue
-            if shed.state == PENDING:
+            if shed.state == ShedState.PENDING:
                 times.append(min(shed.start_at, shed.deadline))
-            elif shed.state == ACTIVE:
+            elif shed.state == ShedState.ACTIVE:
                 times.append(shed.deadline)
             else:
                 times.append(shed.retry_at or 0.0)
         return min(times, default=None)
 
-    def started(self, shed_id: str, previous: dict[str, Value], now: float) -> None:
+    def started(self, shed_id: str, previous: dict[str, Value], now: float) -> Shed:
         shed = self.sheds[shed_id]
-        shed.state, shed.previous, shed.started_at = ACTIVE, dict(previous), now
-
-    def begin_restore(self, shed_id: str, reason: str) -> Shed:
-        shed = self.sheds[shed_id]
-        if shed.state != RESTORING:
-            shed.state, shed.restore_reason = RESTORING, reason
+        shed.previous, shed.started_at = dict(previous), now
+        self._move(shed, ShedState.ACTIVE, "values to restore recorded", now)
         return shed
 
-    def restore_failed(self, shed_id: str, now: float, retry_in: float) -> None:
+    def begin_restore(self, shed_id: str, reason: str, now: float) -> Shed:
+        shed = self.sheds[shed_id]
+        if shed.state != ShedState.RESTORING:  # a second request does not change why it is restored
+            self._move(shed, ShedState.RESTORING, reason, now)
+        return shed
+
+    def restore_failed(self, shed_id: str, now: float, retry_in: float, error: str) -> Shed:
         shed = self.sheds[shed_id]
         shed.failures += 1
         shed.retry_at = now + retry_in
+        log.error("shed %s: restoring LM %s failed (%s); retrying every %g s", shed.id, shed.lm, error, retry_in)
+        return shed
 
-    def remove(self, shed_id: str) -> Shed:
-        return self.sheds.pop(shed_id)
+    def finish(self, shed_id: str, state: ShedState, now: float, reason: str | None = None) -> Shed:
+        """End a live shed in a final ``state`` and remember it; ``reason`` None keeps the restore reason."""
+        shed = self.sheds.pop(shed_id)
+        self._move(shed, state, reason or shed.reason or "", now)
+        self.finished.pop(shed_id, None)
+        self.finished[shed_id] = shed
+        self.forget_old(now)
+        return shed
+
+    def forget_old(self, now: float) -> None:
+        """Apply the memory's bounds: older than ``memory.seconds`` or beyond ``memory.entries`` goes."""
+        horizon = now - self.memory.seconds
+        for shed_id in [k for k, s in self.finished.items() if (s.ended_at or 0.0) < horizon]:
+            del self.finished[shed_id]
+        while len(self.finished) > self.memory.entries:
+            del self.finished[next(iter(self.finished))]
+
+    def _move(self, shed: Shed, state: ShedState, reason: str, now: float) -> None:
+        """The one place a shed changes state: checked against the life cycle above, and logged."""
+        if state not in _NEXT.get(shed.state, ()):
+            raise ValueError(f"shed {shed.id}: no transition from {shed.state} to {state}")
+        previous, shed.state, shed.reason = shed.state, state, reason
+        if state.final:
+            shed.ended_at = now
+        detail = reason
+        if state == ShedState.ACTIVE:
+            detail = f"{', '.join(shed.points)} shed until {time.strftime('%H:%M:%S', time.localtime(shed.deadline))}"
+        log.log(_LOG_LEVEL.get(state, logging.INFO), "shed %s on LM %s: %s -> %s (%s)",
+                shed.id, shed.lm, previous, state, detail)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": 1, "sheds": [asdict(s) for s in self.sheds.values()]}
+        return {"version": 2, "sheds": [asdict(s) for s in self.sheds.values()],
+                "finished": [asdict(s) for s in self.finished.values()]}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ShedBook:
-        if data.get("version") != 1:
+    def from_json(cls, data: dict[str, Any], memory: Memory = Memory()) -> ShedBook:
+        if data.get("version") not in (1, 2):
             raise ValueError(f"unknown shed state version {data.get('version')!r}")
-        sheds = [Shed(**raw) for raw in data["sheds"]]
-        return cls({s.id: s for s in sheds})
+        sheds = [Shed.from_json(raw) for raw in data["sheds"]]
+        finished = [Shed.from_json(raw) for raw in data.get("finished", [])]
+        if any(s.state.final for s in sheds) or not all(s.state.final for s in finished):
+            raise ValueError("a finished shed among the live ones, or the other way round")
+        return cls({s.id: s for s in sheds}, {s.id: s for s in finished}, memory)
 
 
 class ShedStore:
     """The book on disk: replaced atomically, so a power cut leaves the old or the new one."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, memory: Memory = Memory()) -> None:
         self.path = path
+        self.memory = memory
 
     def load(self) -> ShedBook:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return ShedBook()
+            return ShedBook(memory=self.memory)
         try:
-            return ShedBook.from_json(json.loads(text))
+            return ShedBook.from_json(json.loads(text), self.memory)
         except (ValueError, TypeError, KeyError) as exc:
             # Keep the evidence; starting empty is the only way to keep serving the other commands.
             kept = self.path.with_name(self.path.name + ".corrupt")
             self.path.replace(kept)
             log.error("shed state %s is unreadable (%s); moved to %s, starting with no sheds: "
                       "check the loads it names by hand", self.path, exc, kept)
-            return ShedBook()
+            return ShedBook(memory=self.memory)
 
     def save(self, book: ShedBook) -> None:
-        write_atomically(self.path, json.dumps(book.to_json(), indent=1).encode(), mode=0o600)
+        """Raises ``OSError`` (e.g. ENOSPC) with the file on disk unchanged."""
+        write_atomically(self.path, json.dumps(book.to_json(), separators=(",", ":")).encode(), mode=0o600)
