@@ -367,3 +367,49 @@ def test_restore_command_to_a_dead_lm_reports_and_keeps_retrying(tmp_path):
             assert sim[1].get("relay_2") is True and gw.service.book.sheds == {}
             assert gw.events[-1][1]["reason"] == "command"
     asyncio.run(scenario())
+
+
+def test_late_retry_of_a_finished_shed_gets_the_finished_shed_not_a_second_one(tmp_path):
+    async def scenario():
+        clock = ManualClock()
+        day = 86400.0
+        async with simulator() as (sim, port):
+            async with service(tmp_path, [tcp_lm("lm1", port)], clock=clock,
+                               shed={"remember_finished_s": day}) as gw:
+                first = await gw.call("load.shed", lm="lm1", points=["relay_1"], duration_s=60, shed_id="dso-7")
+                await gw.advance(60)
+                await gw.advance(3600)  # the shed ended long ago; the DSO's answer was lost, it retries now
+                writes = len(sim[1].writes)
+                late = await gw.call("load.shed", lm="lm1", points=["relay_1"], duration_s=60, shed_id="dso-7")
+                assert late["duplicate"] and late["state"] == "restored" and late["reason"] == "deadline"
+                assert late["start_at"] == first["start_at"] and late["ended_at"] == first["deadline"]
+                assert len(sim[1].writes) == writes and sim[1].get("relay_1") is True and gw.service.book.sheds == {}
+                reused = await gw.error("load.shed", lm="lm1", points=["relay_2"], duration_s=60, shed_id="dso-7")
+                assert reused.code == RpcCode.SHED_CONFLICT
+                gone = await gw.error("load.restore", shed_id="dso-7")
+                assert gone.code == RpcCode.SHED_UNKNOWN and gone.data["finished"]["state"] == "restored"
+            async with service(tmp_path, [tcp_lm("lm1", port)], clock=clock,
+                               shed={"remember_finished_s": day}) as gw:  # remembered across a restart
+                again = await gw.call("load.shed", lm="lm1", points=["relay_1"], duration_s=60, shed_id="dso-7")
+                assert again["duplicate"] and again["state"] == "restored" and sim[1].get("relay_1") is True
+                clock.advance(day)  # beyond the memory: the same id is a new shed
+                new = await gw.call("load.shed", lm="lm1", points=["relay_1"], duration_s=60, shed_id="dso-7")
+                assert not new["duplicate"] and new["state"] == "active" and sim[1].get("relay_1") is False
+    asyncio.run(scenario())
+
+
+def test_failed_and_cancelled_sheds_are_remembered_too(tmp_path):
+    async def scenario():
+        async with simulator() as (sim, port), service(tmp_path, [tcp_lm("lm1", port)]) as gw:
+            sim[1].fault = Fault.NO_ANSWER
+            assert (await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=60,
+                                   shed_id="f")).code == RpcCode.LM_TIMEOUT
+            sim[1].fault = Fault.NONE
+            retried = await gw.call("load.shed", lm="lm1", points=["relay_1"], duration_s=60, shed_id="f")
+            assert retried["duplicate"] and retried["state"] == "failed" and "did not answer" in retried["reason"]
+            await gw.call("load.shed", lm="lm1", points=["relay_2"], duration_s=60, randomize_s=600, shed_id="c")
+            await gw.call("load.restore", shed_id="c")
+            cancelled = await gw.call("load.shed", lm="lm1", points=["relay_2"], duration_s=60, shed_id="c")
+            assert cancelled["duplicate"] and cancelled["state"] == "cancelled"
+            assert sim[1].writes == []
+    asyncio.run(scenario())

@@ -103,6 +103,7 @@ class ShedScheduler:
         window = self.config.default_randomize if randomize_s is None else randomize_s
         if window > limit:
             raise OutOfRange(f"randomize_s {window:g} exceeds {limit:g} s", max_duration=limit)
+        self.book.forget_old(self.clock.now())
         existing = None if shed_id is None else self.book.lookup(shed_id)
         if existing is not None:
             if (existing.lm, existing.points) != (lm, points):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Collection
@@ -97,6 +97,9 @@ class Shed:
             summary.update(reason=self.reason, ended_at=self.ended_at)
         return summary
 
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))  # not asdict(): its deep copy made saving 1000 remembered sheds slow
+
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Shed:
         raw = dict(raw)
@@ -133,6 +136,8 @@ class ShedBook:
         self.finished: dict[str, Shed] = finished or {}
         """Finished sheds by id, oldest first."""
         self.memory = memory
+        self._finished_text: str | None = None
+        """``finished`` as JSON, kept between saves: finished sheds do not change, only come and go."""
 
     def lookup(self, shed_id: str) -> Shed | None:
         """A live or a remembered finished shed."""
@@ -208,16 +213,17 @@ class ShedBook:
         self._move(shed, state, reason or shed.reason or "", now)
         self.finished.pop(shed_id, None)
         self.finished[shed_id] = shed
+        self._finished_text = None
         self.forget_old(now)
         return shed
 
     def forget_old(self, now: float) -> None:
         """Apply the memory's bounds: older than ``memory.seconds`` or beyond ``memory.entries`` goes."""
         horizon = now - self.memory.seconds
-        for shed_id in [k for k, s in self.finished.items() if (s.ended_at or 0.0) < horizon]:
-            del self.finished[shed_id]
-        while len(self.finished) > self.memory.entries:
-            del self.finished[next(iter(self.finished))]
+        kept = [k for k, s in self.finished.items() if (s.ended_at or 0.0) >= horizon][-self.memory.entries:]
+        if len(kept) < len(self.finished):
+            self.finished = {k: self.finished[k] for k in kept}
+            self._finished_text = None
 
     def _move(self, shed: Shed, state: ShedState, reason: str, now: float) -> None:
         """The one place a shed changes state: checked against the life cycle above, and logged."""
@@ -233,8 +239,15 @@ class ShedBook:
                 shed.id, shed.lm, previous, state, detail)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": 2, "sheds": [asdict(s) for s in self.sheds.values()],
-                "finished": [asdict(s) for s in self.finished.values()]}
+        return {"version": 2, "sheds": [s.to_json() for s in self.sheds.values()],
+                "finished": [s.to_json() for s in self.finished.values()]}
+
+    def dumps(self) -> str:
+        """``to_json`` as compact JSON text, reusing the finished sheds' text from the last time."""
+        if self._finished_text is None:
+            self._finished_text = _compact([s.to_json() for s in self.finished.values()])
+        return f'{{"version":2,"sheds":{_compact([s.to_json() for s in self.sheds.values()])},' \
+               f'"finished":{self._finished_text}}}'
 
     @classmethod
     def from_json(cls, data: dict[str, Any], memory: Memory = Memory()) -> ShedBook:
@@ -245,6 +258,10 @@ class ShedBook:
         if any(s.state.final for s in sheds) or not all(s.state.final for s in finished):
             raise ValueError("a finished shed among the live ones, or the other way round")
         return cls({s.id: s for s in sheds}, {s.id: s for s in finished}, memory)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 class ShedStore:
@@ -271,4 +288,4 @@ class ShedStore:
 
     def save(self, book: ShedBook) -> None:
         """Raises ``OSError`` (e.g. ENOSPC) with the file on disk unchanged."""
-        write_atomically(self.path, json.dumps(book.to_json(), separators=(",", ":")).encode(), mode=0o600)
+        write_atomically(self.path, book.dumps().encode(), mode=0o600)
