@@ -68,7 +68,7 @@ def test_shed_on_a_full_data_partition_is_refused_cleanly_and_restores_still_hap
             refused = await gw.error("load.shed", lm="lm1", points=["relay_1"], duration_s=60, shed_id="dso-9")
             assert refused.code == RpcCode.STATE_NOT_SAVED == -32021
             assert refused.message == "data partition full: shed refused, nothing written"
-            assert refused.data["errno"] == "ENOSPC"
+            assert refused.data == {"errno": "ENOSPC", "path": str(partition / "sheds.json")}
             assert len(sim[1].writes) == writes and sim[1].get("relay_1") is True  # nothing written at the LM
             assert names(partition) == ["filler", "sheds.json"]  # no temporary file left behind
             logged = [r for r in caplog.records if r.levelno >= logging.WARNING]

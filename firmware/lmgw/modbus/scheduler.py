@@ -38,10 +38,6 @@ EmitEvent = Callable[[str, dict[str, Any]], None]
 Outcome = Union[dict[str, Any], DomainError, None]
 
 
-def _not_saved(exc: OSError, what: str) -> StateNotSaved:
-    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    cause = "full" if full else f"failing ({exc.strerror or exc})"
-    return StateNotSaved(f"data partition {cause}: {what}", path=exc.filename, errno=errno.errorcode.get(exc.errno or 0))
 
 
 class ShedScheduler:
@@ -191,14 +187,15 @@ class ShedScheduler:
         try:
             self.store.save(self.book)
         except OSError as exc:
-            problem = _not_saved(exc, consequence)
+            full, why = exc.errno in (errno.ENOSPC, errno.EDQUOT), exc.strerror or str(exc)
             if context is not None:
-                    log.error("%s: cannot save %s (%s); %s", context, self.store.path, exc.strerror or exc,
-                          "free space on the data partition" if "full" in problem.message else "check the data partition")
+                log.error("%s: cannot save %s (%s); %s", context, self.store.path, why,
+                          "free space on the data partition" if full else "check the data partition")
             if self.storage_problem is None:
                 when = datetime.fromtimestamp(self.clock.now(), timezone.utc).isoformat(timespec="seconds")
-                self.storage_problem = f"cannot save {self.store.path} since {when}: {exc.strerror or exc}"
-            return problem
+                self.storage_problem = f"cannot save {self.store.path} since {when}: {why}"
+            return StateNotSaved(f"data partition {'full' if full else f'failing ({why})'}: {consequence}",
+                                 path=str(self.store.path), errno=errno.errorcode.get(exc.errno or 0))
         if self.storage_problem is not None:
             log.warning("shed state %s saved again (the problem was: %s)", self.store.path, self.storage_problem)
             self.storage_problem = None
