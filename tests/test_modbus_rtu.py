@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 
 from pymodbus.client import AsyncModbusTcpClient
 
+from conftest import wait_until
 from lmgw.lmsim.device import Fault, SimulatedLm
 from lmgw.lmsim.pty import PtyPair
 from lmgw.lmsim.server import LmSimulator
@@ -17,12 +18,14 @@ from test_modbus_service import Harness, service, values
 
 
 @contextlib.asynccontextmanager
-async def rtu_bus(tmp_path: Path, units=(1, 2), **sections: Any) -> AsyncIterator[tuple[LmSimulator, Harness]]:
+async def rtu_bus(tmp_path: Path, units=(1, 2), bus_options: dict[str, Any] | None = None,
+                  **sections: Any) -> AsyncIterator[tuple[LmSimulator, Harness]]:
     """A simulated bus with ``units`` answering, and a gateway with LMs on units 1, 2 and 3 (3 is dead)."""
     async with PtyPair() as (lm_side, gateway_side):
         sim = LmSimulator({unit: SimulatedLm() for unit in units})
         await sim.start_serial(lm_side, baudrate=115200)
-        bus = {"name": "rs485", "device": gateway_side, "baudrate": 115200, "timeout": 0.25, "retries": 1}
+        bus = {"name": "rs485", "device": gateway_side, "baudrate": 115200, "timeout": 0.25, "retries": 1,
+               **(bus_options or {})}
         lms = [{"name": f"lm{u}", "profile": "simulated-lm", "transport": "rtu", "bus": "rs485", "unit": u}
                for u in (1, 2, 3)]
         try:
@@ -118,4 +121,25 @@ def test_bridge_shares_the_bus_with_gateway_commands(tmp_path):
                 assert (await client.read_holding_registers(110, count=1, device_id=3)).exception_code == 0x0B
             finally:
                 client.close()
+    asyncio.run(scenario())
+
+
+def test_a_late_answer_is_never_taken_for_the_next_request(tmp_path):
+    """A12: unit 1 answers after the gateway gave up while the next request to it is queued."""
+    async def scenario():
+        async with rtu_bus(tmp_path, bus_options={"timeout": 0.4, "retries": 0}) as (sim, gw):
+            sim[1].set("nominal_power_1", 1111)
+            sim[1].set("nominal_power_2", 2222)
+            assert values(await gw.call("lm.read", lm="lm1", points=["status"])) == {"status": 15}  # bus open
+            sim[1].late_by = 0.55  # answers 0.15 s after the gateway's timeout
+            sim[1].fault = Fault.LATE
+            late = asyncio.create_task(gw.error("lm.read", lm="lm1", points=["nominal_power_1"]))
+            await wait_until(lambda: sim.requests == 2, what="the first request on the wire")
+            sim[1].fault = Fault.NONE  # queue the next request behind it: unit 1 answers it at once
+            second = asyncio.create_task(gw.call("lm.read", lm="lm1", points=["nominal_power_2"]))
+            assert (await late).code == RpcCode.LM_TIMEOUT
+            assert values(await second) == {"nominal_power_2": 2222}
+            # and the bus is clean afterwards: nothing stale is left for the request after
+            assert values(await gw.call("lm.read", lm="lm1", points=["nominal_power_1"])) == {"nominal_power_1": 1111}
+            assert sim.requests == 4  # the late request was answered on the wire, then dropped
     asyncio.run(scenario())

@@ -3,8 +3,9 @@
 Faults can be set at start (``--fault 2:no_answer``) and changed while it
 runs by lines on standard input::
 
-    fault UNIT none|no_answer|exception|garbage
+    fault UNIT none|no_answer|exception|garbage|late
     exception UNIT CODE          # the code "exception" faults answer with
+    late UNIT SECONDS            # how late "late" faults answer (default 1)
     set UNIT POINT VALUE         # e.g. set 1 relay_2 false, set 1 nominal_power_1 2500
     show UNIT
     delay SECONDS                # response latency of every unit
@@ -82,12 +83,14 @@ def control(sim: LmSimulator, line: str) -> str:
             lm.fault = Fault(words[2])
         elif command == "exception":
             lm.exception_code = int(words[2])
+        elif command == "late":
+            lm.late_by = float(words[2])
         elif command == "set":
             value = json.loads(words[3])
             lm.set(words[2], value)
         elif command != "show":
-            return f"unknown command {command!r} (fault, exception, set, show, delay)"
-        return json.dumps({"unit": unit, "fault": lm.fault.value,
+            return f"unknown command {command!r} (fault, exception, late, set, show, delay)"
+        return json.dumps({"unit": unit, "fault": lm.fault.value, "late_by": lm.late_by,
                            "points": {n: lm.get(n) for n in lm.profile.points}})
     except (IndexError, KeyError, ValueError) as exc:
         return f"error: {type(exc).__name__}: {exc}"
@@ -96,7 +99,11 @@ def control(sim: LmSimulator, line: str) -> str:
 def _read_control(sim: LmSimulator, loop: asyncio.AbstractEventLoop) -> None:
     """Runs in a daemon thread: a blocked stdin read must not hold up shutdown."""
     for line in sys.stdin:
-        loop.call_soon_threadsafe(lambda line=line: print(control(sim, line), flush=True))
+        loop.call_soon_threadsafe(_answer, sim, line)
+
+
+def _answer(sim: LmSimulator, line: str) -> None:
+    print(control(sim, line), flush=True)
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ devices do.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from typing import Any
 
@@ -29,6 +30,8 @@ class Fault(str, enum.Enum):
     """Every request gets a Modbus exception response (``exception_code``)."""
     GARBAGE = "garbage"
     """Answers arrive corrupted (bad CRC on RTU, a broken header on TCP)."""
+    LATE = "late"
+    """Every answer comes ``late_by`` seconds late, after a master's timeout (a slow or overloaded device)."""
 
 
 class SimulatedLm:
@@ -43,6 +46,10 @@ class SimulatedLm:
                 self.writable[point.register].update(span)
         self._fault = Fault.NONE
         self.exception_code = int(ExcCodes.DEVICE_FAILURE)
+        self.late_by = 1.0
+        """Seconds a ``LATE`` unit takes to answer."""
+        self.busy = asyncio.Lock()
+        """A device handles one request at a time: a late answer delays the next one too."""
         self.writes: list[tuple[str, int, list[int]]] = []
         """Every Modbus write received, in order (tests check what reached the device)."""
         for i in range(LOADS):
@@ -63,7 +70,7 @@ class SimulatedLm:
         self._fault = Fault(fault)
         self._update()  # the fault bit of the status word follows
 
-    def get(self, name: str) -> Value:
+    def get(self, name: str) -> Value | None:
         point = self.profile.points[name]
         registers = [self.memory[point.register][a] for a in range(point.address, point.address + point.count)]
         return decode(point.encoding, registers)
@@ -88,7 +95,7 @@ class SimulatedLm:
         total, status = 0.0, 0
         for i in range(LOADS):
             on = bool(self.get(f"relay_{i + 1}"))
-            power = float(self.get(f"nominal_power_{i + 1}")) if on else 0.0
+            power = float(self.get(f"nominal_power_{i + 1}") or 0) if on else 0.0
             self._store(f"power_{i + 1}", power)
             total += power
             status |= int(on) << i

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
@@ -24,6 +24,7 @@ from .device import Fault, SimulatedLm
 log = logging.getLogger(__name__)
 
 _KINDS = {"c": "coil", "d": "discrete_input", "h": "holding", "i": "input"}
+Result = TypeVar("Result")
 
 
 class _DeviceContext(ModbusBaseDeviceContext):
@@ -33,29 +34,35 @@ class _DeviceContext(ModbusBaseDeviceContext):
         self.sim = sim
         self.owner = owner
 
-    async def _serve(self, operation: Callable[[], list[int] | ExcCodes | None]) -> list[int] | ExcCodes | None:
+    async def _serve(self, operation: Callable[[], Result]) -> Result:
         self.owner.requests += 1
         self.owner.in_flight += 1
         self.owner.max_in_flight = max(self.owner.max_in_flight, self.owner.in_flight)
         try:
-            if self.owner.response_delay:
-                await asyncio.sleep(self.owner.response_delay)
-            return operation()
+            async with self.sim.busy:
+                if self.owner.response_delay:
+                    await asyncio.sleep(self.owner.response_delay)
+                if self.sim.fault == Fault.LATE:
+                    await asyncio.sleep(self.sim.late_by)
+                return operation()
         finally:
             self.owner.in_flight -= 1
 
-    async def async_getValues(self, func_code: int, address: int, count: int = 1):  # type: ignore[override]
-        return await self._serve(lambda: self.sim.read(_KINDS[self.decode(func_code)], address, count))
+    def _kind(self, func_code: int) -> str:
+        return _KINDS[self.decode(func_code)]  # type: ignore[no-untyped-call]
 
-    async def async_setValues(self, func_code: int, address: int, values):  # type: ignore[override]
-        return await self._serve(lambda: self.sim.write(_KINDS[self.decode(func_code)], address, list(values)))
+    async def async_getValues(self, func_code: int, address: int, count: int = 1) -> list[int] | ExcCodes:
+        return await self._serve(lambda: self.sim.read(self._kind(func_code), address, count))
+
+    async def async_setValues(self, func_code: int, address: int, values: Sequence[int | bool]) -> None | ExcCodes:
+        return await self._serve(lambda: self.sim.write(self._kind(func_code), address, list(values)))
 
 
 class _Units(ModbusServerContext):
     """Unit id -> device; a silent unit looks absent (pymodbus then sends nothing)."""
 
     def __init__(self, owner: LmSimulator) -> None:
-        super().__init__(devices={}, single=False)
+        super().__init__(devices={}, single=False)  # type: ignore[no-untyped-call]
         self.owner = owner
 
     def __contains__(self, unit: int) -> bool:
@@ -64,7 +71,7 @@ class _Units(ModbusServerContext):
     def __getitem__(self, unit: int) -> _DeviceContext:
         sim = self.owner.units.get(unit)
         if sim is None or sim.fault == Fault.NO_ANSWER:
-            raise NoSuchIdException(f"unit {unit} does not answer")
+            raise NoSuchIdException(f"unit {unit} does not answer")  # type: ignore[no-untyped-call]
         return _DeviceContext(sim, self.owner)
 
     def device_ids(self) -> list[int]:
@@ -101,7 +108,7 @@ class LmSimulator:
                                  trace_packet=self._garble(6, FramerType.SOCKET))
         await server.serve_forever(background=True)
         self._servers.append(server)
-        bound = server.transport.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        bound: int = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("simulated LM(s) %s on Modbus TCP %s:%d", sorted(self.units), host, bound)
         return bound
 
@@ -117,5 +124,5 @@ class LmSimulator:
 
     async def stop(self) -> None:
         for server in self._servers:
-            await server.shutdown()
+            await server.shutdown()  # type: ignore[no-untyped-call]
         self._servers.clear()

@@ -1,12 +1,19 @@
 """The opt-in Modbus TCP -> RTU bridge (what mbusd does), for site tools.
 
-Requests from TCP clients join the bus's own queue (``Link.transact``), so
-they are serialized with the gateway's traffic and never collide on the
-wire.  The bus's failures come back as the Modbus gateway exceptions a TCP
-master expects: 0x0B when the unit did not answer (or answered garbage),
-0x0A when the serial port cannot be used, 0x06 when the queue is full.
+Requests from TCP clients join the bus's own queue and retry rule
+(``Link.execute``), so they are serialized with the gateway's traffic, never
+collide on the wire, and a unit known to be dead gets one attempt per
+request, as it does for its LM.  What cannot be a valid request is answered
+at once without touching the bus: exception 01 for a function the bridge
+does not forward (any code of 0x80 or more among them), 03 for a malformed
+PDU or a quantity outside the Modbus limits, 02 for an address range past
+65535.  The bus's failures come back as the Modbus gateway exceptions a TCP
+master expects (``modbus_exception``): 0x0B when the unit did not answer (or
+answered garbage), 0x0A when the serial port cannot be used, 0x06 when the
+queue is full; device exceptions pass through.
 
-MBAP framing is pure (``parse_frames``); the server is the asyncio edge.
+MBAP framing and request checks are pure (``parse_frames``,
+``check_request``); the server is the asyncio edge.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import logging
 import struct
 from dataclasses import dataclass
 
-from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.constants import ExcCodes
+from pymodbus.pdu import DecodePDU, ModbusPDU
 
 from .config import BridgeConfig, BusConfig
 from .errors import BusBusy, DeviceException, ModbusError, Unreachable
@@ -25,8 +33,16 @@ from .transport import Link
 log = logging.getLogger(__name__)
 
 MAX_PDU = 253
-_GATEWAY_EXCEPTION: dict[type[ModbusError], int] = {Unreachable: 0x0A, BusBusy: 0x06}
+_GATEWAY_EXCEPTION: dict[type[ModbusError], ExcCodes] = {
+    Unreachable: ExcCodes.GATEWAY_PATH_UNAVIABLE, BusBusy: ExcCodes.DEVICE_BUSY}
 """Modbus exception a TCP master gets for a bus failure; any other (timeout, framing) is 0x0B."""
+
+# Function code -> largest quantity in one request (Modbus application protocol v1.1b3, section 6).
+_MAX_READ = {1: 2000, 2: 2000, 3: 125, 4: 125}
+_MAX_WRITE = {15: 1968, 16: 123}
+_FIXED_LENGTH = {1: 5, 2: 5, 3: 5, 4: 5, 5: 5, 6: 5, 22: 7}
+FORWARDED = frozenset((*_FIXED_LENGTH, 15, 16, 23))
+"""The function codes the bridge forwards: the data access functions."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +52,7 @@ class Frame:
     pdu: bytes
 
 
-class FramingError(ValueError):
+class NotModbusTcp(ValueError):
     """The client does not speak Modbus TCP; its connection is closed."""
 
 
@@ -46,7 +62,7 @@ def parse_frames(buffer: bytes) -> tuple[list[Frame], bytes]:
     while len(buffer) >= 7:
         tid, protocol, length, unit = struct.unpack(">HHHB", buffer[:7])
         if protocol != 0 or not 2 <= length <= MAX_PDU + 1:
-            raise FramingError(f"not a Modbus TCP frame (protocol {protocol}, length {length})")
+            raise NotModbusTcp(f"not a Modbus TCP frame (protocol {protocol}, length {length})")
         if len(buffer) < 6 + length:
             break
         frames.append(Frame(tid, unit, buffer[7:6 + length]))
@@ -56,6 +72,54 @@ def parse_frames(buffer: bytes) -> tuple[list[Frame], bytes]:
 
 def build_frame(transaction_id: int, unit: int, pdu: bytes) -> bytes:
     return struct.pack(">HHHB", transaction_id, 0, len(pdu) + 1, unit) + pdu
+
+
+def exception_pdu(function_code: int, code: int) -> bytes:
+    """The exception response to a request of ``function_code``."""
+    return bytes([function_code | 0x80, code])
+
+
+def check_request(pdu: bytes) -> ExcCodes | None:
+    """None when ``pdu`` is a well-formed request the bridge forwards, else the exception to answer at once."""
+    if not pdu or pdu[0] not in FORWARDED:
+        return ExcCodes.ILLEGAL_FUNCTION
+    function = pdu[0]
+    if len(pdu) < 5 or len(pdu) != _FIXED_LENGTH.get(function, len(pdu)):
+        return ExcCodes.ILLEGAL_VALUE
+    address, quantity = struct.unpack(">HH", pdu[1:5])
+    if function in _MAX_READ:
+        return _span(address, quantity, _MAX_READ[function])
+    if function == 5 and quantity not in (0x0000, 0xFF00):  # the "quantity" is the coil's value
+        return ExcCodes.ILLEGAL_VALUE
+    if function in _MAX_WRITE:
+        count = (quantity + 7) // 8 if function == 15 else 2 * quantity  # the byte count that must follow
+        if len(pdu) < 6 or pdu[5] != count or len(pdu) != 6 + count:
+            return ExcCodes.ILLEGAL_VALUE
+        return _span(address, quantity, _MAX_WRITE[function])
+    if function == 23:  # read address, read quantity, write address, write quantity, byte count, values
+        if len(pdu) < 10:
+            return ExcCodes.ILLEGAL_VALUE
+        write_address, write_quantity, count = struct.unpack(">HHB", pdu[5:10])
+        if count != 2 * write_quantity or len(pdu) != 10 + count:
+            return ExcCodes.ILLEGAL_VALUE
+        return _span(address, quantity, 125) or _span(write_address, write_quantity, 121)
+    return None
+
+
+def _span(address: int, quantity: int, largest: int) -> ExcCodes | None:
+    if not 1 <= quantity <= largest:
+        return ExcCodes.ILLEGAL_VALUE
+    if address + quantity > 0x10000:
+        return ExcCodes.ILLEGAL_ADDRESS
+    return None
+
+
+def modbus_exception(exc: ModbusError) -> int:
+    """The Modbus exception code a TCP master gets for a failed transaction."""
+    if isinstance(exc, DeviceException):
+        return exc.exception_code
+    return next((_GATEWAY_EXCEPTION[cls] for cls in type(exc).__mro__ if cls in _GATEWAY_EXCEPTION),
+                ExcCodes.GATEWAY_NO_RESPONSE)
 
 
 class Bridge:
@@ -104,9 +168,13 @@ class Bridge:
                 await writer.drain()
         except asyncio.TimeoutError:
             log.info("bridge: closing %s, idle for %g s", peer, self.config.idle_timeout)
-        except FramingError as exc:
+        except NotModbusTcp as exc:
             log.warning("bridge: closing %s: %s", peer, exc)
         except ConnectionError:
+            pass
+        except asyncio.CancelledError:
+            # stop() ends the client; ending quietly keeps Python 3.11's stream callback, which calls
+            # exception() on the finished task, from logging the cancellation as an error.
             pass
         finally:
             self._clients.discard(task)
@@ -114,22 +182,20 @@ class Bridge:
 
     async def _forward(self, frame: Frame) -> bytes:
         """One request onto the bus; the PDU to answer (the response or a Modbus exception)."""
-        function_code = frame.pdu[0] if frame.pdu else 0
-        request = self._decoder.decode(frame.pdu)
+        function_code = frame.pdu[0]  # parse_frames never yields an empty PDU
+        refused = check_request(frame.pdu)
+        request = None if refused else self._decoder.decode(frame.pdu)
         if request is None:
-            return _pdu(ExceptionResponse(function_code, 0x01))  # illegal function
+            return exception_pdu(function_code, refused or ExcCodes.ILLEGAL_VALUE)
         request.dev_id = frame.unit
         target = f"unit {frame.unit} on bus {self.bus.name!r} (via bridge)"
-        for attempt in range(1 + self.bus.retries):
-            try:
-                return _pdu(await self.link.transact(target, lambda c: c.execute(False, request), timeout=self.bus.timeout))
-            except DeviceException as exc:
-                return _pdu(ExceptionResponse(function_code, exc.exception_code))
-            except ModbusError as exc:
-                if not exc.retryable or attempt == self.bus.retries:
-                    log.info("bridge: %s", exc.message)
-                    return _pdu(ExceptionResponse(function_code, _GATEWAY_EXCEPTION.get(type(exc), 0x0B)))
-        raise AssertionError("unreachable")
+        try:
+            response = await self.link.execute(target, request, timeout=self.bus.timeout, retries=self.bus.retries)
+        except ModbusError as exc:
+            if not isinstance(exc, DeviceException):
+                log.info("bridge: %s", exc.message)
+            return exception_pdu(function_code, modbus_exception(exc))
+        return _pdu(response)
 
 
 def _pdu(message: ModbusPDU) -> bytes:

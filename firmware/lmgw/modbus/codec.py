@@ -17,9 +17,11 @@ Value = Union[bool, int, float]
 
 # type -> (struct format, number of 16-bit registers)
 _FORMATS = {"u16": (">H", 1), "s16": (">h", 1), "u32": (">I", 2), "s32": (">i", 2), "f32": (">f", 2)}
+_F32_MAX = 3.4028234663852886e38
+# integer type -> smallest and largest raw value it holds
+_INT_LIMITS = {"u16": (0, 0xFFFF), "s16": (-0x8000, 0x7FFF), "u32": (0, 0xFFFFFFFF), "s32": (-0x80000000, 0x7FFFFFFF)}
 DATA_TYPES = ("bool", *_FORMATS)
 ORDERS = ("big", "little")
-_F32_MAX = 3.4028234663852886e38
 
 
 class EncodeError(ValueError):
@@ -48,6 +50,24 @@ class Encoding:
         return 1 if self.type == "bool" else _FORMATS[self.type][1]
 
 
+def value_range(enc: Encoding) -> tuple[float, float] | None:
+    """The smallest and largest engineering value the type holds after scaling (None for bool)."""
+    if enc.type == "bool":
+        return None
+    if enc.type == "f32":
+        return -_F32_MAX * enc.scale, _F32_MAX * enc.scale
+    low, high = _INT_LIMITS[enc.type]
+    return _scaled(low, enc.scale), _scaled(high, enc.scale)
+
+
+def _scaled(number: int, scale: float) -> float:
+    """``number * scale`` without float noise (1234 * 0.1 is 123.4); integers stay integers at scale 1."""
+    if scale == 1:
+        return number
+    # Decimal keeps 1234 * 0.1 at 123.4, not 123.40000000000001.
+    return float(Decimal(number) * Decimal(repr(scale)))
+
+
 def _reorder(data: bytes, enc: Encoding) -> list[bytes]:
     """Canonical bytes -> per-register byte pairs in device order (and back: an involution)."""
     words = [data[i:i + 2] for i in range(0, len(data), 2)]
@@ -66,16 +86,13 @@ def decode(enc: Encoding, raw: Sequence[int] | Sequence[bool]) -> Value | None:
         return bool(raw[0])
     fmt, _ = _FORMATS[enc.type]
     data = b"".join(w.to_bytes(2, "big") for w in raw)
-    (number,) = struct.unpack(fmt, b"".join(_reorder(data, enc)))
-    if enc.type == "f32":
+    number: int | float = struct.unpack(fmt, b"".join(_reorder(data, enc)))[0]
+    if isinstance(number, float):
         if not math.isfinite(number):
             return None  # devices use NaN for "not available"; JSON has no NaN
         # An f32 carries ~7 significant digits; do not invent more.
         return float(f"{number * enc.scale:.7g}")
-    if enc.scale == 1:
-        return number
-    # Decimal keeps 1234 * 0.1 at 123.4, not 123.40000000000001.
-    return float(Decimal(number) * Decimal(repr(enc.scale)))
+    return _scaled(number, enc.scale)
 
 
 def encode(enc: Encoding, value: Value) -> list[int]:

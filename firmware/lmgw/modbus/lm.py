@@ -1,45 +1,22 @@
-"""One load manager: named points read and written through its link, with health counters."""
+"""One load manager: named points read and written through its link (which keeps its unit's health)."""
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Sequence
 
-from pymodbus.client.base import ModbusBaseClient
 from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest, WriteSingleCoilRequest
+from pymodbus.pdu.register_message import (ReadHoldingRegistersRequest, ReadInputRegistersRequest,
+                                           WriteMultipleRegistersRequest, WriteSingleRegisterRequest)
 
 from .codec import EncodeError, Value, decode
 from .config import LmConfig
 from .errors import FramingError, ModbusError, NotWritable, OutOfRange, PointUnknown
 from .profile import Point, Profile, ReadBlock, plan_reads
-from .transport import Link
+from .transport import Health, Link
 
-log = logging.getLogger(__name__)
-
-_ERROR_KINDS = ("timeout", "exception", "framing", "unreachable", "busy")
-
-
-def _iso(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class Health:
-    requests: int = 0
-    errors: dict[str, int] = field(default_factory=lambda: {k: 0 for k in _ERROR_KINDS})
-    consecutive_failures: int = 0
-    last_success: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        state = "unknown" if self.requests == 0 else ("failing" if self.consecutive_failures else "ok")
-        return {"state": state, "requests": self.requests, "errors": dict(self.errors),
-                "consecutive_failures": self.consecutive_failures, "last_success": _iso(self.last_success),
-                "last_error": self.last_error, "last_error_at": _iso(self.last_error_at)}
+_READS: dict[str, type[ModbusPDU]] = {"coil": ReadCoilsRequest, "discrete_input": ReadDiscreteInputsRequest,
+                                      "holding": ReadHoldingRegistersRequest, "input": ReadInputRegistersRequest}
 
 
 class LoadManager:
@@ -47,7 +24,6 @@ class LoadManager:
         self.config = config
         self.profile = profile
         self.link = link
-        self.health = Health()
         where = f"unit {config.unit} on bus {config.bus!r}" if config.transport == "rtu" else \
             f"{config.host}:{config.port} unit {config.unit}"
         self.target = f"LM {config.name!r} ({where})"
@@ -55,6 +31,11 @@ class LoadManager:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def health(self) -> Health:
+        """Its unit's health on the link, shared with the bridge's traffic to the same unit."""
+        return self.link.health(self.config.unit)
 
     def describe(self) -> dict[str, Any]:
         transport = f"rtu {self.config.bus} unit {self.config.unit}" if self.config.transport == "rtu" else \
@@ -83,8 +64,9 @@ class LoadManager:
             try:
                 prepared.append((point, value, point.check_value(value)))
             except EncodeError as exc:
+                bounds = point.range
                 raise OutOfRange(f"{self.target}: point {name!r}: {exc}", lm=self.name, point=name,
-                               value=value, range=[point.min, point.max]) from None
+                                 value=value, **({} if bounds is None else {"range": list(bounds)})) from None
         return prepared
 
     # -- bus operations ------------------------------------------------------------
@@ -108,7 +90,7 @@ class LoadManager:
         written: list[str] = []
         for point, _value, registers in prepared:
             try:
-                await self._transact(lambda client, p=point, r=registers: _write_call(client, p, r, self.config.unit))
+                await self._execute(_write_request(point, registers, self.config.unit))
             except ModbusError as exc:
                 # Tell the caller exactly what did change before the failure.
                 exc.add(lm=self.name, point=point.name, written=written)
@@ -117,52 +99,27 @@ class LoadManager:
         return written
 
     async def _read_block(self, block: ReadBlock) -> list[int]:
-        response = await self._transact(lambda client: _read_call(client, block, self.config.unit))
+        response = await self._execute(_READS[block.register](address=block.address, count=block.count,
+                                                              dev_id=self.config.unit))
         data = response.bits if block.register in ("coil", "discrete_input") else response.registers
         if len(data) < block.count:
             raise FramingError(f"{self.target} returned {len(data)} values for a read of {block.count}",
                            lm=self.name)
         return list(data[:block.count])
 
-    async def _transact(self, call: Any) -> ModbusPDU:
-        # A failing LM gets one attempt, not 1 + retries: it must not hold a shared bus for long.
-        attempts = 1 + (self.config.retries if self.health.consecutive_failures == 0 else 0)
-        for attempt in range(attempts):
-            self.health.requests += 1
-            try:
-                response = await self.link.transact(self.target, call, timeout=self.config.timeout)
-            except ModbusError as exc:
-                self._failed(exc)
-                if exc.retryable and attempt + 1 < attempts:
-                    log.info("%s (attempt %d of %d), retrying", exc.message, attempt + 1, attempts)
-                    continue
-                exc.add(lm=self.name)
-                raise
-            self.health.consecutive_failures = 0
-            self.health.last_success = time.time()
-            return response
-        raise AssertionError("unreachable")  # the loop returns or raises
-
-    def _failed(self, exc: ModbusError) -> None:
-        kind = exc.kind
-        self.health.errors[kind] = self.health.errors.get(kind, 0) + 1
-        self.health.last_error, self.health.last_error_at = exc.message, time.time()
-        # An exception response proves the LM is alive and talking; it is not a link failure.
-        if kind != "exception":
-            if self.health.consecutive_failures == 0:
-                log.warning("%s", exc.message)
-            self.health.consecutive_failures += 1
+    async def _execute(self, request: ModbusPDU) -> ModbusPDU:
+        try:
+            return await self.link.execute(self.target, request, timeout=self.config.timeout,
+                                           retries=self.config.retries)
+        except ModbusError as exc:
+            exc.add(lm=self.name)
+            raise
 
 
-def _read_call(client: ModbusBaseClient, block: ReadBlock, unit: int) -> Any:
-    read = {"coil": client.read_coils, "discrete_input": client.read_discrete_inputs,
-            "holding": client.read_holding_registers, "input": client.read_input_registers}[block.register]
-    return read(block.address, count=block.count, device_id=unit)
-
-
-def _write_call(client: ModbusBaseClient, point: Point, registers: list[int], unit: int) -> Any:
+def _write_request(point: Point, registers: list[int], unit: int) -> ModbusPDU:
+    """FC 5 for a coil, FC 6 for one register, FC 16 for more."""
     if point.register == "coil":
-        return client.write_coil(point.address, bool(registers[0]), device_id=unit)
+        return WriteSingleCoilRequest(address=point.address, bits=[bool(registers[0])], dev_id=unit)
     if len(registers) == 1:
-        return client.write_register(point.address, registers[0], device_id=unit)
-    return client.write_registers(point.address, registers, device_id=unit)
+        return WriteSingleRegisterRequest(address=point.address, registers=registers, dev_id=unit)
+    return WriteMultipleRegistersRequest(address=point.address, registers=registers, dev_id=unit)

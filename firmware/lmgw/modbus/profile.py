@@ -8,6 +8,7 @@ about a bad profile is discovered on the bus.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..config import ConfigError
-from .codec import DATA_TYPES, ORDERS, Encoding, EncodeError, Value, encode
+from .codec import DATA_TYPES, ORDERS, Encoding, EncodeError, Value, encode, value_range
 
 REGISTER_KINDS = ("coil", "discrete_input", "holding", "input")
 _WRITABLE_KINDS = ("coil", "holding")
@@ -52,20 +53,35 @@ class Point:
     def writable(self) -> bool:
         return self.access == "rw"
 
+    @property
+    def range(self) -> tuple[float, float] | None:
+        """Lowest and highest value a write may carry: the profile's min/max within the type's limits."""
+        limits = value_range(self.encoding)
+        if limits is None:
+            return None
+        low, high = limits
+        return (low if self.min is None else max(low, self.min)), (high if self.max is None else min(high, self.max))
+
     def check_value(self, value: Value) -> list[int]:
         """Registers to write for ``value``; ``EncodeError`` if type or allowed range forbid it."""
-        if self.encoding.type != "bool" and not isinstance(value, bool) and isinstance(value, (int, float)):
-            if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-                raise EncodeError(f"{value!r} is outside the allowed range [{_fmt(self.min)}, {_fmt(self.max)}]")
+        bounds = self.range
+        if bounds is not None and not isinstance(value, bool) and isinstance(value, (int, float)) \
+                and math.isfinite(value) and not bounds[0] <= value <= bounds[1]:
+            raise EncodeError(f"{value!r} is outside the allowed range [{_number(bounds[0])}, {_number(bounds[1])}]")
         return encode(self.encoding, value)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "type": self.encoding.type, "unit": self.unit, "access": self.access}
-        if self.min is not None or self.max is not None:
-            out["range"] = [self.min, self.max]
+        if self.writable and self.range is not None:
+            out["range"] = list(self.range)
         if self.shed_value is not None:
             out["sheddable"] = True
         return out
+
+
+def _number(value: float) -> str:
+    """A bound as people write it: 65535, 6553.5, -3.40282e+38."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -86,10 +102,6 @@ class ReadBlock:
     address: int
     count: int
     points: tuple[Point, ...]
-
-
-def _fmt(bound: float | None) -> str:
-    return "-inf" if bound is None else f"{bound:g}"
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -143,7 +155,7 @@ def _parse_point(raw: Any, index: int, device: dict[str, Any], source: str) -> P
     if access not in ("r", "rw"):
         raise ProfileError(f"{where}: access must be \"r\" or \"rw\", got {access!r}")
     if access == "rw" and register not in _WRITABLE_KINDS:
-        raise ProfileError(f"{where}: a {register} is read-only by Modbus; access must be \"r\"")
+        raise ProfileError(f"{where}: {register} points are read-only by Modbus; access must be \"r\"")
     low, high = (_get(raw, k, (int, float), where, None) for k in ("min", "max"))
     if (low is not None or high is not None) and (access != "rw" or dtype == "bool"):
         raise ProfileError(f"{where}: min/max apply to writable numeric points only")
