@@ -54,6 +54,9 @@ def test_pymodbus_client_over_tcp_with_runtime_faults():
             sim[1].fault = Fault.NO_ANSWER
             with pytest.raises(Exception, match="No response"):
                 await client.read_coils(0, count=4, device_id=1)
+            sim[1].fault, sim[1].late_by = Fault.LATE, 0.5  # answers, but after the client's timeout
+            with pytest.raises(Exception, match="No response"):
+                await client.read_coils(0, count=4, device_id=1)
             assert (await client.read_coils(0, count=4, device_id=7)).bits[:4] == [True, True, True, False]
         finally:
             client.close()
@@ -83,6 +86,8 @@ def test_control_lines():
     assert json.loads(control(sim, "set 1 relay_1 false"))["points"]["power_1"] == 0.0
     assert control(sim, "delay 0.5") == "delay 0.5 s" and sim.response_delay == 0.5
     assert control(sim, "exception 1 6") and sim[1].exception_code == 6
+    assert json.loads(control(sim, "late 1 2.5"))["late_by"] == 2.5 and sim[1].late_by == 2.5
+    assert json.loads(control(sim, "fault 1 late"))["fault"] == "late"
     assert control(sim, "fault 1 melted").startswith("error: ValueError")
     assert control(sim, "show 9").startswith("error: KeyError")
     assert control(sim, "bogus 1").startswith("unknown command")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lmgw.modbus.codec import DATA_TYPES, EncodeError, Encoding, decode, encode
+from lmgw.modbus.codec import DATA_TYPES, EncodeError, Encoding, decode, encode, value_range
 
 ORDERS = list(itertools.product(("big", "little"), ("big", "little")))
 SAMPLES = {
@@ -93,3 +93,19 @@ def test_bad_encodings_and_register_counts():
     with pytest.raises(ValueError, match="needs 2"):
         decode(Encoding("u32"), [1])
     assert set(DATA_TYPES) == {"bool", *SAMPLES}
+
+
+@pytest.mark.parametrize("dtype,scale,expected", [
+    ("u16", 1, (0, 65535)), ("s16", 0.1, (-3276.8, 3276.7)), ("u32", 1, (0, 4294967295)),
+    ("s32", 1, (-2147483648, 2147483647)), ("u16", 0.01, (0, 655.35)), ("bool", 1, None),
+])
+def test_value_range_is_what_the_type_holds_after_scaling(dtype, scale, expected):
+    assert value_range(Encoding(dtype, scale=scale)) == expected
+    if expected is not None:
+        enc = Encoding(dtype, scale=scale)
+        assert [decode(enc, encode(enc, v)) for v in expected] == list(expected)
+
+
+def test_f32_range():
+    low, high = value_range(Encoding("f32"))
+    assert low == -high and encode(Encoding("f32"), high) == [0x7F7F, 0xFFFF]

@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 from lmgw.config import ConfigError
-from lmgw.modbus.config import frame_gap, parse_lm_sections
+from lmgw.modbus.config import LmConfig, frame_gap, parse_lm_sections
+from lmgw.modbus.errors import OutOfRange
+from lmgw.modbus.lm import LoadManager
+from lmgw.modbus.codec import EncodeError
 from lmgw.modbus.profile import ProfileError, load_profile, parse_profile, plan_reads, shipped_profiles
+from lmgw.modbus.transport import Link
 
 GOOD = {
     "device": {"model": "m1", "word_order": "little"},
@@ -88,12 +92,48 @@ def test_bad_profiles_are_refused_with_the_point_named(data, message):
 def test_read_only_register_kinds_cannot_be_writable():
     data = copy.deepcopy(GOOD)
     data["point"][1]["access"] = "rw"
-    with pytest.raises(ProfileError, match="read-only by Modbus"):
+    with pytest.raises(ProfileError, match="input points are read-only by Modbus"):
         parse_profile(data, "test")
     data = copy.deepcopy(GOOD)
     data["point"][1]["shed_value"] = 0
     with pytest.raises(ProfileError, match="shed_value needs access"):
         parse_profile(data, "test")
+
+
+def test_range_is_the_profile_bounds_within_the_type_limits():
+    """A15: a point without min/max is still bounded by its type (and scale)."""
+    data = copy.deepcopy(GOOD)
+    data["point"] += [
+        {"name": "tenths", "register": "holding", "address": 6, "type": "u16", "scale": 0.1, "access": "rw"},
+        {"name": "signed", "register": "holding", "address": 7, "type": "s32", "access": "rw", "max": 5e9},
+        {"name": "floor", "register": "holding", "address": 9, "type": "s16", "access": "rw", "min": 100},
+    ]
+    points = parse_profile(data, "test").points
+    assert points["tenths"].range == (0, 6553.5)
+    assert points["signed"].range == (-2147483648, 2147483647)  # max beyond the type: the type wins
+    assert points["floor"].range == (100, 32767)
+    assert points["limit"].range == (0, 100)
+    assert points["relay"].range is None
+    assert points["tenths"].describe()["range"] == [0, 6553.5] and "range" not in points["power"].describe()
+    with pytest.raises(EncodeError, match=r"outside the allowed range \[0, 6553.5\]"):
+        points["tenths"].check_value(6553.6)
+
+
+def test_out_of_range_error_names_the_type_limits():
+    """A15: -32013's data.range is never [null, null]."""
+    data = copy.deepcopy(GOOD)
+    data["point"].append({"name": "energy", "register": "holding", "address": 6, "type": "u32", "access": "rw"})
+    config = LmConfig("lm1", "/m1.toml", "tcp", 1, 1.0, 0, host="127.0.0.1")
+    lm = LoadManager(config, parse_profile(data, "test"), Link.tcp(config))  # prepare_write never touches the link
+    with pytest.raises(OutOfRange) as info:
+        lm.prepare_write({"energy": -1})
+    assert info.value.data["range"] == [0, 4294967295] and "[0, 4294967295]" in info.value.message
+    with pytest.raises(OutOfRange) as info:
+        lm.prepare_write({"limit": 101})
+    assert info.value.data["range"] == [0, 100]
+    with pytest.raises(OutOfRange) as info:
+        lm.prepare_write({"relay": 1})
+    assert "range" not in info.value.data
 
 
 def test_plan_reads_merges_adjacent_points_only():
