@@ -421,7 +421,7 @@ async def gateway_session(pki: Pki, port: int, gateway_id: str) -> tuple[RpcSess
     return session, reader
 
 
-def test_event_rate_per_gateway_is_bounded_with_a_retry_time(pki, tmp_path):
+def test_event_rate_per_gateway_is_bounded_with_a_retry_time(pki, tmp_path, caplog):
     now = [1000.0]
 
     async def scenario() -> None:
@@ -443,9 +443,12 @@ def test_event_rate_per_gateway_is_bounded_with_a_retry_time(pki, tmp_path):
             with pytest.raises(RpcError) as info:
                 await session.call("gw.event", event(4))
             assert info.value.data["reason"] == "rate"
+            with pytest.raises(RpcError):
+                await session.call("gw.event", event(4))
             await session.connection.close()
             await reader
     asyncio.run(scenario())
+    assert caplog.text.count("events per minute") == 2  # one line per episode, not per refused event
 
 
 def test_event_storage_per_gateway_is_bounded(pki, tmp_path, caplog):
@@ -474,7 +477,7 @@ def test_event_storage_per_gateway_is_bounded(pki, tmp_path, caplog):
     used = EventLog(tmp_path / "dso-events.jsonl").used("GW-0032")  # counted again from the file, as at start
     print(f"\n{accepted} events of ~1 KiB stored for one gateway under a bound of {bound} bytes ({used} bytes used)")
     assert used <= bound
-    assert caplog.text.count("reached its event storage bound") == 1
+    assert caplog.text.count("reached its event storage bound") == 1 and "refused: the DSO holds" not in caplog.text
 
 
 def test_event_limits_come_from_the_events_section(tmp_path, pki):

@@ -36,13 +36,18 @@ class EventLimits:
 
 
 class EventRefused(Exception):
-    """This event is not recorded; ``reason`` is a stable word, the message says what to change."""
+    """This event is not recorded; ``reason`` is a stable word, the message says what to change.
 
-    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
+    ``logged`` is set when the refusal repeats one already logged (a gateway still over its
+    rate or storage bound), so the log gets one line per episode, not one per event.
+    """
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None, *, logged: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.retry_after = retry_after
+        self.logged = logged
 
     def data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"reason": self.reason}
@@ -96,12 +101,17 @@ class EventRate:
     def __init__(self, limits: EventLimits) -> None:
         self.limits = limits
         self._buckets: dict[str, TokenBucket] = {}
+        self._refusing: set[str] = set()
 
     def admit(self, gateway_id: str, now: float) -> None:
         bucket = self._buckets.get(gateway_id)
         if bucket is None:
             bucket = self._buckets[gateway_id] = TokenBucket(self.limits.per_minute / 60.0, self.limits.burst, now)
         wait = bucket.take(now)
-        if wait:
-            raise EventRefused("rate", f"more than {self.limits.per_minute:g} events per minute (burst "
-                                       f"{self.limits.burst}): retry after {wait:.1f} s", retry_after=wait)
+        if not wait:
+            self._refusing.discard(gateway_id)
+            return
+        logged = gateway_id in self._refusing
+        self._refusing.add(gateway_id)
+        raise EventRefused("rate", f"more than {self.limits.per_minute:g} events per minute (burst "
+                                   f"{self.limits.burst}): retry after {wait:.1f} s", retry_after=wait, logged=logged)

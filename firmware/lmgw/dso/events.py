@@ -48,7 +48,8 @@ class EventLog:
                           "until the file is archived and the DSO restarted", gateway_id, self.max_bytes_per_gateway,
                           self.file)
             raise EventRefused("storage", f"the DSO holds {used} bytes of this gateway's events, its bound is "
-                                          f"{self.max_bytes_per_gateway}: retry later", retry_after=STORAGE_RETRY_AFTER)
+                                          f"{self.max_bytes_per_gateway}: retry later", retry_after=STORAGE_RETRY_AFTER,
+                               logged=True)
         with open(self.file, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

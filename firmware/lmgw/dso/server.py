@@ -259,7 +259,8 @@ class DsoServer:
                 if not self.registry.seen(bound_id, id):
                     self.events.append({"gateway_id": bound_id, "received": _now().isoformat(), "event": event})
             except EventRefused as exc:
-                log.warning("gateway %s event %s refused: %s", bound_id, kind[:80], exc.message)
+                log.log(logging.DEBUG if exc.logged else logging.WARNING, "gateway %s event %s refused: %s",
+                        bound_id, kind[:80], exc.message)
                 raise RpcError(RpcCode.EVENT_REFUSED, exc.message, exc.data()) from None
             first = self.registry.first_delivery(bound_id, id)
             if first:
