@@ -105,7 +105,8 @@ def unverified_server(verify_error: str, presented: x509.Certificate | None, ca_
     shown = f"subject {details['presented_subject']}, issuer {details['presented_issuer']}"
     if presented is not None and not signed_by(presented, ca_cert):
         return DsoRefused(INTERCEPTED, f"server certificate ({shown}) is not signed by the LMGW CA key ({ca_subject}): "
-                          f"TLS interception suspected (via proxy {via}); the channel stays closed",
+                          f"TLS interception suspected ({f'via proxy {via}' if via else 'direct connection'}); "
+                          "the channel stays closed",
                           details, key=f"{INTERCEPTED}:{details['presented_sha256']}")
     return DsoRefused(INVALID, f"DSO certificate rejected: {verify_error} ({shown if presented else 'not readable'})",
                       details, key=f"{INVALID}:{details['presented_sha256']}:{verify_error}")
