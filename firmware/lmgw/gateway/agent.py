@@ -109,6 +109,7 @@ class GatewayAgent:
             "crl_next_update": self.crl.next_update.isoformat() if self.crl.next_update else None,
             "events_pending": len(self.outbox),
             "lms": self.lms.describe(),
+            "storage_problem": self.lms.storage_problem,
         }
 
     async def _ping(self, payload: Any) -> dict[str, Any]:
