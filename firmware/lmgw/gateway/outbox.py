@@ -59,6 +59,17 @@ class Outbox:
             events[file.name] = event
         return [events[name] for name in sorted(events)]
 
+    def set_aside(self, event: dict[str, Any]) -> Path:
+        """Take an event the DSO will never accept out of the queue, keeping it for a technician."""
+        name: str = event["_file"]
+        self._unsaved.pop(name, None)
+        kept = (self.directory / name).with_suffix(".refused")
+        try:
+            (self.directory / name).rename(kept)
+        except FileNotFoundError:
+            pass  # an event kept in memory only (disk full): nothing to keep
+        return kept
+
     def acknowledge(self, event: dict[str, Any]) -> None:
         name = event["_file"]
         self._unsaved.pop(name, None)
