@@ -171,6 +171,8 @@ def test_config_sections_parse_with_defaults():
     assert not sections.bridge.enabled and sections.shed.max_duration == 4 * 3600
     assert parse_lm_sections({}).lms == {}
     assert frame_gap(115200) == 0.00175
+    assert bus.recovery is None  # the failed request's timeout
+    assert parse_lm_sections({"bus": [{**BUS, "recovery_ms": 150}]}).buses["rs485"].recovery == 0.15
 
 
 @pytest.mark.parametrize("config,message", [
@@ -181,6 +183,7 @@ def test_config_sections_parse_with_defaults():
     ({"lm": [RTU_LM, {**RTU_LM, "name": "lm3"}], "bus": [BUS]}, "unit 3 on bus 'rs485' is already LM 'lm2'"),
     ({"bus": [{**BUS, "baudrate": 12345}]}, "standard rate"),
     ({"bus": [{**BUS, "parity": "X"}]}, "parity"),
+    ({"bus": [{**BUS, "recovery_ms": -1}]}, "'recovery_ms' in \\[bus 'rs485'\\] must be >= 0"),
     ({"bus": [BUS, {**BUS, "name": "b2"}]}, "already used by another bus"),
     ({"lm": [{**TCP_LM, "timeout": 0}]}, "positive"),
     ({"lm": [{**TCP_LM, "hots": "x"}]}, "unknown key 'hots'"),

@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from conftest import wait_until
@@ -14,6 +15,7 @@ from lmgw.lmsim.device import Fault, SimulatedLm
 from lmgw.lmsim.pty import PtyPair
 from lmgw.lmsim.server import LmSimulator
 from lmgw.codes import RpcCode
+from lmgw.jsonrpc import RpcError
 from test_modbus_service import Harness, service, values
 
 
@@ -124,22 +126,28 @@ def test_bridge_shares_the_bus_with_gateway_commands(tmp_path):
     asyncio.run(scenario())
 
 
-def test_a_late_answer_is_never_taken_for_the_next_request(tmp_path):
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_late_answer_is_never_taken_for_the_next_request(tmp_path, retries):
     """A12: unit 1 answers after the gateway gave up while the next request to it is queued."""
     async def scenario():
-        async with rtu_bus(tmp_path, bus_options={"timeout": 0.4, "retries": 0}) as (sim, gw):
+        async with rtu_bus(tmp_path, bus_options={"timeout": 0.4, "retries": retries}) as (sim, gw):
             sim[1].set("nominal_power_1", 1111)
             sim[1].set("nominal_power_2", 2222)
             assert values(await gw.call("lm.read", lm="lm1", points=["status"])) == {"status": 15}  # bus open
             sim[1].late_by = 0.55  # answers 0.15 s after the gateway's timeout
             sim[1].fault = Fault.LATE
-            late = asyncio.create_task(gw.error("lm.read", lm="lm1", points=["nominal_power_1"]))
+            first = asyncio.create_task(gw.table.dispatch("lm.read", {"lm": "lm1", "points": ["nominal_power_1"]}))
             await wait_until(lambda: sim.requests == 2, what="the first request on the wire")
             sim[1].fault = Fault.NONE  # queue the next request behind it: unit 1 answers it at once
             second = asyncio.create_task(gw.call("lm.read", lm="lm1", points=["nominal_power_2"]))
-            assert (await late).code == RpcCode.LM_TIMEOUT
+            if retries:  # the retry waits until the late answer is gone, then gets its own
+                assert values(await first) == {"nominal_power_1": 1111}
+            else:
+                with pytest.raises(RpcError) as info:
+                    await first
+                assert info.value.code == RpcCode.LM_TIMEOUT
             assert values(await second) == {"nominal_power_2": 2222}
             # and the bus is clean afterwards: nothing stale is left for the request after
             assert values(await gw.call("lm.read", lm="lm1", points=["nominal_power_1"])) == {"nominal_power_1": 1111}
-            assert sim.requests == 4  # the late request was answered on the wire, then dropped
+            assert sim.requests == 4 + retries  # the late answer was sent on the wire, then dropped
     asyncio.run(scenario())

@@ -16,7 +16,7 @@ from ..config import ConfigError, get, section
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PARITY = {"N": "N", "E": "E", "O": "O", "none": "N", "even": "E", "odd": "O"}
 _BUS_KEYS = {"name", "device", "baudrate", "parity", "stopbits", "bytesize", "inter_frame_ms", "timeout",
-             "retries", "max_queue"}
+             "retries", "max_queue", "recovery_ms"}
 _LM_KEYS = {"name", "profile", "transport", "host", "port", "bus", "unit", "timeout", "retries", "max_queue"}
 
 
@@ -33,6 +33,9 @@ class BusConfig:
     timeout: float = 1.0
     retries: int = 2
     max_queue: int = 64
+    recovery: float | None = None
+    """After a unit's timeout or garbled answer, its next request waits this long (seconds) so that a late
+    answer is dropped, not taken for the next one's; None: the timeout of the request that failed."""
 
     def describe(self) -> str:
         return f"rtu {self.device} {self.baudrate} {self.bytesize}{self.parity}{self.stopbits}"
@@ -133,6 +136,9 @@ def _parse_bus(table: dict[str, Any], index: int) -> BusConfig:
     retries = get(table, "retries", int, where, 2)
     if not 0 <= retries <= 10:
         raise ConfigError(f"key 'retries' in [{where}] must be 0..10")
+    recovery_ms = get(table, "recovery_ms", float, where, None)
+    if recovery_ms is not None and not (math.isfinite(recovery_ms) and recovery_ms >= 0):
+        raise ConfigError(f"key 'recovery_ms' in [{where}] must be >= 0")
     return BusConfig(
         name=name,
         device=get(table, "device", str, where),
@@ -141,6 +147,7 @@ def _parse_bus(table: dict[str, Any], index: int) -> BusConfig:
         timeout=_positive(get(table, "timeout", float, where, 1.0), "timeout", where),
         retries=retries,
         max_queue=int(_positive(get(table, "max_queue", int, where, 64), "max_queue", where)),
+        recovery=None if recovery_ms is None else recovery_ms / 1000,
     )
 
 

@@ -10,10 +10,13 @@ dead unit costs its own timeout once per request and never holds a shared
 bus for ``1 + retries`` timeouts.
 
 On a serial bus, an answer that comes after its timeout must never be taken
-for the next request's (RTU frames carry no transaction id).  As libmodbus'
-error recovery does, after a timeout or a garbled answer the bus stays
-silent for one more response timeout, and before every request the link
-waits for line silence and drops whatever input is buffered.
+for the next request's (RTU frames carry no transaction id).  As in
+libmodbus' error recovery, after a unit's timeout or garbled answer its next
+request waits out a recovery delay (the bus's ``recovery_ms``, by default
+the response timeout), and before every request the link waits for line
+silence and drops whatever input is buffered.  The delay holds back only
+that unit: pymodbus drops a frame from another unit id, so a late answer
+can turn another unit's request into an error but never into a wrong value.
 
 pymodbus' own retries and auto-reconnect are switched off: its reconnect
 loop and its "close after N missed answers" rule would take a whole serial
@@ -60,6 +63,8 @@ class Health:
     last_success: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    quiet_until: float = 0.0
+    """Serial: the unit's next request waits until then (on the link's clock): a late answer may be on its way."""
 
     @property
     def failing(self) -> bool:
@@ -91,8 +96,8 @@ class Link:
     """One Modbus connection, the queue that serializes its transactions and the health of its units."""
 
     def __init__(self, name: str, factory: Callable[[], ModbusBaseClient], *, inter_frame: float, max_queue: int,
-                 stream: bool, backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 stream: bool, recovery: float | None = None, backoff: Backoff | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         self.name = name
         self.factory = factory
         self.client: ModbusBaseClient | None = None
@@ -101,6 +106,8 @@ class Link:
         """Silence kept after each transaction, and the line silence awaited before each (serial)."""
         self.max_queue = max_queue
         self.stream = stream
+        self.recovery = recovery
+        """Serial: how long a unit's next request waits after its failure (None: that request's timeout)."""
         self.backoff = backoff or Backoff(0.5, 60.0)
         self.clock = clock
         self.wall_clock = wall_clock
@@ -111,8 +118,6 @@ class Link:
         self._last_connect_error = ""
         self._received = 0
         self._last_byte_at = 0.0
-        self._quiet_until = 0.0
-        """Serial: no request goes out before this (a late answer may still be on its way)."""
 
     @classmethod
     def tcp(cls, lm: LmConfig) -> Link:
@@ -128,7 +133,7 @@ class Link:
                                            stopbits=bus.stopbits, bytesize=bus.bytesize, name=bus.name,
                                            timeout=bus.timeout, retries=0, reconnect_delay=0)
         return cls(f"bus {bus.name} ({bus.device})", factory, inter_frame=bus.inter_frame,
-                   max_queue=bus.max_queue, stream=False)
+                   max_queue=bus.max_queue, stream=False, recovery=bus.recovery)
 
     def _client(self) -> ModbusBaseClient:
         if self.client is None:
@@ -166,6 +171,8 @@ class Link:
         for attempt in range(1, attempts + 1):
             health.requests += 1
             try:
+                # A retry waits out the recovery delay too: taking the late answer to the first attempt
+                # would leave the retry's own answer on the line for the next request.
                 response = await self.transact(target, request, timeout=timeout)
             except ModbusError as exc:
                 health.failed(exc, self.wall_clock())
@@ -199,7 +206,7 @@ class Link:
     async def _transact_locked(self, target: str, request: ModbusPDU, timeout: float) -> ModbusPDU:
         client = await self._connect(target, timeout)
         if not self.stream:
-            await self._settle(client, timeout)
+            await self._settle(client, self.health(request.dev_id), timeout)
         client.ctx.comm_params.timeout_connect = timeout
         self._received = 0
         try:
@@ -226,17 +233,20 @@ class Link:
                                    f"function {request.function_code} (a late answer to another request?)",
                                    link=self.name)
         except (DeviceTimeout, FramingError):
-            if not self.stream:
-                # libmodbus' error recovery: a late or broken answer may still be on the line.
-                self._quiet_until = self.clock() + timeout
+            self._hold_back(self.health(request.dev_id), timeout)  # a late or broken answer may still come
             raise
         if response.isError():
             raise DeviceException(target, getattr(response, "exception_code", 0))
         return response
 
-    async def _settle(self, client: ModbusBaseClient, timeout: float) -> None:
-        """Serial: wait out the quiet period and the end of any frame on the line, then drop stray input."""
-        wait = self._quiet_until - self.clock()
+    def _hold_back(self, unit: Health, timeout: float) -> None:
+        """Serial: the unit's next request waits out the recovery delay (libmodbus' error recovery)."""
+        if not self.stream:
+            unit.quiet_until = self.clock() + (timeout if self.recovery is None else self.recovery)
+
+    async def _settle(self, client: ModbusBaseClient, unit: Health, timeout: float) -> None:
+        """Serial: wait out the unit's recovery delay and the end of any frame on the line, then drop stray input."""
+        wait = unit.quiet_until - self.clock()
         if wait > 0:
             await asyncio.sleep(wait)
         gap = max(self.inter_frame, 0.001)
