@@ -15,8 +15,9 @@ APT_PACKAGES += rauc
 APT_PACKAGES += socat
 # Benchmark: `make bench` counts IP bytes on the gateway<->DSO connection with a packet capture.
 APT_PACKAGES += tcpdump
-# Buildroot tree: host tools for `make buildroot` and utils/check-package (`make buildroot-check`).
-APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools
+# Buildroot tree: host tools for `make buildroot` and utils/check-package (`make buildroot-check`);
+# systemctl enables the units when the post-build script runs outside Buildroot (its tests).
+APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools systemd
 
 IMAGE := build/image/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader -type f \
@@ -76,7 +77,7 @@ $(IMAGE): $(IMAGE_INPUTS)
 # VERSION=1.2.0 stamps another version; LMGW_UPDATE_KEY/CERT sign with the
 # real update signer (default: the development one in build/update-pki).
 bundle: image
-	rootfs/bundle.sh build/lmgw-$${VERSION:-$$(cat build/image/version)}.raucb $(VERSION)
+	rootfs/bundle.sh build/lmgw-$${VERSION:-$$(cat build/image/rootfs/etc/lmgw-version)}.raucb $(VERSION)
 
 bench: deps
 	$(PY) tests/bench/run.py

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Buildroot post-image script shared by every LMGW board: builds the inputs
-# of the shared layout (board/genimage.cfg) from Buildroot's images/, runs
-# genimage (images/lmgw.img), then signs the RAUC bundle that updates a
-# device to this build (images/lmgw-<board>-<version>.raucb).
+# Buildroot post-image script shared by every LMGW board: stages the
+# partitions of the shared layout (board/genimage.cfg) from Buildroot's
+# images/ and runs genimage (images/lmgw.img), then signs the RAUC bundle
+# that updates a device to this build (images/lmgw-<board>-<version>.raucb);
+# the same library (board/lib.sh) as the offline image.
 #   post-image.sh BINARIES_DIR BOARD_DIR
 # BOARD_DIR/meta names the board's RAUC compatible, its kernel, the boot
 # files and the boot partition size.
@@ -14,55 +15,23 @@ set -euo pipefail
 
 images=$1
 board_dir=$2
-top=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=/dev/null # the board meta file, chosen at run time
-. "$board_dir/meta"
-
-die() { echo "post-image: $*" >&2; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+lmgw_read_meta "$board_dir"
 
 stage=${BUILD_DIR:?run by Buildroot}/lmgw-image
-rm -rf "$stage"
-mkdir -p "$stage/identity" "$stage/data"/{lmgw,journal,systemd}
-
-# Boot partition: what both slots share (the board's list).
-mkfs.vfat -n BOOT -C "$stage/boot.vfat" $((BOOT_SIZE_MB * 1024)) >/dev/null
-(
-	cd "$images"
-	# shellcheck disable=SC2086 # BOOT_FILES is a list of globs
-	for f in $BOOT_FILES; do
-		[ -e "$f" ] || die "$images/$f missing (BOOT_FILES in $board_dir/meta)"
-		mcopy -s -i "$stage/boot.vfat" "$f" ::
-	done
-)
-
-# A slot's kernel partition (the same image in kernel-a and kernel-b, and in
-# the bundle): the boot script loads zImage from the slot it boots.
-[ -f "$images/$KERNEL_FILE" ] || die "$images/$KERNEL_FILE missing (KERNEL_FILE in $board_dir/meta)"
-mkfs.vfat -n KERNEL -C "$stage/kernel.vfat" $((16 * 1024)) >/dev/null
-mcopy -i "$stage/kernel.vfat" "$images/$KERNEL_FILE" ::zImage
-
+lmgw_stage_partitions "$stage" "$images"
 ln -s "$images/rootfs.squashfs" "$stage/rootfs.squashfs"
-# Same sizes and labels as the offline image: fstab mounts LABEL=identity and
-# LABEL=data; lmgw-provision fills identity at the factory.
-mke2fs -q -t ext4 -L identity -E root_owner=0:0 -d "$stage/identity" "$stage/identity.ext4" 8M
-mke2fs -q -t ext4 -L data -E root_owner=0:0 -d "$stage/data" "$stage/data.ext4" 128M
-
-# Next to Buildroot's output, not in /tmp: the bundle's content is as big as the root.
-work=$(mktemp -d "$BUILD_DIR/lmgw-post-image.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-mkdir "$work/empty-root"
-rm -rf "$BUILD_DIR/genimage.tmp" "$images/lmgw.img"
-genimage --config "$top/board/genimage.cfg" --inputpath "$stage" --outputpath "$images" \
-	--tmppath "$BUILD_DIR/genimage.tmp" --rootpath "$work/empty-root"
+lmgw_genimage "$stage" "$images"
 cp "$stage/kernel.vfat" "$images/kernel.vfat"
 echo "post-image: $images/lmgw.img for $BOARD_NAME"
 
 # The version the root reports (post-build.sh wrote it); outside Buildroot,
 # the same rule as post-build.sh.
-if [ -f "${TARGET_DIR:-/nonexistent}/etc/lmgw-version" ]; then
-	version=$(cat "$TARGET_DIR/etc/lmgw-version")
+if [ -f "${TARGET_DIR:-/nonexistent}$LMGW_VERSION_FILE" ]; then
+	version=$(cat "$TARGET_DIR$LMGW_VERSION_FILE")
 else
-	version=${LMGW_VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/firmware/pyproject.toml")}
+	version=$(lmgw_version)
 fi
 bundle=$images/$COMPATIBLE-$version.raucb
 
@@ -74,18 +43,19 @@ if [ -z "${LMGW_UPDATE_KEY:-}" ] && [ -z "${LMGW_UPDATE_CERT:-}" ]; then
 fi
 for var in LMGW_UPDATE_KEY LMGW_UPDATE_CERT LMGW_UPDATE_CA; do
 	if [ -z "${!var:-}" ] || [ ! -f "${!var}" ]; then
-		die "$var=${!var:-<unset>} is not a file: a bundle needs LMGW_UPDATE_KEY and LMGW_UPDATE_CERT" \
+		lmgw_die "$var=${!var:-<unset>} is not a file: a bundle needs LMGW_UPDATE_KEY and LMGW_UPDATE_CERT" \
 			"(lmgw-pki update-signer) and LMGW_UPDATE_CA (the LMGW CA certificate), as absolute paths"
 	fi
 done
 
 # Buildroot's host rauc (BR2_PACKAGE_HOST_RAUC), else the build machine's.
 if [ -n "${HOST_DIR:-}" ] && [ -x "$HOST_DIR/bin/rauc" ]; then
-	rauc=$HOST_DIR/bin/rauc
+	export RAUC=$HOST_DIR/bin/rauc
 else
-	rauc=$(command -v rauc) || die "no rauc to build $bundle (BR2_PACKAGE_HOST_RAUC, or rauc on PATH)"
+	RAUC=$(command -v rauc) || lmgw_die "no rauc to build $bundle (BR2_PACKAGE_HOST_RAUC, or rauc on PATH)"
+	export RAUC
 fi
 
-RAUC=$rauc "$top/board/rauc-bundle.sh" "$bundle" "$COMPATIBLE" "$version" "$stage/kernel.vfat" \
-	"$images/rootfs.squashfs" "$LMGW_UPDATE_CA" "$LMGW_UPDATE_CERT" "$LMGW_UPDATE_KEY"
+lmgw_rauc_bundle "$bundle" "$version" "$stage/kernel.vfat" "$images/rootfs.squashfs" \
+	"$LMGW_UPDATE_CA" "$LMGW_UPDATE_CERT" "$LMGW_UPDATE_KEY"
 echo "post-image: $bundle (compatible $COMPATIBLE, version $version)"

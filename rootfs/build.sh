@@ -2,6 +2,10 @@
 # Offline LMGW image: a Debian bookworm armhf root with the shared overlay/,
 # the same partition layout (board/genimage.cfg) and units as the Buildroot
 # image, the pinned Python packages and the lmgw package from firmware/.
+# What both builders share is in board/lib.sh; this board is
+# board/qemu-arm-offline/meta. The QEMU test layer (qemu/guest/: a root shell
+# for the harness, RS-485 on a virtio console) is added on top: a Buildroot
+# image never has it.
 #
 #   rootfs/build.sh [OUT]      (default build/image; downloads cached in build/cache)
 #
@@ -14,15 +18,15 @@
 # into a local repository; later runs use only the cache.
 set -euo pipefail
 
-top=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=../board/lib.sh
+. "$(dirname "$0")/../board/lib.sh"
+lmgw_read_meta "$LMGW_TOP/board/qemu-arm-offline"
+top=$LMGW_TOP
 out=${1:-$top/build/image}
 cache=${LMGW_CACHE:-$top/build/cache}
 venv=$top/.venv
 mirror=http://deb.debian.org/debian
 suite=bookworm
-# Reproducible timestamps: the last commit's time.
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)}
-
 packages=systemd,systemd-sysv,udev,kmod,iproute2,e2fsprogs,python3,python3-cffi-backend,systemd-timesyncd,systemd-resolved
 # A/B field updates: RAUC (a D-Bus service) and its U-Boot environment tools.
 packages=$packages,rauc,rauc-service,dbus,libubootenv-tool
@@ -32,10 +36,8 @@ extra_debs='busybox-static $(apt-cache depends linux-image-armmp | sed -n "s/ *D
 # Python packages pinned to Buildroot LTS 2026.02.3's versions (firmware/pyproject.toml).
 wheels="websockets==15.0.1 cryptography==46.0.3 pymodbus==3.11.4 pyserial==3.5"
 sdist_wheels="sdnotify==0.3.2"
-version=${LMGW_VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/firmware/pyproject.toml")}
+version=$(lmgw_version)
 update_pki=$top/build/update-pki
-# RAUC accepts only bundles built for this flavour (the Buildroot boards have their own).
-compatible=lmgw-qemu-arm-offline
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*"; }
 
@@ -91,7 +93,7 @@ install_kernel() {
 	rm -rf "$out/kernel" && mkdir -p "$out/kernel"
 	dpkg-deb -x "$(ls "$cache"/debs/linux-image-[0-9]*-armmp_*.deb | head -1)" "$out/kernel"
 	kver=$(ls "$out/kernel/lib/modules")
-	cp "$out/kernel/boot/vmlinuz-$kver" "$out/vmlinuz"
+	cp "$out/kernel/boot/vmlinuz-$kver" "$out/$KERNEL_FILE"
 	# Only what a QEMU 'virt' board and the root/identity/data filesystems need.
 	local src=$out/kernel/lib/modules/$kver dst=$out/rootfs/usr/lib/modules/$kver
 	mkdir -p "$dst"
@@ -131,32 +133,22 @@ update_keyring() {
 }
 
 configure_system() {
-	log "overlay, account, units, read-only root"
+	log "overlay, account, image facts, RAUC, units, read-only root"
 	cp -a "$top/overlay/." "$out/rootfs/"
-	"$top/board/rauc-config.sh" "$out/rootfs" "$compatible" "$(update_keyring)"
-	echo "$version" > "$out/rootfs/etc/lmgw-version"
+	# QEMU test image only: the harness's root shell on the second virtio
+	# console, the RS-485 bus on the first (qemu/guest/rootfs/).
+	cp -a "$top/qemu/guest/rootfs/." "$out/rootfs/"
 	chroot "$out/rootfs" systemd-sysusers
-	chroot "$out/rootfs" systemctl enable lmgw.service systemd-networkd.service systemd-resolved.service \
-		systemd-timesyncd.service lmgw-slot-boot.service lmgw-slot-deadline.timer lmgw-reboot.path >/dev/null 2>&1
-	chroot "$out/rootfs" systemctl mask systemd-update-done.service apt-daily.timer apt-daily-upgrade.timer >/dev/null 2>&1 || true
-	# QEMU test image only: the harness shell on the second virtio console (a root
-	# shell: never in a Buildroot image) and no login prompt on the virtio console
-	# that carries the RS-485 bus.
-	cp "$top"/qemu/guest/*.service "$out/rootfs/etc/systemd/system/"
-	mkdir -p "$out/rootfs/etc/systemd/system/multi-user.target.wants"
-	ln -sf ../lmgw-test-shell@.service "$out/rootfs/etc/systemd/system/multi-user.target.wants/lmgw-test-shell@hvc1.service"
-	cp "$top"/qemu/guest/*.rules "$out/rootfs/etc/udev/rules.d/"
-	ln -sf /dev/null "$out/rootfs/etc/systemd/system/serial-getty@hvc0.service"
-	mkdir -p "$out/rootfs/identity" "$out/rootfs/data" "$out/rootfs/boot"
-	: > "$out/rootfs/etc/machine-id"  # bound from /identity/machine-id by the initramfs
-	ln -sf /run/systemd/resolve/stub-resolv.conf "$out/rootfs/etc/resolv.conf"
-	date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ > "$out/rootfs/etc/lmgw-build-date"
+	# Debian's own: no package updates on an appliance (Buildroot has none).
+	ln -sfn /dev/null "$out/rootfs/etc/systemd/system/apt-daily.timer"
+	ln -sfn /dev/null "$out/rootfs/etc/systemd/system/apt-daily-upgrade.timer"
+	lmgw_configure_root "$out/rootfs" "$version" "$(update_keyring)"
 	rm -rf "$out/rootfs/var/cache/apt/"* "$out/rootfs/var/lib/apt/lists/"* "$out/rootfs/var/log/"*
 }
 
 write_manifest() {
 	{
-		echo "# LMGW offline image $version, $(cat "$out/rootfs/etc/lmgw-build-date")"
+		echo "# LMGW offline image $version, $(cat "$out/rootfs$LMGW_BUILD_DATE_FILE")"
 		echo "## kernel"; ls "$out/rootfs/usr/lib/modules"
 		echo "## Debian packages"; chroot "$out/rootfs" dpkg-query -W -f '${Package} ${Version}\n'
 		echo "## Python packages"; ls "$cache/wheels" "$out/wheels" | grep '\.whl$'
@@ -179,34 +171,20 @@ build_initramfs() {
 		cp "$out/kernel/lib/modules/$kver/kernel/$m" "$dir/lib/modules/"
 		basename "$m" >> "$dir/etc/modules.order"
 	done
-	(cd "$dir" && find . -print0 | sort -z | cpio -o -H newc --null --quiet --reproducible | gzip -9 -n) > "$out/initrd.img"
+	(cd "$dir" && find . -print0 | sort -z | cpio -o -H newc --null --quiet --reproducible | gzip -9 -n) > "$out/$INITRD_FILE"
 }
 
 build_images() {
 	log "partition images and disk image"
 	local stage=$out/stage
-	rm -rf "$stage" && mkdir -p "$stage/data"/{lmgw,journal,systemd} "$stage/identity"
-	# mksquashfs takes its timestamps from SOURCE_DATE_EPOCH.
-	mksquashfs "$out/rootfs" "$stage/rootfs.squashfs" -comp zstd -noappend -quiet \
-		-wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
-	mke2fs -q -t ext4 -L identity -E root_owner=0:0 -d "$stage/identity" "$stage/identity.ext4" 8M
-	mke2fs -q -t ext4 -L data -E root_owner=0:0 -d "$stage/data" "$stage/data.ext4" 128M
-	# Boot partition: the A/B boot script (QEMU loads U-Boot itself, -bios).
+	# The boot partition's A/B boot script (QEMU loads U-Boot itself, -bios).
 	mkimage -q -A arm -T script -C none -n "LMGW A/B boot" \
-		-d "$top/buildroot-external/bootloader/boot.ush" "$stage/boot.scr"
-	mkfs.vfat -n BOOT -C "$stage/boot.vfat" $((32 * 1024)) >/dev/null
-	mcopy -i "$stage/boot.vfat" "$stage/boot.scr" ::boot.scr
-	# A slot's kernel partition: kernel and initramfs (the same image in both slots).
-	mkfs.vfat -n KERNEL -C "$stage/kernel.vfat" $((16 * 1024)) >/dev/null
-	mcopy -i "$stage/kernel.vfat" "$out/vmlinuz" ::zImage
-	mcopy -i "$stage/kernel.vfat" "$out/initrd.img" ::initrd.img
-	rm -f "$out/lmgw.img"
-	genimage --config "$top/board/genimage.cfg" --inputpath "$stage" --outputpath "$out" \
-		--tmppath "$out/genimage.tmp" --rootpath "$stage/identity" >/dev/null
-	rm -rf "$out/genimage.tmp"
+		-d "$top/buildroot-external/bootloader/boot.ush" "$out/boot.scr"
+	lmgw_stage_partitions "$stage" "$out"
+	lmgw_mksquashfs "$out/rootfs" "$stage/rootfs.squashfs"
+	lmgw_genimage "$stage" "$out"
+	# What rootfs/bundle.sh puts into a bundle.
 	cp "$stage/rootfs.squashfs" "$stage/kernel.vfat" "$out/"
-	echo "$compatible" > "$out/compatible"
-	echo "$version" > "$out/version"
 }
 
 mkdir -p "$out" "$cache"

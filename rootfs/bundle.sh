@@ -12,31 +12,31 @@
 # one devices check it against) before it is written.
 set -euo pipefail
 
-top=$(cd "$(dirname "$0")/.." && pwd)
-image=$top/build/image
+# shellcheck source-path=SCRIPTDIR source=../board/lib.sh
+. "$(dirname "$0")/../board/lib.sh"
+lmgw_read_meta "$LMGW_TOP/board/qemu-arm-offline"
+image=$LMGW_TOP/build/image
 out=${1:?usage: bundle.sh OUT.raucb [VERSION [EXTRA_OVERLAY]]}
-version=${2:-$(cat "$image/version")}
+[ -f "$image/rootfs.squashfs" ] || lmgw_die "no image in $image: run 'make image' first"
+built=$(cat "$image/rootfs$LMGW_VERSION_FILE")
+version=${2:-$built}
 extra=${3:-}
-key=${LMGW_UPDATE_KEY:-$top/build/update-pki/signer.key}
-cert=${LMGW_UPDATE_CERT:-$top/build/update-pki/signer.crt}
+key=${LMGW_UPDATE_KEY:-$LMGW_TOP/build/update-pki/signer.key}
+cert=${LMGW_UPDATE_CERT:-$LMGW_TOP/build/update-pki/signer.crt}
 keyring=${LMGW_UPDATE_KEYRING:-$image/rootfs/etc/rauc/keyring.pem}
-[ -f "$image/rootfs.squashfs" ] || { echo "bundle: no image in $image: run 'make image' first" >&2; exit 1; }
-[[ $version =~ ^[0-9]+(\.[0-9]+)*$ ]] || { echo "bundle: version '$version' is not dotted numbers (e.g. 1.4.2)" >&2; exit 2; }
+lmgw_check_version "$version"
 for f in "$key" "$cert"; do
-	[ -f "$f" ] || { echo "bundle: $f missing: set LMGW_UPDATE_KEY and LMGW_UPDATE_CERT (lmgw-pki update-signer)" >&2; exit 1; }
+	[ -f "$f" ] || lmgw_die "$f missing: set LMGW_UPDATE_KEY and LMGW_UPDATE_CERT (lmgw-pki update-signer)"
 done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root=$image/rootfs.squashfs
-if [ "$version" != "$(cat "$image/version")" ] || [ -n "$extra" ]; then
+if [ "$version" != "$built" ] || [ -n "$extra" ]; then
 	root=$work/rootfs.squashfs
 	cp -a "$image/rootfs" "$work/rootfs"
-	echo "$version" > "$work/rootfs/etc/lmgw-version"
+	echo "$version" > "$work/rootfs$LMGW_VERSION_FILE"
 	[ -z "$extra" ] || cp -a "$extra/." "$work/rootfs/"
-	SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)} \
-		mksquashfs "$work/rootfs" "$root" -comp zstd -noappend -quiet \
-		-wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
+	lmgw_mksquashfs "$work/rootfs" "$root"
 fi
-"$top/board/rauc-bundle.sh" "$out" "$(cat "$image/compatible")" "$version" "$image/kernel.vfat" "$root" \
-	"$keyring" "$cert" "$key"
+lmgw_rauc_bundle "$out" "$version" "$image/kernel.vfat" "$root" "$keyring" "$cert" "$key"

@@ -4,15 +4,19 @@
 #   check.sh BUILDROOT_SRC OUT
 # For every defconfig: it loads with no symbol dropped (kconfig drops
 # misspelled symbols and unmet dependencies silently, with exit code 0),
-# savedefconfig round-trips, python-lmgw-show-info evaluates; every board's
-# meta file is complete, with a RAUC compatible of its own; then
-# utils/check-package -b is clean on the external tree and the board scripts.
+# savedefconfig round-trips, python-lmgw-show-info evaluates (with its
+# licence file, not redistributed); every board's meta file, the offline
+# image's too, is complete, with a RAUC compatible of its own; then
+# utils/check-package -b is clean on the external tree and board/.
 set -euo pipefail
 
 src=${1:?usage: check.sh BUILDROOT_SRC OUT}
 out=${2:?usage: check.sh BUILDROOT_SRC OUT}
 ext=$(cd "$(dirname "$0")/.." && pwd)
 top=$(cd "$ext/.." && pwd)
+# LMGW_META_VARS: what a board's meta file must set.
+# shellcheck source-path=SCRIPTDIR source=../../board/lib.sh
+. "$top/board/lib.sh"
 # check-package imports python-magic and flake8: Debian's python3 has them (make deps).
 python=${CHECK_PACKAGE_PYTHON:-/usr/bin/python3}
 
@@ -42,14 +46,14 @@ for defconfig in "$ext"/configs/*_defconfig; do
 	done < <(grep -oE '\$\(BR2_EXTERNAL_LMGW_PATH\)/[^" ]*' "$defconfig" | sort -u)
 done
 
-# Board meta files (board/post-build.sh, board/post-image.sh): complete, and
-# each board has a RAUC compatible of its own, so that a bundle never
-# installs on another board.
+# Board meta files (board/lib.sh): every defconfig names a board directory
+# that has one; each, the offline image's too, is complete and has a RAUC
+# compatible of its own, so that a bundle never installs on another board.
 meta_var() {
 	# shellcheck source=/dev/null # the board meta file
 	(. "$1" && printf '%s' "${!2:-}")
 }
-compatibles=" "
+declare -A defconfig_of
 for defconfig in "$ext"/configs/*_defconfig; do
 	name=$(basename "$defconfig")
 	# shellcheck disable=SC2016 # the literal $(BR2_EXTERNAL_LMGW_PATH) of the defconfig
@@ -57,14 +61,19 @@ for defconfig in "$ext"/configs/*_defconfig; do
 	meta=$(realpath -m "$ext/$board_dir/meta")
 	if [ -z "$board_dir" ] || [ ! -f "$meta" ]; then
 		fail "$name: no board meta file (BR2_ROOTFS_POST_SCRIPT_ARGS names the board directory)"
-		continue
+	else
+		defconfig_of[$meta]=$name
 	fi
-	for var in BOARD_NAME COMPATIBLE KERNEL_FILE BOOT_FILES BOOT_SIZE_MB; do
-		[ -n "$(meta_var "$meta" "$var")" ] || fail "$name: no $var in ${meta#"$top"/}"
+done
+compatibles=" "
+for meta in "$top"/board/*/meta; do
+	who=${defconfig_of[$meta]:-${meta#"$top"/}}
+	for var in $LMGW_META_VARS; do
+		[ -n "$(meta_var "$meta" "$var")" ] || fail "$who: no $var in ${meta#"$top"/}"
 	done
 	compatible=$(meta_var "$meta" COMPATIBLE)
 	case "$compatibles" in
-	*" $compatible "*) fail "$name: RAUC compatible $compatible is another board's too" ;;
+	*" $compatible "*) fail "$who: RAUC compatible $compatible is another board's too" ;;
 	esac
 	compatibles="$compatibles$compatible "
 done
@@ -96,19 +105,27 @@ for defconfig in "$ext"/configs/*_defconfig; do
 	if br O="$o" savedefconfig BR2_DEFCONFIG="$o/saved_defconfig" > "$o/save.log" 2>&1 &&
 		br BR2_EXTERNAL="$ext" O="$o/roundtrip" BR2_DEFCONFIG="$o/saved_defconfig" defconfig \
 			> "$o/roundtrip.log" 2>&1; then
-		# BR2_DEFCONFIG records where the configuration came from: it differs by design.
-		diff -u -I '^BR2_DEFCONFIG=' "$o/.config" "$o/roundtrip/.config" > "$o/roundtrip.diff" ||
+		# BR2_DEFCONFIG records where the configuration came from, BR2_EXTERNAL_LMGW_VERSION
+		# the tree's `git describe` at load time (a commit in between changes it): both
+		# differ by design.
+		diff -u -I '^BR2_DEFCONFIG=' -I '^BR2_EXTERNAL_LMGW_VERSION=' "$o/.config" "$o/roundtrip/.config" \
+			> "$o/roundtrip.diff" ||
 			fail "$name: savedefconfig does not round-trip (see $o/roundtrip.diff)"
 	else
 		fail "$name: savedefconfig failed (see $o/save.log, $o/roundtrip.log)"
 	fi
 
 	if br O="$o" python-lmgw-show-info > "$o/python-lmgw.json" 2> "$o/show-info.log"; then
-		"$python" - "$o/python-lmgw.json" <<-'PY' || fail "$name: python-lmgw-show-info: $(tail -1 "$o/show-info.log")"
-			import json, sys
+		"$python" - "$o/python-lmgw.json" "$top/firmware" <<-'PY' || fail "$name: python-lmgw-show-info: $(tail -1 "$o/show-info.log")"
+			import json, os, sys
 			info = json.load(open(sys.argv[1]))["python-lmgw"]
 			assert info["version"], "no version"
-			print(f"  python-lmgw {info['version']}, depends on {', '.join(sorted(info['dependencies']))}")
+			# legal-info: the licence text is saved, the proprietary source is not.
+			assert info["license_files"], "no PYTHON_LMGW_LICENSE_FILES"
+			for name in info["license_files"]:
+			    assert os.path.isfile(os.path.join(sys.argv[2], name)), f"licence file firmware/{name} missing"
+			assert not info["redistributable"], "proprietary, yet PYTHON_LMGW_REDISTRIBUTE is not NO"
+			print(f"  python-lmgw {info['version']}, {info['licenses']}, depends on {', '.join(sorted(info['dependencies']))}")
 		PY
 	else
 		fail "$name: python-lmgw-show-info does not evaluate (see $o/show-info.log)"
@@ -123,9 +140,7 @@ for defconfig in "$ext"/configs/*_defconfig; do
 done
 
 # check-package takes paths as given; run from the repository root for short names.
-mapfile -t files < <(cd "$top" && find buildroot-external -type f | sort &&
-	printf '%s\n' board/post-build.sh board/post-image.sh board/rauc-config.sh board/rauc-bundle.sh &&
-	find board/raspberrypi3 board/raspberrypi4 board/qemu-arm -type f | sort)
+mapfile -t files < <(cd "$top" && find buildroot-external board -type f | sort)
 if (cd "$top" && "$python" "$src/utils/check-package" -b "${files[@]}"); then
 	echo "PASS check-package -b (${#files[@]} files)"
 else

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, paths
 
-VERSION_FILE = Path("/etc/lmgw-version")
+VERSION_FILE = paths.VERSION_FILE
 RAUC_CONFIG = Path("/etc/rauc/system.conf")
 _PERCENT = re.compile(rb"(\d{1,3})%")
 

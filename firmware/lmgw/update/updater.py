@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .. import paths
 from ..atomicfile import write_atomically
 from ..methods import MethodTable, Param
 from . import rauc
@@ -33,8 +34,8 @@ from .selfcheck import SelfCheck
 
 log = logging.getLogger(__name__)
 
-REBOOT_REQUEST = Path("/run/lmgw/reboot")
-GUARD_LOCK = Path("/run/lmgw-slot-guard.lock")
+REBOOT_REQUEST = paths.REBOOT_REQUEST
+GUARD_LOCK = paths.SLOT_GUARD_LOCK
 PROGRESS_STEP = 25
 
 EmitEvent = Callable[[str, dict[str, Any]], None]
@@ -45,7 +46,7 @@ Transport = Callable[[], tuple[ssl.SSLContext, str | None, str]]
 class Updater:
     def __init__(self, data_dir: Path, emit_event: EmitEvent, transport: Transport, self_check: SelfCheck,
                  reboot_request: Path = REBOOT_REQUEST) -> None:
-        self.dir = data_dir / "update"
+        self.dir = data_dir / paths.UPDATE_DIR.relative_to(paths.DATA_DIR)
         self.emit_event = emit_event
         self.transport = transport
         self.self_check = self_check
@@ -59,7 +60,7 @@ class Updater:
         recorded in ``state.json`` (INSTALLING also tells the deadline guard); IDLE clears the record."""
         if phase is UpdatePhase.INSTALLING:
             self._write_state(record, phase)
-            write_atomically(self.dir / "pending", record.guard_file().encode())
+            write_atomically(self.dir / paths.UPDATE_PENDING.name, record.guard_file().encode())
         elif phase is UpdatePhase.INSTALLED:
             self._write_state(record, phase)
         elif phase is UpdatePhase.IDLE:
@@ -96,7 +97,7 @@ class Updater:
             self._enter(UpdatePhase.AWAITING_COMMIT, record,
                         f"slot {booted}: DSO connection and self-check within {record.commit_timeout} s of boot")
         else:
-            reason = self._read("rollback-reason") or (
+            reason = self._read(paths.ROLLBACK_REASON.name) or (
                 f"slot {record.target_slot} did not come up (boot attempts used up or watchdog resets)")
             log.error("field update to %s rolled back to slot %s (version %s): %s", record.version, booted, running, reason)
             self._finish(record, "update.rolled_back", {
@@ -116,7 +117,7 @@ class Updater:
         try:
             with _guard_lock():  # the deadline guard must not roll back while we commit
                 await rauc.mark_good()
-                (self.dir / "pending").unlink(missing_ok=True)
+                (self.dir / paths.UPDATE_PENDING.name).unlink(missing_ok=True)
         except (rauc.RaucError, OSError) as exc:
             log.error("firmware %s not committed: %s; retried on the next connection", record.version, exc)
             return
@@ -220,7 +221,7 @@ class Updater:
         self._enter(UpdatePhase.IDLE, record, kind)
 
     def _clear(self) -> None:
-        for name in ("state.json", "pending", "rollback-reason"):
+        for name in ("state.json", paths.UPDATE_PENDING.name, paths.ROLLBACK_REASON.name):
             (self.dir / name).unlink(missing_ok=True)
 
 

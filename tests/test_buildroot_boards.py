@@ -1,0 +1,60 @@
+"""Boards as both builders read them: board/<board>/meta through board/lib.sh,
+the offline QEMU image's board included, and the partitions the library
+stages from a board's files."""
+
+from __future__ import annotations
+
+import subprocess
+
+from buildroot_helpers import BOARDS, TOP, fat_read, library, partitions
+
+OFFLINE = TOP / "board" / "qemu-arm-offline"
+
+
+def test_every_board_has_a_complete_meta_file_and_a_compatible_of_its_own():
+    compatibles = {}
+    for meta in sorted((TOP / "board").glob("*/meta")):
+        result = library(f'lmgw_read_meta "{meta.parent}"; echo "$COMPATIBLE"')
+        assert result.returncode == 0, meta
+        compatibles[meta.parent.name] = result.stdout.strip()
+    assert compatibles == BOARDS | {"qemu-arm-offline": "lmgw-qemu-arm-offline"}
+    assert len(set(compatibles.values())) == len(compatibles)  # a bundle installs on its own board only
+
+
+def test_an_incomplete_meta_file_is_named(tmp_path):
+    (tmp_path / "meta").write_text((OFFLINE / "meta").read_text().replace('KERNEL_FILE="vmlinuz"\n', ""))
+    result = library(f'lmgw_read_meta "{tmp_path}"')
+    assert result.returncode != 0
+    assert f"no KERNEL_FILE in {tmp_path}/meta" in result.stderr
+
+
+def test_the_offline_board_gets_the_shared_layout_with_its_initramfs(tmp_path):
+    # rootfs/build.sh's output as the library reads it through board/qemu-arm-offline/meta.
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, data in (("vmlinuz", b"kernel" * 100), ("initrd.img", b"initramfs" * 100), ("boot.scr", b"script")):
+        (images / name).write_bytes(data)
+    (tmp_path / "root" / "etc").mkdir(parents=True)
+    stage = tmp_path / "stage"
+    result = library(f'lmgw_read_meta "{OFFLINE}"; lmgw_stage_partitions "{stage}" "{images}"; '
+                     f'lmgw_mksquashfs "{tmp_path / "root"}" "{stage}/rootfs.squashfs"; lmgw_genimage "{stage}" "{images}"; '
+                     'echo "kernel partition: $LMGW_KERNEL_SIZE_MB MiB"')
+    assert result.returncode == 0
+    disk = images / "lmgw.img"
+    parts = partitions(disk)
+    assert list(parts) == ["boot", "kernel-a", "rootfs-a", "kernel-b", "rootfs-b", "identity", "data"]
+    assert "kernel partition: 16 MiB" in result.stdout
+    for slot in ("kernel-a", "kernel-b"):
+        offset, size = parts[slot]
+        assert size == 16 << 20  # board/genimage.cfg takes it from the library
+        assert fat_read(disk, offset, "zImage") == (images / "vmlinuz").read_bytes()
+        assert fat_read(disk, offset, "initrd.img") == (images / "initrd.img").read_bytes()
+    assert fat_read(disk, parts["boot"][0], "boot.scr") == b"script"
+    assert parts["boot"][1] == 32 << 20  # BOOT_SIZE_MB of the offline board
+    # The squashfs leaves out what the kernel fills at run time.
+    (tmp_path / "root" / "proc" / "1").mkdir(parents=True)
+    (tmp_path / "root" / "proc" / "1" / "status").write_text("not for the image\n")
+    assert library(f'lmgw_mksquashfs "{tmp_path / "root"}" "{tmp_path}/check.squashfs"').returncode == 0
+    listing = subprocess.run(["unsquashfs", "-l", str(tmp_path / "check.squashfs")], capture_output=True, text=True,
+                             check=True).stdout
+    assert "squashfs-root/proc\n" in listing and "proc/1" not in listing

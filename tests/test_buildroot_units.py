@@ -1,0 +1,78 @@
+# ruff: noqa: F811 - the update_pki fixture is imported from buildroot_helpers and received as a parameter
+"""The units of the shared overlay as both builders install them (board/lib.sh,
+run here through board/post-build.sh on a Buildroot target with the overlay):
+in /usr/lib/systemd/system, enabled by the preset, with the paths the gateway
+uses (firmware/lmgw/paths.env), and no test rig's device in the production
+service."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from lmgw import paths
+
+from buildroot_helpers import TOP, buildroot_target, post_build, update_pki  # noqa: F401 - a fixture
+
+UNITS = TOP / "overlay" / "usr" / "lib" / "systemd" / "system"
+QEMU_LAYER = TOP / "qemu" / "guest" / "rootfs"
+
+
+def built_target(tmp_path: Path, update_pki) -> Path:
+    target = buildroot_target(tmp_path / "target", TOP / "overlay")
+    assert post_build(target, "qemu-arm", LMGW_UPDATE_CA=update_pki.ca).returncode == 0
+    return target
+
+
+def test_the_preset_enables_the_units_of_the_shared_overlay(tmp_path, update_pki):
+    target = built_target(tmp_path, update_pki)
+    links = {f"{link.parent.name}/{link.name}": os.readlink(link)
+             for link in (target / "etc" / "systemd" / "system").glob("*.wants/*")}
+    lib = "/usr/lib/systemd/system"
+    assert links == {
+        "multi-user.target.wants/lmgw.service": f"{lib}/lmgw.service",
+        "multi-user.target.wants/lmgw-slot-boot.service": f"{lib}/lmgw-slot-boot.service",
+        "multi-user.target.wants/lmgw-reboot.path": f"{lib}/lmgw-reboot.path",
+        "timers.target.wants/lmgw-slot-deadline.timer": f"{lib}/lmgw-slot-deadline.timer",
+    }
+    # /etc/systemd/system is the administrator's: the image ships no unit there.
+    assert not (TOP / "overlay" / "etc" / "systemd" / "system").exists()
+
+
+def test_the_units_and_slot_guard_use_the_paths_the_gateway_uses(tmp_path, update_pki):
+    target = built_target(tmp_path, update_pki)
+    units = target / "usr" / "lib" / "systemd" / "system"
+    assert f"\nPathExists={paths.REBOOT_REQUEST}\n" in (units / "lmgw-reboot.path").read_text()
+    assert f"\nConditionPathExists={paths.UPDATE_PENDING}\n" in (units / "lmgw-slot-deadline.service").read_text()
+    assert f"\nRuntimeDirectory={paths.REBOOT_REQUEST.parent.name}\n" in (units / "lmgw.service").read_text()
+    assert not [f for f in units.rglob("*") if f.is_file() and "@LMGW_" in f.read_text()]
+    # slot-guard reads the same file the gateway's package carries.
+    assert (target / "usr/lib/lmgw/paths.env").read_bytes() == (TOP / "firmware/lmgw/paths.env").read_bytes()
+    assert "\n. /usr/lib/lmgw/paths.env\n" in (target / "usr/libexec/lmgw/slot-guard").read_text()
+
+
+def test_a_placeholder_paths_env_does_not_define_stops_the_build(tmp_path, update_pki):
+    target = buildroot_target(tmp_path / "target", TOP / "overlay")
+    dropin = target / "usr/lib/systemd/system/lmgw.service.d/site.conf"
+    dropin.parent.mkdir()
+    dropin.write_text("[Service]\nReadWritePaths=@LMGW_SPOOL_DIR@\n")
+    result = post_build(target, "qemu-arm", LMGW_UPDATE_CA=update_pki.ca)
+    assert result.returncode != 0
+    assert "placeholders not defined in firmware/lmgw/paths.env" in result.stderr and "@LMGW_SPOOL_DIR@" in result.stderr
+
+
+def test_the_production_service_allows_serial_adapters_only():
+    allowed = re.findall(r"^DeviceAllow=(.*)$", (UNITS / "lmgw.service").read_text(), re.M)
+    assert allowed == ["char-ttyAMA rw", "char-ttyS rw", "char-ttyUSB rw"]
+    # The QEMU rig's RS-485 bus is a virtio console: allowed by the test image's own drop-in.
+    dropin = QEMU_LAYER / "etc/systemd/system/lmgw.service.d/qemu-rs485.conf"
+    assert re.findall(r"^DeviceAllow=(.*)$", dropin.read_text(), re.M) == ["char-hvc rw"]
+
+
+def test_units_document_only_files_the_image_installs():
+    for unit in [*UNITS.glob("*"), *QEMU_LAYER.rglob("*.service")]:
+        for line in re.findall(r"^Documentation=(.*)$", unit.read_text(), re.M):
+            for uri in line.split():
+                if uri.startswith("file://"):
+                    assert (TOP / "overlay" / uri.removeprefix("file:///")).exists(), f"{unit.name}: {uri}"
