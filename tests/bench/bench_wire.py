@@ -65,6 +65,7 @@ class Packet:
     payload: int  # TCP payload: TLS records
     upstream: bool  # gateway -> DSO
     ipv6: bool
+    syn: bool = False  # a connection opening: a reconnect, when it falls inside a measured phase
 
 
 class PcapError(ValueError):
@@ -113,7 +114,8 @@ def _tcp_packet(ip: bytes, when: float, server_port: int) -> Packet | None:
     source, destination = struct.unpack("!HH", tcp[:4])
     if server_port not in (source, destination):
         return None
-    return Packet(when, total, total - header - (tcp[12] >> 4) * 4, destination == server_port, version == 6)
+    return Packet(when, total, total - header - (tcp[12] >> 4) * 4, destination == server_port, version == 6,
+                  bool(tcp[13] & 0x02))
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,9 @@ def month_mb(cycle: DutyCycle, idle_bps: float, read_bytes: float, shed_bytes: f
 @contextlib.contextmanager
 def capture(pcap: Path, port: int) -> Iterator[list[str]]:
     """``tcpdump`` on loopback for the DSO port; yields its command; its closing statistics are appended to it."""
-    command = ["tcpdump", "-i", "lo", "-n", "-s", str(SNAPLEN), "-Z", "root", "-w", str(pcap), f"tcp port {port}"]
+    # Immediate mode: packets still in the kernel's buffer when tcpdump is interrupted would be lost.
+    command = ["tcpdump", "-i", "lo", "-n", "--immediate-mode", "-s", str(SNAPLEN), "-Z", "root", "-w", str(pcap),
+               f"tcp port {port}"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     first = proc.stderr.readline()  # "listening on lo, link-type EN10MB ...": capturing from now on
@@ -178,6 +182,7 @@ def capture(pcap: Path, port: int) -> Iterator[list[str]]:
     try:
         yield report
     finally:
+        time.sleep(0.5)  # the last packets reach tcpdump
         proc.send_signal(signal.SIGINT)
         try:
             _, stderr = proc.communicate(timeout=10)
@@ -213,6 +218,7 @@ def cli(method: str, params: dict[str, Any]) -> str:
 class Marks:
     """Wall-clock windows of each phase, matched against the capture's timestamps."""
 
+    phase: str = "connect"
     capture_start: float = 0.0
     connected: float = 0.0
     idle: tuple[float, float] = (0.0, 0.0)
@@ -228,17 +234,18 @@ async def drive(api: Path, marks: Marks, idle_s: float, load_s: float) -> None:
     await asyncio.sleep(2.0)  # whatever the gateway sends right after its hello belongs to connecting
     marks.connected = time.time()
 
+    marks.phase = "idle"
     marks.idle = (time.time(), time.time() + idle_s)
     await asyncio.sleep(idle_s)
 
-    marks.reads = []
+    marks.phase, marks.reads = "isolated lm.read", []
     for _ in range(ISOLATED_READS):
         start = time.time()
         await call(api, "lm.read", READ)
         marks.reads.append((start, time.time() + TRAIL))
         await asyncio.sleep(max(0.0, start + ISOLATED_SPACING - time.time()))
 
-    marks.sheds = []
+    marks.phase, marks.sheds = "shed", []
     for n in range(SHEDS):
         shed_id = f"wire-{n}-{int(time.time())}"
         start = time.time()
@@ -251,7 +258,7 @@ async def drive(api: Path, marks: Marks, idle_s: float, load_s: float) -> None:
         marks.sheds.append((start, time.time()))
         await asyncio.sleep(ISOLATED_SPACING)
 
-    start = time.time()
+    marks.phase, start = "4 calls/s", time.time()
     deadline = time.monotonic() + load_s
     while time.monotonic() < deadline and marks.load_calls < int(load_s * PAPER_RATE) + 1:
         await call(api, "lm.read", READ)
@@ -294,7 +301,13 @@ async def run(work: Path, idle_s: float | None = None, load_s: float | None = No
         marks.capture_start = time.time()
         stack.enter_context(process([str(VENV_BIN / "lmgw-gateway"), "--config", str(gateway_toml)],
                                     work / "wire-ip-gateway.log"))
-        await drive(api, marks, idle_s, load_s)
+        try:
+            await drive(api, marks, idle_s, load_s)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            logs = "\n".join(f"--- {name}:\n" + "\n".join(
+                (work / f"wire-ip-{name}.log").read_text(errors="replace").splitlines()[-8:]) for name in ("gateway", "dso"))
+            raise RuntimeError(f"wire-ip: {exc!r} in phase {marks.phase} (set LMGW_BENCH_WORK to keep the capture "
+                               f"and logs)\n{logs}") from None
     # The gateway stops before tcpdump: its closing handshake is captured but falls after every window.
     packets = parse_pcap(pcap.read_bytes(), dso_port)
     return report(packets, marks, tcpdump, commands, (ping_gateway, ping_dso))
@@ -316,10 +329,13 @@ def report(packets: Sequence[Packet], marks: Marks, tcpdump: list[str], commands
     cycle = DutyCycle()
     idle_mb, reads_mb, sheds_mb = month_mb(cycle, idle_bps, read.ip_bytes, shed.ip_bytes)
     v6 = sum(p.ipv6 for p in packets)
+    reconnects = sum(p.syn and not p.upstream for p in packets if p.time >= marks.connected)
+    warning = (f"; WARNING: the connection was opened again {reconnects} time(s) during the measured phases, "
+               "figures include it" if reconnects else "")
     return [
         f"wire-ip: {tcpdump[0]}  ({tcpdump[1] if len(tcpdump) > 1 else 'no statistics'}); "
         f"{len(packets)} packets parsed ({v6} IPv6); IP bytes = IP + TCP headers + payload, link header stripped; "
-        f"TLS = TCP payload",
+        f"TLS = TCP payload{warning}",
         f"wire-ip: processes: {'; '.join(commands)}; ping_interval in force: gateway [dso] {pings[0]:g} s, "
         f"DSO [channel] {pings[1]:g} s (each end pings)",
         f"wire-ip: connect (TCP + TLS + WebSocket + gw.hello, +2 s): {connect.ip_bytes} IP bytes, {connect.packets} packets "
