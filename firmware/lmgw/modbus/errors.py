@@ -2,7 +2,7 @@
 
 ``ModbusError``: a transaction on a link failed (the bridge maps these to
 Modbus exception responses, the RPC layer to JSON-RPC codes, each in one
-place: ``bridge._EXCEPTION_FOR`` and ``lmgw.rpcerrors``).  ``LmError``: a
+place: ``bridge.modbus_exception`` and ``lmgw.rpcerrors``).  ``LmError``: a
 request about an LM's points or sheds cannot be carried out.
 """
 
