@@ -256,8 +256,11 @@ class Link:
         dropped = len(client.ctx.recv_buffer)
         port = getattr(client.ctx.transport, "sync_serial", None)
         if port is not None:
-            dropped += port.in_waiting
-            port.reset_input_buffer()
+            try:
+                dropped += port.in_waiting
+                port.reset_input_buffer()
+            except OSError:  # the port went away: the request that follows reports it as Unreachable
+                pass
         client.ctx.recv_buffer = b""
         if dropped:
             log.info("%s: dropped %d stray bytes before the next request (a late answer?)", self.name, dropped)
