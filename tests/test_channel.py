@@ -107,7 +107,8 @@ def test_gateway_revoked_while_connected_is_kicked_and_stays_out(pki, tmp_path):
                 await dso.revoke("GW-0002", "keyCompromise")
                 await wait_until(lambda: dso.registry.get("GW-0002") is None, what="kick")
                 assert entry.session.connection.close_code == 4001
-                await asyncio.sleep(1.5)  # the gateway keeps retrying and keeps being refused
+                tried = agent.channel.attempts
+                await wait_until(lambda: agent.channel.attempts >= tried + 3, what="three more attempts")
                 assert dso.registry.get("GW-0002") is None and agent.session is None
     asyncio.run(scenario())
 
@@ -166,7 +167,8 @@ def test_dso_certificate_from_another_ca_is_refused_and_reported(pki, other_pki,
             config = gateway_config(pki, tmp_path, "GW-0006", evil.port)
             async with running_gateway(config, tmp_path) as agent:
                 await wait_until(lambda: agent.outbox.pending(), what="security event")
-                await asyncio.sleep(1.0)  # several reconnect attempts: still one event
+                tried = agent.channel.attempts
+                await wait_until(lambda: agent.channel.attempts >= tried + 3, what="three more attempts")
                 events = agent.outbox.pending()
                 assert [e["kind"] for e in events] == ["security.tls_interception_suspected"]
                 assert events[0]["details"]["presented_issuer"] == "CN=Some Other CA"
@@ -185,7 +187,9 @@ def test_dso_restart_gateway_reconnects_within_backoff_bound(pki, tmp_path):
                 await wait_until(lambda: connected(dso, "GW-0007"))
                 await dso.stop()
                 await wait_until(lambda: agent.session is None, what="disconnect")
-                await asyncio.sleep(2)  # down for a while: the gateway backs off, bounded by max_delay=1 s
+                # Down for a while: the gateway backs off, bounded by max_delay=1 s.
+                tried = agent.channel.attempts
+                await wait_until(lambda: agent.channel.attempts >= tried + 3, what="three failed attempts")
                 async with running_dso(pki, tmp_path, port=port) as again:
                     # bound: max_delay (1 s) plus connection time
                     await wait_until(lambda: connected(again, "GW-0007"), timeout=1.0 + 3.0, what="reconnect")

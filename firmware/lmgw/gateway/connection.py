@@ -112,6 +112,8 @@ class Channel:
         self.connected_since: datetime | None = None
         self.last_failure: str | None = None
         """Why the last attempt failed, until the next connection."""
+        self.attempts = 0
+        """Connection attempts since start (for status, and for tests that wait for retries to happen)."""
         self._connection: ClientConnection | None = None
         self._stopping = False
 
@@ -127,6 +129,7 @@ class Channel:
         """Connect, serve, reconnect, until ``stop``."""
         await self._wait_for_plausible_clock()
         while not self._stopping:
+            self.attempts += 1
             self._enter(ChannelState.CONNECTING, logging.DEBUG, f"connecting to {self.config.url}")
             try:
                 await self._connect_once()
