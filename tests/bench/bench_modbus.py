@@ -13,6 +13,7 @@ Run alone: ``.venv/bin/python tests/bench/bench_modbus.py [--n 1000]``.
 
 from __future__ import annotations
 
+import lmgw  # noqa: F401  first: points OPENSSL_CONF at lmgw's TLS policy before asyncio loads OpenSSL
 import argparse
 import asyncio
 import concurrent.futures
