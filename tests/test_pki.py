@@ -229,3 +229,48 @@ def test_cli_end_to_end_and_bad_input(tmp_path):
     assert "update-signing" in pki_cli(tmp_path, "update-signer", "--out-key", str(tmp_path / "u.key"),
                                        "--out-cert", str(tmp_path / "u.crt")).stdout
     assert eku(x509.load_pem_x509_certificate((tmp_path / "u.crt").read_bytes())) == [ExtendedKeyUsageOID.CODE_SIGNING]
+
+
+def test_operational_certificate_short_lived_marked_and_audited(ca):
+    from lmgw.pki.ca import is_operational
+
+    factory = ca.issue_gateway("GW-OP")
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = ca.sign_csr(csr("GW-OP", key), lifetime=timedelta(seconds=30), operational=True, replaces=factory.serial)
+    cert = cert_of(issued)
+    assert is_operational(cert) and not is_operational(cert_of(factory))
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(minutes=5, seconds=30)  # backdated start
+    row = [r for r in ca.inventory_rows() if r["serial"] == f"{issued.serial:x}"][0]
+    assert row["kind"] == "operational" and row["replaces"] == f"{factory.serial:x}"
+    # the newest live certificate of each gateway decides whether it is listed as expiring
+    assert [r["serial"] for r in ca.expiring(timedelta(minutes=1))] == [f"{issued.serial:x}"]
+    ca.sign_csr(csr("GW-OP", key), lifetime=timedelta(days=90), operational=True, replaces=issued.serial)
+    assert ca.expiring(timedelta(days=30)) == []
+    assert [r["common_name"] for r in ca.expiring(timedelta(days=100))] == ["GW-OP"]
+
+
+def test_inventory_made_before_renewal_gets_the_audit_column(tmp_path):
+    import sqlite3
+
+    from lmgw.pki.inventory import Inventory
+
+    file = tmp_path / "old.sqlite"
+    with sqlite3.connect(file) as db:
+        db.execute("CREATE TABLE certificate (serial TEXT PRIMARY KEY, kind TEXT NOT NULL, common_name TEXT NOT NULL, "
+                   "not_before TEXT NOT NULL, not_after TEXT NOT NULL, issued_at TEXT NOT NULL, revoked_at TEXT, "
+                   "reason TEXT, pem TEXT NOT NULL)")
+    inventory = Inventory(file)
+    now = datetime.now(timezone.utc)
+    inventory.record(0xAB, "operational", "GW-1", now, now, b"pem", replaces=0xAA)
+    assert inventory.find(serial=0xAB)[0]["replaces"] == "aa"
+
+
+def test_cli_operational_csr_and_expiring(tmp_path):
+    assert pki_cli(tmp_path, "init").returncode == 0
+    (tmp_path / "dev.csr").write_bytes(csr("GW-11"))
+    out = pki_cli(tmp_path, "sign-csr", "--operational", "--csr", str(tmp_path / "dev.csr"), "--out", str(tmp_path / "o.crt"))
+    assert out.returncode == 0, out.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / "o.crt").read_bytes())
+    assert timedelta(days=89) < cert.not_valid_after_utc - cert.not_valid_before_utc < timedelta(days=91)
+    assert "GW-11" in pki_cli(tmp_path, "expiring", "--days", "91").stdout
+    assert json.loads(pki_cli(tmp_path, "expiring", "--days", "30", "--json").stdout) == []

@@ -28,6 +28,11 @@ REASONS = {flag.value: flag for flag in x509.ReasonFlags if flag not in (x509.Re
 REASONS["unspecified"] = x509.ReasonFlags.unspecified
 BACKDATE = timedelta(minutes=5)
 """Certificates start a little in the past: a device clock slightly behind still accepts them."""
+OPERATIONAL_DAYS = 90
+"""Default lifetime of an operational certificate (renewed over the channel, see docs/pki.md)."""
+OPERATIONAL_POLICY = x509.ObjectIdentifier("2.25.160042937440618036355542430367717655431")
+"""Certificate policy marking an operational (LDevID-like) gateway certificate; a gateway certificate
+without it is a factory identity.  A UUID-derived OID (ITU-T X.667): no registration needed."""
 
 
 class PkiError(ValueError):
@@ -61,6 +66,39 @@ def reason_flag(reason: str) -> x509.ReasonFlags:
         return REASONS[reason]
     except KeyError:
         raise PkiError(f"unknown revocation reason {reason!r}; one of {', '.join(sorted(REASONS))}") from None
+
+
+def load_csr(csr_pem: bytes) -> tuple[x509.CertificateSigningRequest, str]:
+    """A CSR the CA would sign, and the gateway ID it asks for; ``PkiError`` says why not."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PkiError(f"not a PEM certificate signing request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise PkiError("CSR signature is invalid (the request was not made with the key it carries)")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise PkiError("CSR subject must have exactly one CN, the gateway ID")
+    gateway_id = check_gateway_id(str(names[0].value))
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ("secp256r1", "secp384r1"):
+            raise PkiError(f"CSR key curve {key.curve.name} not accepted (P-256 or P-384)")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise PkiError(f"CSR RSA key of {key.key_size} bits is too weak (2048 minimum)")
+    else:
+        raise PkiError(f"CSR key type {type(key).__name__} not accepted (ECDSA P-256/P-384 or RSA >= 2048)")
+    return csr, gateway_id
+
+
+def is_operational(certificate: x509.Certificate) -> bool:
+    """True for an operational gateway certificate, False for a factory identity."""
+    try:
+        policies = certificate.extensions.get_extension_for_class(x509.CertificatePolicies).value
+    except x509.ExtensionNotFound:
+        return False
+    return any(p.policy_identifier == OPERATIONAL_POLICY for p in policies)
 
 
 class CertificateAuthority:
@@ -122,7 +160,8 @@ class CertificateAuthority:
     # -- issue --------------------------------------------------------------------
 
     def _issue(self, kind: str, common_name: str, public_key: Any, usage: list[x509.ObjectIdentifier],
-               not_before: datetime, not_after: datetime, sans: list[x509.GeneralName] | None = None) -> Issued:
+               not_before: datetime, not_after: datetime, sans: list[x509.GeneralName] | None = None,
+               replaces: int | None = None) -> Issued:
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -138,9 +177,12 @@ class CertificateAuthority:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if kind == "operational":
+            builder = builder.add_extension(
+                x509.CertificatePolicies([x509.PolicyInformation(OPERATIONAL_POLICY, None)]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         pem = cert.public_bytes(serialization.Encoding.PEM)
-        self.inventory.record(cert.serial_number, kind, common_name, not_before, not_after, pem)
+        self.inventory.record(cert.serial_number, kind, common_name, not_before, not_after, pem, replaces)
         return Issued(common_name, cert.serial_number, pem)
 
     def _validity(self, days: int, not_before: datetime | None, not_after: datetime | None) -> tuple[datetime, datetime]:
@@ -173,29 +215,22 @@ class CertificateAuthority:
         issued = self._issue("gateway", gateway_id, key.public_key(), [ExtendedKeyUsageOID.CLIENT_AUTH], start, end)
         return Issued(issued.common_name, issued.serial, issued.cert_pem, _pem_key(key))
 
-    def sign_csr(self, csr_pem: bytes, days: int = 3650) -> Issued:
-        """Device flow: the device keeps its key and sends a CSR whose CN is its gateway ID."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise PkiError(f"not a PEM certificate signing request: {exc}") from None
-        if not csr.is_signature_valid:
-            raise PkiError("CSR signature is invalid (the request was not made with the key it carries)")
-        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if len(names) != 1:
-            raise PkiError("CSR subject must have exactly one CN, the gateway ID")
-        gateway_id = check_gateway_id(str(names[0].value))
-        key = csr.public_key()
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            if key.curve.name not in ("secp256r1", "secp384r1"):
-                raise PkiError(f"CSR key curve {key.curve.name} not accepted (P-256 or P-384)")
-        elif isinstance(key, rsa.RSAPublicKey):
-            if key.key_size < 2048:
-                raise PkiError(f"CSR RSA key of {key.key_size} bits is too weak (2048 minimum)")
+    def sign_csr(self, csr_pem: bytes, days: int = 3650, *, lifetime: timedelta | None = None,
+                 operational: bool = False, replaces: int | None = None) -> Issued:
+        """Device flow: the device keeps its key and sends a CSR whose CN is its gateway ID.
+
+        ``operational``: a short-lived certificate renewed over the channel (kind ``operational``,
+        marked with ``OPERATIONAL_POLICY``); ``replaces`` is the serial it supersedes (audit trail)."""
+        _, gateway_id = load_csr(csr_pem)
+        csr = x509.load_pem_x509_csr(csr_pem)
+        if lifetime is not None:
+            start = _now() - BACKDATE
+            start, end = self._validity(0, start, start + BACKDATE + lifetime)
         else:
-            raise PkiError(f"CSR key type {type(key).__name__} not accepted (ECDSA P-256/P-384 or RSA >= 2048)")
-        start, end = self._validity(days, None, None)
-        return self._issue("gateway", gateway_id, key, [ExtendedKeyUsageOID.CLIENT_AUTH], start, end)
+            start, end = self._validity(days, None, None)
+        kind = "operational" if operational else "gateway"
+        return self._issue(kind, gateway_id, csr.public_key(), [ExtendedKeyUsageOID.CLIENT_AUTH], start, end,
+                           replaces=replaces)
 
     def issue_update_signer(self, name: str, days: int = 1825) -> Issued:
         """Key and certificate that sign firmware bundles (RAUC): separate from every TLS key."""
@@ -253,6 +288,21 @@ class CertificateAuthority:
             return int((self.directory / "crl.number").read_text()) + 1
         except FileNotFoundError:
             return 1
+
+    def expiring(self, within: timedelta) -> list[dict[str, Any]]:
+        """Per gateway, the certificate it connects with (its newest live operational one, else its factory
+        one) when it ends within ``within``, soonest first; a renewed gateway is not listed."""
+        now = _now()
+        latest: dict[str, dict[str, Any]] = {}
+        rank = {"gateway": 0, "operational": 1}
+        for row in self.inventory_rows():
+            if row["kind"] not in rank or row["revoked_at"] is not None:
+                continue
+            held = latest.get(row["common_name"])
+            if held is None or (rank[row["kind"]], row["not_after"]) > (rank[held["kind"]], held["not_after"]):
+                latest[row["common_name"]] = row
+        limit = (now + within).isoformat()
+        return sorted((r for r in latest.values() if r["not_after"] <= limit), key=lambda r: str(r["not_after"]))
 
     def inventory_rows(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in row.items() if k != "pem"} for row in self.inventory.find()]

@@ -6,7 +6,8 @@
     lmgw-pki sign-csr --csr gw.csr --out gw.crt                  # device keeps its key
     lmgw-pki revoke --id GW-0001 --reason keyCompromise
     lmgw-pki crl --days 7
-    lmgw-pki list [--json]
+    lmgw-pki list [--json]                                       # with which certificate replaced which
+    lmgw-pki expiring --days 30                                  # gateways whose certificates end soon
     lmgw-pki serve --host 0.0.0.0 --port 8080                    # CRL and OCSP over HTTP
     lmgw-pki update-signer --name "LMGW update signing" --out-key u.key --out-cert u.crt
 """
@@ -17,11 +18,12 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from ..atomicfile import write_atomically
 from ..logsetup import configure
-from .ca import REASONS, CertificateAuthority, Issued, PkiError
+from .ca import OPERATIONAL_DAYS, REASONS, CertificateAuthority, Issued, PkiError
 from .http import PkiHttpServer
 
 
@@ -61,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     csr.add_argument("--csr", type=Path, required=True)
     csr.add_argument("--days", type=int, default=3650)
     csr.add_argument("--out", type=Path, required=True)
+    csr.add_argument("--operational", action="store_true",
+                     help=f"an operational certificate (default lifetime {OPERATIONAL_DAYS} days unless --days)")
     revoke = c.add_parser("revoke", help="revoke a gateway (all its certificates) or one serial; publishes the CRL")
     who = revoke.add_mutually_exclusive_group(required=True)
     who.add_argument("--id")
@@ -70,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     crl.add_argument("--days", type=int, default=7)
     listing = c.add_parser("list", help="inventory of issued and revoked certificates")
     listing.add_argument("--json", action="store_true")
+    expiring = c.add_parser("expiring", help="gateways whose newest live certificate ends within --days")
+    expiring.add_argument("--days", type=float, default=30)
+    expiring.add_argument("--json", action="store_true")
     serve = c.add_parser("serve", help="serve the CRL and OCSP over HTTP")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
@@ -102,7 +109,8 @@ def run(args: argparse.Namespace) -> None:
             csr = args.csr.read_bytes()
         except OSError as exc:
             raise PkiError(f"cannot read {args.csr}: {exc.strerror}") from None
-        issued = ca.sign_csr(csr, days=args.days)
+        days = OPERATIONAL_DAYS if args.operational and args.days == 3650 else args.days
+        issued = ca.sign_csr(csr, days=days, operational=args.operational)
         write_atomically(args.out, issued.cert_pem)
         print(f"issued gateway certificate {issued.serial:x} for {issued.common_name}")
     elif args.command == "revoke":
@@ -117,7 +125,15 @@ def run(args: argparse.Namespace) -> None:
             print(json.dumps(rows, indent=2))
         for row in [] if args.json else rows:
             state = f"REVOKED {row['revoked_at'][:19]} {row['reason']}" if row["revoked_at"] else "valid"
-            print(f"{row['serial']:<42} {row['kind']:<14} {row['common_name']:<24} until {row['not_after'][:10]}  {state}")
+            replaced = f"  replaces {row['replaces']}" if row.get("replaces") else ""
+            print(f"{row['serial']:<42} {row['kind']:<14} {row['common_name']:<24} until {row['not_after'][:10]}  "
+                  f"{state}{replaced}")
+    elif args.command == "expiring":
+        soon = ca.expiring(timedelta(days=args.days))
+        if args.json:
+            print(json.dumps(soon, indent=2))
+        for row in [] if args.json else soon:
+            print(f"{row['common_name']:<24} {row['kind']:<12} serial {row['serial']} ends {row['not_after'][:19]}")
     elif args.command == "serve":
         server = PkiHttpServer(ca, args.host, args.port)
         print(f"serving {server.url}/crl.der, /crl.pem and /ocsp", flush=True)

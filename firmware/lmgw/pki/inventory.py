@@ -10,14 +10,15 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificate (
     serial TEXT PRIMARY KEY,          -- hex: SQLite integers are 64-bit, serials up to 159 bits
-    kind TEXT NOT NULL,               -- gateway, server, update-signer
+    kind TEXT NOT NULL,               -- gateway (factory), operational, server, update-signer
     common_name TEXT NOT NULL,
     not_before TEXT NOT NULL,
     not_after TEXT NOT NULL,
     issued_at TEXT NOT NULL,
     revoked_at TEXT,
     reason TEXT,
-    pem TEXT NOT NULL
+    pem TEXT NOT NULL,
+    replaces TEXT                     -- hex serial this certificate superseded (renewal audit trail)
 );
 CREATE INDEX IF NOT EXISTS certificate_cn ON certificate (common_name);
 """
@@ -28,18 +29,23 @@ class Inventory:
         self.file = file
         with self._db() as db:
             db.executescript(SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(certificate)")}
+            if "replaces" not in columns:  # an inventory made before renewal existed
+                db.execute("ALTER TABLE certificate ADD COLUMN replaces TEXT")
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.file, timeout=30)
         db.row_factory = sqlite3.Row
         return db
 
-    def record(self, serial: int, kind: str, common_name: str, not_before: datetime, not_after: datetime, pem: bytes) -> None:
+    def record(self, serial: int, kind: str, common_name: str, not_before: datetime, not_after: datetime, pem: bytes,
+               replaces: int | None = None) -> None:
         with self._db() as db:
-            db.execute("INSERT INTO certificate (serial, kind, common_name, not_before, not_after, issued_at, pem) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO certificate (serial, kind, common_name, not_before, not_after, issued_at, pem, "
+                       "replaces) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (f"{serial:x}", kind, common_name, not_before.isoformat(), not_after.isoformat(),
-                        datetime.now(timezone.utc).isoformat(), pem.decode()))
+                        datetime.now(timezone.utc).isoformat(), pem.decode(),
+                        None if replaces is None else f"{replaces:x}"))
 
     def revoke(self, serial: int, reason: str, when: datetime) -> None:
         with self._db() as db:
