@@ -157,7 +157,7 @@ lmgw_install_paths() {
 # lmgw_enable_units TARGET: the units the presets of usr/lib/systemd/system-preset
 # name, enabled (Buildroot does it again before it packs the root).
 # Buildroot's host systemctl, else the target's own (under emulation),
-# else the build machine's.
+# else the build machine's. A masked unit stays masked: not worth a line.
 lmgw_enable_units() {
 	local target=$1
 	if [ -n "${HOST_DIR:-}" ] && [ -x "$HOST_DIR/bin/systemctl" ]; then
@@ -166,7 +166,7 @@ lmgw_enable_units() {
 		chroot "$target" systemctl --quiet preset-all
 	else
 		systemctl --root="$target" --quiet preset-all
-	fi
+	fi 2> >(grep -v '^Failed to preset unit, unit .* is masked\.$' >&2)
 }
 
 # lmgw_mksquashfs ROOT OUT: the read-only root image of a root directory.
