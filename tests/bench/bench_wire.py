@@ -287,7 +287,7 @@ async def run(work: Path, idle_s: float | None = None, load_s: float | None = No
                       "port": lm_port, "unit": 1}]
     gateway_toml = write_toml(work / "gateway.toml", gateway)
     ping_gateway = GatewayConfig.load(gateway_toml).ping_interval
-    ping_dso = DsoConfig.load(dso_toml).ping_interval
+    ping_dso = DsoConfig.load(dso_toml).idle_timeout
     pcap = work / "wire.pcap"
     marks = Marks()
     commands = [f"lmgw-lmsim --tcp 127.0.0.1:{lm_port}", "lmgw-dso --config dso.toml serve",
@@ -336,8 +336,8 @@ def report(packets: Sequence[Packet], marks: Marks, tcpdump: list[str], commands
         f"wire-ip: {tcpdump[0]}  ({tcpdump[1] if len(tcpdump) > 1 else 'no statistics'}); "
         f"{len(packets)} packets parsed ({v6} IPv6); IP bytes = IP + TCP headers + payload, link header stripped; "
         f"TLS = TCP payload{warning}",
-        f"wire-ip: processes: {'; '.join(commands)}; ping_interval in force: gateway [dso] {pings[0]:g} s, "
-        f"DSO [channel] {pings[1]:g} s (each end pings)",
+        f"wire-ip: processes: {'; '.join(commands)}; keepalive in force: gateway [dso] ping_interval {pings[0]:g} s "
+        f"(only the gateway pings), DSO [channel] idle_timeout {pings[1]:g} s",
         f"wire-ip: connect (TCP + TLS + WebSocket + gw.hello, +2 s): {connect.ip_bytes} IP bytes, {connect.packets} packets "
         f"({connect.payload} TLS bytes)",
         f"wire-ip: idle {idle_s:.0f} s (LMGW_BENCH_IDLE_S): {idle.ip_bytes} IP bytes, {idle.packets} packets = "

@@ -5,10 +5,12 @@ from message content.  Revocation is checked at every handshake against the
 CRL file, which is reloaded when it changes; a gateway whose certificate
 becomes revoked while connected is disconnected at once.
 
-Every stage a client can stall is bounded: TLS (``TLS_HANDSHAKE_TIMEOUT``),
+Every stage a client can stall is bounded: TLS (``[channel] tls_timeout``),
 the HTTP request after it (``[channel] open_timeout``), a bundle download (each
 chunk within ``BUNDLE_STALL_TIMEOUT``), calls in flight (``[channel]
-max_calls``) and events (``[events]``).
+max_calls``), events (``[events]``) and silence (``[channel] idle_timeout``:
+the DSO never pings, the gateways do; a connection that brought no byte for
+that long is closed by one sweep over all connections, not a timer each).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from ..session import RpcSession
 from ..tls import common_name, peer_certificate, server_context
 from .config import DsoConfig
 from .eventpolicy import EventRate, EventRefused, check_event
+from .cluster.backplane import Backplane
+from .cluster.embedded import EmbeddedBackplane
 from .events import EventLog
-from .registry import GatewayRegistry
+from .registry import GatewayEntry, GatewayRegistry
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,8 @@ BUNDLE_PATH = "/bundles/"
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.raucb")
 BUNDLE_CHUNK = 256 * 1024
 BUNDLE_STALL_TIMEOUT = 60.0
-TLS_HANDSHAKE_TIMEOUT = 10.0
+SILENCE_SWEEPS = 10
+"""Sweeps per ``idle_timeout``: a silent connection is closed at most a tenth of it late."""
 
 
 def _now() -> datetime:
@@ -69,6 +74,17 @@ def _connection_class(open_timeout: float) -> type[ServerConnection]:
     client that sends nothing after TLS is dropped while a bundle download keeps its own limit."""
 
     class GatewayConnection(ServerConnection):
+        last_heard = 0.0
+        """When the peer last sent anything (a frame, a ping, a TCP segment with data)."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.last_heard = time.monotonic()
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.last_heard = time.monotonic()
+            super().data_received(data)
+
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             who = self._who()  # now: once the peer is gone its address is too
             try:
@@ -108,15 +124,24 @@ class DsoServer:
         self.ca_cert = x509.load_pem_x509_certificate(config.ca_file.read_bytes())
         self.crl = CrlCache(config.crl_file, self.ca_cert, config.crl_grace)
         self.registry = GatewayRegistry()
+        """This node's sessions; the back plane makes them known to the rest of the head-end."""
         self.events = EventLog(config.events_file, config.events.max_bytes_per_gateway)
         self.event_rate = EventRate(config.events)
-        for record in self.events.read():
-            self.registry.first_delivery(record["gateway_id"], record["event"]["id"])
+        self.backplane = self._backplane()
         self._server: Server | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._silence: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------
+
+    def _backplane(self) -> Backplane:
+        """One process by default; a cluster node with ``[cluster]`` (needs the ``dso`` extra: nats-py)."""
+        if self.config.cluster is None:
+            return EmbeddedBackplane(self.registry, self.events)
+        from .cluster.natsplane import NatsBackplane
+
+        return NatsBackplane(self.config.cluster, self.registry, self.config.call_timeout)
 
     async def start(self) -> None:
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER  # process-wide: the DSO process serves gateways only
@@ -129,18 +154,19 @@ class DsoServer:
             subprotocols=[Subprotocol(SUBPROTOCOL)],
             process_request=self._check_client,
             max_size=self.config.max_frame,
-            ping_interval=self.config.ping_interval,
-            ping_timeout=self.config.ping_interval,
+            ping_interval=None,  # the gateways ping; the DSO only watches for silence (_watch_silence)
             server_header=f"lmgw-dso/{__version__}",
             # A bundle download runs inside the opening handshake (see _bundle) and may take
             # minutes on a slow link: the connection class bounds the wait for the request
             # instead, _bundle the download, ssl_handshake_timeout the TLS handshake.
             open_timeout=None,
             create_connection=_connection_class(self.config.open_timeout),
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            ssl_handshake_timeout=self.config.tls_timeout,
             close_timeout=self.config.close_timeout,
         )
+        await self.backplane.start(self._kick)
         self._watcher = asyncio.create_task(self._watch_crl())
+        self._silence = asyncio.create_task(self._watch_silence())
         log.info("DSO listening on %s:%d", self.config.host, self.port)
 
     @property
@@ -150,11 +176,13 @@ class DsoServer:
         return port
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._silence):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self.backplane.stop()
 
     # -- handshake ----------------------------------------------------------
 
@@ -223,12 +251,21 @@ class DsoServer:
             # The old connection may be dead (its close then waits close_timeout): not our business here.
             log.warning("gateway %s connected again from %s: closing its previous session", gateway_id, remote)
             self._close_in_background(replaced.connection, CloseCode.REPLACED, "replaced by a newer connection")
+        entry = self.registry.get(gateway_id)
+        assert entry is not None
         log.info("gateway %s connected from %s serial=%x", gateway_id, remote, certificate.serial_number)
         try:
+            await self.backplane.attached(entry)
             await session.run()
         finally:
             self.registry.detach(gateway_id, session)
+            await self.backplane.detached(entry)
             log.info("gateway %s disconnected (code %s)", gateway_id, connection.close_code)
+
+    def _kick(self, entry: GatewayEntry, code: CloseCode, reason: str) -> None:
+        """The back plane closes a session of this node (claimed elsewhere, revoked elsewhere)."""
+        if self.registry.get(entry.gateway_id) is entry:
+            self._close_in_background(entry.session.connection, code, reason)
 
     def _close_in_background(self, connection: Connection, code: CloseCode, reason: str) -> None:
         task = asyncio.create_task(connection.close(code, reason))
@@ -246,6 +283,9 @@ class DsoServer:
             nonlocal said_hello
             said_hello = True
             self.registry.hello(bound_id, firmware_version, lms)
+            entry = self.registry.get(bound_id)
+            if entry is not None:
+                await self.backplane.hello(entry)
             log.info("gateway %s hello: firmware %s, %d LM(s)", bound_id, firmware_version, len(lms))
             return {"server": f"lmgw-dso/{__version__}", "time": _now().isoformat()}
 
@@ -256,13 +296,13 @@ class DsoServer:
             try:
                 check_event(event, self.config.events)
                 self.event_rate.admit(bound_id, self.clock())
-                if not self.registry.seen(bound_id, id):
-                    self.events.append({"gateway_id": bound_id, "received": _now().isoformat(), "event": event})
+                # Answered only once stored (in a cluster: once the stream acknowledged it).
+                first = await self.backplane.store_event(
+                    bound_id, {"gateway_id": bound_id, "received": _now().isoformat(), "event": event})
             except EventRefused as exc:
                 log.log(logging.DEBUG if exc.logged else logging.WARNING, "gateway %s event %s refused: %s",
                         bound_id, kind[:80], exc.message)
                 raise RpcError(RpcCode.EVENT_REFUSED, exc.message, exc.data()) from None
-            first = self.registry.first_delivery(bound_id, id)
             if first:
                 level = logging.WARNING if kind.startswith("security.") else logging.INFO
                 log.log(level, "gateway %s event %s: %s", bound_id, kind, details)
@@ -283,10 +323,8 @@ class DsoServer:
     # -- operator actions -----------------------------------------------------
 
     async def call(self, gateway_id: str, method: str, params: dict[str, Any], timeout: float | None = None) -> Any:
-        entry = self.registry.get(gateway_id)
-        if entry is None:
-            raise LookupError(f"gateway {gateway_id} is not connected")
-        return await entry.session.call(method, params, timeout=timeout)
+        """Call a gateway held by this node or, in a cluster, by any node; ``LookupError`` when nobody holds it."""
+        return await self.backplane.call(gateway_id, method, params, timeout)
 
     async def revoke(self, gateway_id: str, reason: str) -> list[int]:
         """Revoke through the CA this DSO holds, then disconnect the gateway at once."""
@@ -297,6 +335,7 @@ class DsoServer:
         serials = CertificateAuthority.open(self.config.ca_dir).revoke(gateway_id=gateway_id, reason=reason)
         self.crl.reload_if_changed()
         await self._disconnect_revoked()
+        await self.backplane.revoked(gateway_id)
         return serials
 
     async def _watch_crl(self) -> None:
@@ -308,6 +347,21 @@ class DsoServer:
                     await self._disconnect_revoked()
             except RevocationError as exc:
                 log.error("CRL %s not reloaded: %s", self.config.crl_file, exc)
+
+    async def _watch_silence(self) -> None:
+        limit = self.config.idle_timeout
+        while True:
+            await asyncio.sleep(limit / SILENCE_SWEEPS)
+            assert self._server is not None
+            now = time.monotonic()
+            for connection in self._server.connections:
+                silent = now - getattr(connection, "last_heard", now)
+                if silent > limit:
+                    who = getattr(connection, "_who", lambda: "unknown peer")()
+                    log.warning("%s: nothing received for %.0f s ([channel] idle_timeout %g s): link presumed dead, "
+                                "closing", who, silent, limit)
+                    connection.last_heard = now  # type: ignore[attr-defined]  # one line per connection
+                    self._close_in_background(connection, CloseCode.INTERNAL_ERROR, "no data or ping within idle_timeout")
 
     async def _disconnect_revoked(self) -> None:
         now = _now()

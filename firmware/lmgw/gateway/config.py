@@ -23,7 +23,13 @@ class GatewayConfig:
     key_file: Path
     proxy: ProxySetting
     call_timeout: float
+    """Seconds a call to the DSO waits for its answer (at least 3 round trips of the link, see ``timeouts``)."""
+    open_timeout: float
+    """Seconds each step of opening the channel may take (TCP, tunnel, TLS, trust checks, upgrade, gw.hello)."""
     ping_interval: float
+    """Seconds between the gateway's keepalive pings: the gateway alone keeps the channel alive."""
+    ping_timeout: float
+    """Seconds a ping waits for its pong before the channel counts as dead (code 1011)."""
     max_frame: int
     crl_url: str | None
     ocsp_url: str | None
@@ -60,8 +66,10 @@ class GatewayConfig:
             cert_file=path(dso, "cert_file", "dso", base),
             key_file=path(dso, "key_file", "dso", base),
             proxy=True if proxy is None else (None if proxy == "none" else proxy),
-            call_timeout=get(dso, "call_timeout", float, "dso", 30.0),
-            ping_interval=get(dso, "ping_interval", float, "dso", 20.0),
+            call_timeout=_positive(dso, "call_timeout", 30.0),
+            open_timeout=_positive(dso, "open_timeout", 30.0),
+            ping_interval=_positive(dso, "ping_interval", 120.0),
+            ping_timeout=_positive(dso, "ping_timeout", 60.0),
             max_frame=get(dso, "max_frame", int, "dso", 256 * 1024),
             crl_url=get(crl, "url", str, "crl", None),
             ocsp_url=get(crl, "ocsp_url", str, "crl", None),
@@ -71,3 +79,10 @@ class GatewayConfig:
             max_delay=get(reconnect, "max_delay", float, "reconnect", 300.0),
             raw=config,
         )
+
+
+def _positive(dso: dict[str, Any], key: str, default: float) -> float:
+    value: float = get(dso, key, float, "dso", default)
+    if value <= 0:
+        raise ConfigError(f"[dso] {key} must be a number of seconds above 0, got {value:g}")
+    return value

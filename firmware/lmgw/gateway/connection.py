@@ -9,6 +9,9 @@ One attempt, in this order:
    receives a byte of HTTP and never sees this gateway as connected;
 4. the WebSocket upgrade with subprotocol ``lmgw.v1``, then ``gw.hello``.
 
+Each step has its own timeout (``[dso] open_timeout``, stretched to the round trip measured
+in step 1, see ``timeouts``); one that runs out is logged as a timeout naming the step.
+
 A DSO that fails step 4 (another subprotocol, ``gw.hello`` refused or not
 answered) is closed with ``CloseCode.DSO_REJECTED`` and the reason.  Any
 failure is logged with what to do about it and retried after a backoff delay
@@ -24,7 +27,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
 from enum import IntEnum
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
@@ -40,12 +43,12 @@ from ..proxy import ProxyError, open_tunnel
 from ..session import RpcSession
 from ..tls import peer_certificate
 from .config import GatewayConfig
+from .timeouts import Phase, PhaseTimeout, Timeouts, round_trip
 from .trust import DsoRefused, TrustChecks
 
 log = logging.getLogger(__name__)
 
-OPEN_TIMEOUT = 30.0
-"""Tunnel, TLS, trust checks and upgrade together."""
+T = TypeVar("T")
 CLOCK_POLL_SECONDS = 5.0
 STOP_GRACE = 15.0
 """How long a stop waits for the closing handshake before it cuts the connection."""
@@ -112,6 +115,8 @@ class Channel:
         self.connected_since: datetime | None = None
         self.last_failure: str | None = None
         """Why the last attempt failed, until the next connection."""
+        self.timeouts = configured_timeouts(config)
+        """Those of the current or last connection, adapted to its measured round trip."""
         self.attempts = 0
         """Connection attempts since start (for status, and for tests that wait for retries to happen)."""
         self._connection: ClientConnection | None = None
@@ -176,8 +181,7 @@ class Channel:
     # -- one connection -------------------------------------------------------------
 
     async def _connect_once(self) -> None:
-        async with asyncio.timeout(OPEN_TIMEOUT):
-            connection = await self._open()
+        connection = await self._open()
         self._connection = connection
         try:
             await self._serve(connection)
@@ -190,38 +194,64 @@ class Channel:
         target = parse_uri(url)
         proxy = self.proxy_for(url)
         loop = asyncio.get_running_loop()
+        timeouts = self.timeouts = configured_timeouts(self.config)
+        started = loop.time()
+        # asyncio's own TLS limit stays above ours, so that ours, which names the step, fires first
+        tls_limit = 2 * timeouts.open
         try:
             if proxy:
-                tunnel = await open_tunnel(proxy, target.host, target.port, user_agent=self.user_agent)
-                transport, _ = await loop.create_connection(asyncio.Protocol, sock=tunnel, ssl=self.tls,
-                                                            server_hostname=target.host)
+                tunnel = await open_tunnel(proxy, target.host, target.port, user_agent=self.user_agent,
+                                           timeout=timeouts.for_phase(Phase.TUNNEL))
+                timeouts = self.timeouts = timeouts.adapted(round_trip(loop.time() - started, Phase.TUNNEL))
+                transport, _ = await self._step(Phase.TLS, loop.create_connection(
+                    asyncio.Protocol, sock=tunnel, ssl=self.tls, server_hostname=target.host,
+                    ssl_handshake_timeout=max(tls_limit, 2 * timeouts.open)))
             else:
-                transport, _ = await loop.create_connection(asyncio.Protocol, target.host, target.port, ssl=self.tls,
-                                                            server_hostname=target.host)
+                raw, protocol = await self._step(Phase.TCP, loop.create_connection(asyncio.Protocol, target.host,
+                                                                                   target.port))
+                timeouts = self.timeouts = timeouts.adapted(round_trip(loop.time() - started, Phase.TCP))
+                try:
+                    tls = await self._step(Phase.TLS, loop.start_tls(raw, protocol, self.tls, server_hostname=target.host,
+                                                                     ssl_handshake_timeout=max(tls_limit, 2 * timeouts.open)))
+                except BaseException:
+                    raw.abort()
+                    raise
+                assert tls is not None  # None only when the transport was closing
+                transport = tls
         except ssl.SSLCertVerificationError as exc:
             raise await self.trust.diagnose(exc, url, proxy) from None
+        log.debug("channel timeouts: %s", timeouts.describe())
         try:
             certificate = peer_certificate(transport.get_extra_info("ssl_object"))
             if certificate is None:  # cannot happen with CERT_REQUIRED; never talk to an unknown peer
                 raise ConnectionError("the DSO presented no certificate")
-            await self.trust.check(certificate)
+            await self._step(Phase.TRUST, self.trust.check(certificate))
             if transport.is_closing():
                 raise ConnectionError("the DSO closed the connection during the trust checks")
-            return await _Upgrade(
+            return await self._step(Phase.UPGRADE, _Upgrade(
                 transport, url,
                 subprotocols=[SUBPROTOCOL],
-                open_timeout=None,  # within OPEN_TIMEOUT
+                open_timeout=None,  # bounded by _step
                 max_size=self.config.max_frame,
-                ping_interval=self.config.ping_interval,
-                ping_timeout=self.config.ping_interval,
+                ping_interval=timeouts.ping_interval,  # the gateway alone keeps the channel alive
+                ping_timeout=timeouts.ping_timeout,
                 user_agent_header=self.user_agent,
-            )
+            ))
         except BaseException:
             transport.abort()
             raise
 
+    async def _step(self, phase: Phase, step: Awaitable[T]) -> T:
+        """One step of opening the channel, bounded by its own timeout; running out names the step."""
+        seconds = self.timeouts.for_phase(phase)
+        try:
+            async with asyncio.timeout(seconds):
+                return await step
+        except TimeoutError:
+            raise PhaseTimeout(phase, seconds, self.timeouts.rtt) from None
+
     async def _serve(self, connection: ClientConnection) -> None:
-        session = RpcSession(connection, self.methods, name="DSO", call_timeout=self.config.call_timeout)
+        session = RpcSession(connection, self.methods, name="DSO", call_timeout=self.timeouts.call)
         reader = asyncio.create_task(session.run())
         work: asyncio.Task[None] | None = None
         code, reason = CloseCode.NORMAL_CLOSURE, ""
@@ -255,7 +285,7 @@ class Channel:
         if connection.subprotocol != SUBPROTOCOL:
             raise DsoRejected(f"DSO did not accept subprotocol {SUBPROTOCOL} (got {connection.subprotocol!r})")
         try:
-            await session.call("gw.hello", self.hello())
+            await session.call("gw.hello", self.hello(), timeout=self.timeouts.open)
         except RpcError as exc:
             if exc.code == RpcCode.NOT_CONNECTED:
                 raise  # the connection is gone: nothing to reject
@@ -269,6 +299,11 @@ async def _settle(task: asyncio.Task[None]) -> None:
     await asyncio.wait({task})
     if not task.cancelled() and task.exception() is not None:
         log.error("work on the DSO channel failed: %r", task.exception())
+
+
+def configured_timeouts(config: GatewayConfig) -> Timeouts:
+    return Timeouts(open=config.open_timeout, call=config.call_timeout, ping_interval=config.ping_interval,
+                    ping_timeout=config.ping_timeout)
 
 
 def _fit(reason: str) -> str:
@@ -286,6 +321,8 @@ def describe(exc: BaseException) -> str:
         return f"TLS handshake failed: {exc.reason or exc}"
     if isinstance(exc, (DsoRefused, DsoRejected, InvalidHandshake, RpcError, ProxyError)):
         return str(exc)
+    if isinstance(exc, PhaseTimeout):
+        return f"{exc} (network, proxy or DSO down, or a link slower than that?)"
     if isinstance(exc, TimeoutError):
-        return f"no answer within {OPEN_TIMEOUT:g} s (network, proxy or DSO down?)"
+        return f"timed out: {exc or type(exc).__name__}"
     return f"{type(exc).__name__}: {exc}"
