@@ -18,6 +18,8 @@ APT_PACKAGES += tcpdump
 # Buildroot tree: host tools for `make buildroot` and utils/check-package (`make buildroot-check`);
 # systemctl enables the units when the post-build script runs outside Buildroot (its tests).
 APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools systemd
+# Head-end cluster (docs/fleet.md): NATS for routing, presence and events, HAProxy in front (make fleet, tests).
+APT_PACKAGES += nats-server haproxy
 
 IMAGE := build/image/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader -type f \
@@ -38,7 +40,7 @@ host-packages:
 
 $(VENV)/.stamp: firmware/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e 'firmware[test,image]'
+	$(PY) -m pip install -q -e 'firmware[test,image,dso]'
 	touch $@
 
 # mitmproxy pins its own cryptography: it lives in a venv of its own.

@@ -1,0 +1,341 @@
+"""The NATS back plane: routing by request-reply, presence in JetStream KV, events in a JetStream stream.
+
+- Routing: the node holding a gateway subscribes to ``lmgw.gw.<id>`` and serves calls
+  for it; any node sends the call as a NATS request with the call's own timeout.  A
+  subject nobody subscribes to answers "no responders" at once: "not connected".
+  Replies go to the caller's own inbox, so a reply never reaches another caller.
+- One session per gateway: a node that accepts a gateway publishes a claim; a node
+  holding an older session of it closes that one with 4002.  If the claim is lost
+  (network split), the presence refresh finds the key rewritten by another node and
+  closes its session then: two nodes hold a gateway at most ``presence_ttl / 3`` s
+  (plus a NATS request timeout) after the newer one claimed it.
+- Presence: one KV entry per gateway (node, since, firmware, remote, serial, last seen),
+  in a bucket whose entries expire after ``presence_ttl`` unless refreshed, so a dead
+  node's entries vanish by themselves.
+- Events: stored in a stream with ``<gateway>/<event id>`` as ``Nats-Msg-Id``; the
+  gateway's ``gw.event`` is answered only after the stream acknowledged the store, and a
+  redelivery within ``event_dedup_window`` is acknowledged as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from ...codes import CloseCode, RpcCode
+from ...jsonrpc import RpcError
+from ..eventpolicy import EventRefused
+from ..registry import GatewayEntry, GatewayRegistry
+from . import wire
+from .backplane import Kick
+from .config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+ROUTE_MARGIN = 2.0
+"""Seconds a routed call waits beyond the call's own timeout, for the holding node's answer to travel."""
+JS_TIMEOUT = 5.0
+STORE_RETRY_AFTER = 5.0
+"""What a gateway is told to wait when the event stream cannot be reached."""
+REFRESH_CONCURRENCY = 200
+MAX_EVENTS_LISTED = 10_000
+MAX_LISTING_SECONDS = 10.0
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+class NatsBackplane:
+    def __init__(self, config: ClusterConfig, registry: GatewayRegistry, call_timeout: float) -> None:
+        self.config = config
+        self.registry = registry
+        self.call_timeout = call_timeout
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._kick: Kick | None = None
+        self._routes: dict[str, Subscription] = {}
+        self._revisions: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self, kick: Kick) -> None:
+        self._kick = kick
+        options: dict[str, Any] = {"name": f"lmgw-dso {self.config.node}", "max_reconnect_attempts": -1,
+                                   "reconnect_time_wait": 0.5, "connect_timeout": 5,
+                                   "disconnected_cb": self._disconnected, "reconnected_cb": self._reconnected,
+                                   "error_cb": self._error}
+        if self.config.user is not None:
+            options.update(user=self.config.user, password=self.config.password())
+        if self.config.creds_file is not None:
+            options["user_credentials"] = str(self.config.creds_file)
+        self._nc = await nats.connect(list(self.config.servers), **options)
+        self._js = self._nc.jetstream(timeout=JS_TIMEOUT)
+        await self._ensure_storage(self._js)
+        await self._nc.subscribe(wire.CLAIM_SUBJECT, cb=self._on_claim)
+        await self._nc.subscribe(wire.KICK_SUBJECT, cb=self._on_kick)
+        self._refresher = asyncio.create_task(self._refresh_presence())
+        log.info("cluster node %s joined NATS at %s", self.config.node, self._nc.connected_url.netloc
+                 if self._nc.connected_url else "?")
+
+    async def _ensure_storage(self, js: JetStreamContext) -> None:
+        """Create the presence bucket and event stream, or take them as the first node made them."""
+        self._kv = await js.create_key_value(KeyValueConfig(
+            bucket=wire.PRESENCE_BUCKET, ttl=self.config.presence_ttl, history=1, storage=StorageType.MEMORY,
+            replicas=self.config.replicas))
+        stream = StreamConfig(name=wire.EVENT_STREAM, subjects=[wire.EVENT_PREFIX + ">"],
+                              duplicate_window=self.config.event_dedup_window, max_age=self.config.event_max_age,
+                              storage=StorageType.FILE, num_replicas=self.config.replicas)
+        try:
+            await js.add_stream(stream)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(stream)
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
+
+    async def _disconnected(self) -> None:
+        log.warning("node %s lost its NATS server: reconnecting", self.config.node)
+
+    async def _reconnected(self) -> None:
+        assert self._nc is not None
+        url = self._nc.connected_url
+        log.info("node %s reconnected to NATS at %s", self.config.node, url.netloc if url else "?")
+
+    async def _error(self, exc: Exception) -> None:
+        log.warning("node %s NATS: %s", self.config.node, exc or type(exc).__name__)
+
+    @property
+    def nc(self) -> Client:
+        assert self._nc is not None, "NatsBackplane.start() first"
+        return self._nc
+
+    # -- sessions -----------------------------------------------------------
+
+    def _presence(self, entry: GatewayEntry) -> bytes:
+        value = entry.to_json()
+        value["node"] = self.config.node
+        return wire.encode(value)
+
+    async def attached(self, entry: GatewayEntry) -> None:
+        gateway_id = entry.gateway_id
+        old = self._routes.pop(gateway_id, None)
+        if old is not None:  # a replaced session of this node: its route is reused
+            await self._unsubscribe(old)
+        self._routes[gateway_id] = await self.nc.subscribe(wire.call_subject(gateway_id),
+                                                           cb=functools.partial(self._on_call, gateway_id))
+        await self.nc.publish(wire.CLAIM_SUBJECT, wire.encode({
+            "gateway_id": gateway_id, "node": self.config.node, "since": _iso(entry.connected_since)}))
+        await self._put_presence(entry)
+
+    async def detached(self, entry: GatewayEntry) -> None:
+        gateway_id = entry.gateway_id
+        if self.registry.get(gateway_id) is not None:
+            return  # replaced by a newer session on this node, which keeps route and presence
+        route = self._routes.pop(gateway_id, None)
+        if route is not None:
+            await self._unsubscribe(route)
+        revision = self._revisions.pop(gateway_id, None)
+        if revision is not None and self._kv is not None:
+            try:  # only our own entry: a newer one of another node stays
+                await self._kv.delete(wire.token(gateway_id), last=revision)
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.debug("presence of %s not removed (%s): it expires by itself", gateway_id, exc)
+
+    async def hello(self, entry: GatewayEntry) -> None:
+        await self._put_presence(entry)
+
+    async def _unsubscribe(self, subscription: Subscription) -> None:
+        try:
+            await subscription.unsubscribe()
+        except nats.errors.Error as exc:
+            log.debug("unsubscribe: %s", exc)
+
+    async def _put_presence(self, entry: GatewayEntry) -> None:
+        if self._kv is None:
+            return
+        try:
+            self._revisions[entry.gateway_id] = await self._kv.put(wire.token(entry.gateway_id), self._presence(entry))
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("presence of gateway %s not stored (%s): the next refresh tries again", entry.gateway_id,
+                        exc or type(exc).__name__)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_claim(self, msg: Msg) -> None:
+        try:
+            claim = wire.decode(msg.data)
+            gateway_id, node = str(claim["gateway_id"]), str(claim["node"])
+            since = datetime.fromisoformat(str(claim["since"]))
+        except (ValueError, KeyError):
+            log.warning("malformed claim on %s ignored", msg.subject)
+            return
+        entry = self.registry.get(gateway_id)
+        if node == self.config.node or entry is None or entry.connected_since > since:
+            return
+        log.warning("gateway %s connected to node %s: closing its older session here", gateway_id, node)
+        assert self._kick is not None
+        self._kick(entry, CloseCode.REPLACED, f"replaced by a newer connection on node {node}")
+
+    async def _on_kick(self, msg: Msg) -> None:
+        try:
+            kick = wire.decode(msg.data)
+            gateway_id, node = str(kick["gateway_id"]), str(kick["node"])
+        except (ValueError, KeyError):
+            log.warning("malformed kick on %s ignored", msg.subject)
+            return
+        entry = self.registry.get(gateway_id)
+        if entry is None or node == self.config.node:
+            return
+        log.warning("gateway %s revoked on node %s: disconnecting it", gateway_id, node)
+        assert self._kick is not None
+        self._kick(entry, CloseCode.REVOKED, "certificate revoked")
+
+    async def revoked(self, gateway_id: str) -> None:
+        await self.nc.publish(wire.KICK_SUBJECT, wire.encode({"gateway_id": gateway_id, "node": self.config.node}))
+        await self.nc.flush()
+
+    async def _refresh_presence(self) -> None:
+        """Keep this node's entries alive; a key another node rewrote means our session lost its claim."""
+        period = self.config.presence_ttl / 3
+        limit = asyncio.Semaphore(REFRESH_CONCURRENCY)
+        while True:
+            await asyncio.sleep(period)
+            entries = self.registry.entries()
+            started = time.monotonic()
+            await asyncio.gather(*(self._refresh_one(entry, limit) for entry in entries))
+            log.debug("presence of %d gateways refreshed in %.2f s", len(entries), time.monotonic() - started)
+
+    async def _refresh_one(self, entry: GatewayEntry, limit: asyncio.Semaphore) -> None:
+        assert self._kv is not None
+        key = wire.token(entry.gateway_id)
+        async with limit:
+            if self.registry.get(entry.gateway_id) is not entry:
+                return
+            try:
+                revision = self._revisions.get(entry.gateway_id)
+                if revision is None:
+                    self._revisions[entry.gateway_id] = await self._kv.put(key, self._presence(entry))
+                    return
+                self._revisions[entry.gateway_id] = await self._kv.update(key, self._presence(entry), last=revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await self._lost_claim(entry, key)
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.debug("presence of %s not refreshed: %s", entry.gateway_id, exc or type(exc).__name__)
+
+    async def _lost_claim(self, entry: GatewayEntry, key: str) -> None:
+        assert self._kv is not None and self._kick is not None
+        try:
+            current = wire.decode((await self._kv.get(key)).value or b"{}")
+        except nats.js.errors.KeyNotFoundError:
+            current = {}  # expired (e.g. NATS was away longer than the TTL): claim it again
+        node = current.get("node")
+        if node in (None, self.config.node):
+            self._revisions[entry.gateway_id] = await self._kv.put(key, self._presence(entry))
+            return
+        log.warning("gateway %s is held by node %s now: closing its session here", entry.gateway_id, node)
+        self._revisions.pop(entry.gateway_id, None)
+        self._kick(entry, CloseCode.REPLACED, f"replaced by a newer connection on node {node}")
+
+    # -- routing ------------------------------------------------------------
+
+    async def _on_call(self, gateway_id: str, msg: Msg) -> None:
+        self._spawn(self._serve_call(gateway_id, msg))  # calls to one gateway run concurrently, as on one node
+
+    async def _serve_call(self, gateway_id: str, msg: Msg) -> None:
+        try:
+            method, params, timeout = wire.parse_call_request(msg.data)
+            entry = self.registry.get(gateway_id)
+            if entry is None:
+                raise RpcError(RpcCode.NOT_CONNECTED, f"gateway {gateway_id} left node {self.config.node}")
+            reply = wire.call_result(await entry.session.call(method, params, timeout=timeout))
+        except RpcError as error:
+            reply = wire.call_error(error)
+        except ValueError as exc:
+            reply = wire.call_error(RpcError(RpcCode.INVALID_REQUEST, f"routed call refused: {exc}"))
+        try:
+            await msg.respond(reply)
+        except nats.errors.Error as exc:
+            log.info("answer to a routed call for %s dropped: %s", gateway_id, exc)
+
+    async def call(self, gateway_id: str, method: str, params: dict[str, Any], timeout: float | None) -> Any:
+        timeout = self.call_timeout if timeout is None else timeout
+        entry = self.registry.get(gateway_id)
+        if entry is not None:  # held here: no detour through NATS
+            return await entry.session.call(method, params, timeout=timeout)
+        try:
+            msg = await self.nc.request(wire.call_subject(gateway_id), wire.call_request(method, params, timeout),
+                                        timeout=timeout + ROUTE_MARGIN)
+        except nats.errors.NoRespondersError:
+            raise LookupError(f"gateway {gateway_id} is not connected") from None
+        except nats.errors.TimeoutError:
+            raise RpcError(RpcCode.CALL_TIMEOUT, f"gateway {gateway_id} did not answer {method} within "
+                                                 f"{timeout:g} s") from None
+        return wire.parse_call_reply(msg.data)
+
+    async def gateways(self) -> list[dict[str, Any]]:
+        assert self._kv is not None
+        found: dict[str, dict[str, Any]] = {}
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        try:
+            async with asyncio.timeout(MAX_LISTING_SECONDS):
+                async for update in watcher:
+                    if update is None:  # initial values done
+                        break
+                    if update.value:
+                        value = wire.decode(update.value)
+                        found[str(value.get("gateway_id"))] = value
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return [found[key] for key in sorted(found)]
+
+    # -- events -------------------------------------------------------------
+
+    async def store_event(self, gateway_id: str, record: dict[str, Any]) -> bool:
+        assert self._js is not None
+        message_id = f"{gateway_id}/{record['event']['id']}"
+        try:
+            ack = await self._js.publish(wire.event_subject(gateway_id), wire.encode(record),
+                                         headers={"Nats-Msg-Id": message_id})
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise EventRefused("unavailable", f"event storage unavailable ({exc or type(exc).__name__}): retry later",
+                               retry_after=STORE_RETRY_AFTER) from None
+        return not ack.duplicate
+
+    async def events(self, gateway_id: str | None) -> list[dict[str, Any]]:
+        assert self._js is not None
+        subject = wire.event_subject(gateway_id) if gateway_id is not None else wire.EVENT_PREFIX + ">"
+        records: list[dict[str, Any]] = []
+        sequence = 1
+        async with asyncio.timeout(MAX_LISTING_SECONDS):
+            while len(records) < MAX_EVENTS_LISTED:
+                try:
+                    raw = await self._js.get_msg(wire.EVENT_STREAM, seq=sequence, subject=subject, next=True)
+                except nats.js.errors.NotFoundError:
+                    break
+                records.append(wire.decode(raw.data or b"{}"))
+                sequence = (raw.seq or sequence) + 1
+        return records
