@@ -44,7 +44,8 @@ def other_pki(tmp_path: Path) -> Pki:
 
 @contextlib.asynccontextmanager
 async def running_dso(pki: Pki, tmp_path: Path, *, port: int = 0, bundles_dir: Path | None = None,
-                      events: dict[str, Any] | None = None, **channel: Any) -> AsyncIterator[Any]:
+                      events: dict[str, Any] | None = None, enrol: dict[str, Any] | None = None,
+                      **channel: Any) -> AsyncIterator[Any]:
     from lmgw.dso.api import start_api
     from lmgw.dso.config import DsoConfig
     from lmgw.dso.server import DsoServer
@@ -57,6 +58,7 @@ async def running_dso(pki: Pki, tmp_path: Path, *, port: int = 0, bundles_dir: P
         "channel": {"call_timeout": 5, "ping_interval": 20, **channel},
         **({"updates": {"bundles_dir": bundles_dir}} if bundles_dir else {}),
         **({"events": events} if events else {}),
+        **({"enrol": enrol} if enrol else {}),
     })
     server = DsoServer(DsoConfig.load(config_file))
     await server.start()
@@ -84,16 +86,16 @@ def gateway_config(pki: Pki, tmp_path: Path, gateway_id: str, dso_port: int, *, 
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(config: dict[str, Any], tmp_path: Path) -> AsyncIterator[Any]:
+async def running_gateway(config: dict[str, Any], tmp_path: Path, **agent: Any) -> AsyncIterator[Any]:
     from lmgw.gateway.agent import GatewayAgent
     from lmgw.gateway.config import GatewayConfig
 
     file = write_toml(tmp_path / f"gateway-{Path(config['data_dir']).name}.toml", config)
-    agent = GatewayAgent(GatewayConfig.load(file))
+    gateway = GatewayAgent(GatewayConfig.load(file), **agent)
     stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
+    task = asyncio.create_task(gateway.run(stop))
     try:
-        yield agent
+        yield gateway
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

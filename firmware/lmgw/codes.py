@@ -42,6 +42,11 @@ class RpcCode(IntEnum):
     """The gateway's data partition is full or failing: the shed was refused and nothing was written."""
     # Field updates.
     UPDATE_REFUSED = -32030
+    # Certificates over the channel, see "Certificates" in docs/protocol.md.
+    CERT_REFUSED = -32040
+    """``cert.sign`` refused: ``data.reason`` (csr, cn, rate, no_ca), ``data.retry_after`` for rate."""
+    IDENTITY_RESTRICTED = -32041
+    """The gateway is connected with its factory identity, admitted only to renew its certificate."""
 
 
 class CloseCode(IntEnum):

@@ -2,6 +2,9 @@
 
 - ``connection``: the channel to the DSO (tunnel, TLS, trust checks before the
   WebSocket upgrade, ``gw.hello``, reconnect with backoff);
+- ``identity``: which key and certificate each connection attempt presents
+  (operational pair on the data partition, or the factory pair);
+- ``renewal``: the operational certificate renewed over the channel;
 - ``trust``: CRL, OCSP and interception decisions on the DSO certificate;
 - ``crlupdate``: the CRL cache, seeded at first boot and refreshed;
 - ``delivery``: events for the DSO through the persistent outbox;
@@ -25,16 +28,20 @@ from ..modbus.service import LmService
 from ..proxy import from_environment, redact
 from ..revocation import CrlCache
 from ..session import RpcSession
-from ..tls import client_context, common_name
+from ..clock import Clock, SystemClock
+from ..codes import CloseCode
+from ..tls import common_name
 from ..update import rauc
 from ..update.selfcheck import SelfCheck
 from ..update.updater import Updater
 from .config import GatewayConfig
-from .connection import Channel
+from .connection import Channel, ChannelState
 from .crlupdate import refresh_forever, seed_crl
 from .delivery import EventDelivery
+from .identity import Identity, IdentityStore
 from .lm_methods import register_lm_methods
 from .outbox import Outbox
+from .renewal import RENEWED, Renewer, RenewalSettings
 from .trust import DsoRefused, TrustChecks
 from .watchdog import Watchdog
 
@@ -44,13 +51,19 @@ USER_AGENT = f"lmgw-gateway/{__version__}"
 
 
 class GatewayAgent:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock = clock or SystemClock()
         self.ca_cert = x509.load_pem_x509_certificate(config.ca_file.read_bytes())
         self.device_cert = x509.load_pem_x509_certificate(config.cert_file.read_bytes())
         self.gateway_id = common_name(self.device_cert) or ""
-        self.ssl = client_context(config.ca_file, config.cert_file, config.key_file)
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.renewal = RenewalSettings.parse(config.raw)
+        self.identities = IdentityStore(config.data_dir / "identity", self.gateway_id, config.cert_file,
+                                        config.key_file, config.ca_file, [self.ca_cert])
+        self.identity: Identity = self.identities.select(self._now())
+        self.ssl = self.identities.context(self.identity)
+        self._attempt_connected = False
         self.crl = CrlCache(config.data_dir / "crl.der", self.ca_cert, config.crl_grace)
         seed_crl(self.crl, config.ca_file.parent / "crl.der")
         self.outbox = Outbox(config.data_dir / "outbox")
@@ -60,6 +73,9 @@ class GatewayAgent:
         self.methods = MethodTable()
         self.methods.add("gw.status", self._status)
         self.methods.add("gw.ping", self._ping, [Param("payload", (str, int, float, bool, list, dict), required=False)])
+        self.renewer = Renewer(self.identities, self.renewal, self.clock, self.emit_event)
+        if self.renewal.enabled:
+            self.methods.add("cert.renew", self._renew)
         # Load managers: built and registered here, the one place the agent wires them.
         self.lms = LmService.from_config(config.raw, config.data_dir, self.emit_event)
         register_lm_methods(self.methods, self.lms)
@@ -70,7 +86,7 @@ class GatewayAgent:
         self.channel = Channel(
             config, self.ssl, TrustChecks(self.ca_cert, self.crl, config.ocsp_url, self._proxy_for), self.methods,
             gateway_id=self.gateway_id, user_agent=USER_AGENT, hello=self._hello, on_connected=self._connected,
-            report=self._report, proxy_for=self._proxy_for, status=self.watchdog.status)
+            report=self._report, proxy_for=self._proxy_for, status=self._channel_status)
 
     @property
     def session(self) -> RpcSession | None:
@@ -87,7 +103,35 @@ class GatewayAgent:
         return {"gateway_id": self.gateway_id, "firmware_version": rauc.running_version(), "lms": self.lms.describe()}
 
     async def _connected(self, session: RpcSession) -> None:
-        await asyncio.gather(self.delivery.deliver(session), self.updater.connected())
+        self._attempt_connected = True
+        renewed = self.identities.connected(self.identity)
+        if renewed is not None:
+            self.emit_event(RENEWED, renewed)
+        jobs = [self.delivery.deliver(session), self.updater.connected()]
+        if self.renewal.enabled:
+            jobs.append(self.renewer.run(session, self.identity, lambda: self._reconnect(session)))
+        await asyncio.gather(*jobs)
+
+    async def _reconnect(self, session: RpcSession) -> None:
+        """Close the channel so that the next attempt presents the renewed pair."""
+        await session.connection.close(CloseCode.NORMAL_CLOSURE, "reconnecting with the renewed certificate")
+
+    def _channel_status(self, message: str) -> None:
+        """Every channel state change: tell systemd; pick the identity before each attempt."""
+        self.watchdog.status(message)
+        if self.channel.state is ChannelState.BACKING_OFF and not self._attempt_connected:
+            self.identities.failed(self.identity)
+        elif self.channel.state is ChannelState.CONNECTING:
+            self._attempt_connected = False
+            identity = self.identities.select(self._now())
+            if identity != self.identity:
+                log.info("connecting with the %s certificate %x (until %s)", identity.role.name.lower(),
+                         identity.serial, identity.cert.not_valid_after_utc.isoformat())
+            self.identity = identity
+            self.ssl = self.channel.tls = self.identities.context(identity)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.now(), timezone.utc)
 
     def _report(self, refusal: DsoRefused) -> None:
         self.delivery.emit_once(refusal.key, refusal.kind, refusal.details)
@@ -110,7 +154,19 @@ class GatewayAgent:
             "events_pending": len(self.outbox),
             "lms": self.lms.describe(),
             "storage_problem": self.lms.storage_problem,
+            "identity": {**self.identities.describe(self._now(), self.identity), "renewal": self._renewal_status()},
         }
+
+    def _renewal_status(self) -> dict[str, Any]:
+        if not self.renewal.enabled:
+            return {"enabled": False}
+        return {"enabled": True, "next_attempt": datetime.fromtimestamp(self.renewer.due(self.identity),
+                                                                         timezone.utc).isoformat(),
+                "last_error": self.renewer.last_error}
+
+    async def _renew(self) -> dict[str, Any]:
+        self.renewer.request()
+        return {"accepted": True, "in_use": self.identity.role.name.lower()}
 
     async def _ping(self, payload: Any) -> dict[str, Any]:
         return {"time": datetime.now(timezone.utc).isoformat(), "payload": payload}

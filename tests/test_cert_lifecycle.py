@@ -1,0 +1,292 @@
+"""Certificate lifecycle (issue 10): two identities, renewal over the channel, factory fallback, rotation.
+
+Real CA, real TLS, real DSO and gateway on loopback; certificate lifetimes of
+seconds to days, and the gateway's renewal schedule driven by a ManualClock
+that starts at the real time (TLS itself judges validity by the real clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from conftest import gateway_config, running_dso, running_gateway, wait_until
+from lmgw.clock import ManualClock
+from lmgw.codes import RpcCode
+from lmgw.gateway.identity import Role
+from lmgw.gateway.renewal import RenewalFailed, make_csr, renewal_time, verify_issued
+from lmgw.jsonrpc import RpcError
+from lmgw.pki.ca import is_operational
+from lmgw.revocation import load_crl, revoked_reason
+
+
+def csr_pem(common_name, key=None):
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+
+
+def renewing(pki, tmp_path, gateway_id, port, **identity):
+    config = gateway_config(pki, tmp_path, gateway_id, port)
+    config["identity"] = {"renew": True, "retry_min": 1, "retry_max": 2, **identity}
+    return config
+
+
+def events_of(dso, gateway_id, kind):
+    return [r["event"] for r in dso.events.read(gateway_id) if r["event"]["kind"] == kind]
+
+
+def connected_with(dso, gateway_id, operational):
+    """The DSO holds a session of this gateway that said hello, with an operational certificate or not."""
+    entry = dso.registry.get(gateway_id)
+    if entry is None or entry.firmware_version is None:
+        return None
+    rows = dso.enrol.ca_dir and [r for r in _inventory(dso) if r["serial"] == f"{entry.serial:x}"]
+    return entry if rows and (rows[0]["kind"] == "operational") == operational else None
+
+
+def _inventory(dso):
+    from lmgw.pki.ca import CertificateAuthority
+
+    return CertificateAuthority.open(dso.enrol.ca_dir).inventory_rows()
+
+
+# -- the schedule (pure) -------------------------------------------------------------
+
+
+def _cert(not_before, lifetime, serial):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "GW-X")])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial).not_valid_before(not_before).not_valid_after(not_before + lifetime)
+            .sign(key, hashes.SHA256()))
+
+
+def test_renewal_time_within_the_jitter_window_and_fleet_spread():
+    start = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    lifetime = timedelta(days=90)
+    cert = _cert(start, lifetime, 12345)
+    assert renewal_time(cert, 1 / 3, 0.0) == start + lifetime - lifetime / 3
+    assert renewal_time(cert, 1 / 3, 0.999999) < start + lifetime - lifetime / 6
+    assert renewal_time(cert, 1 / 3) == renewal_time(cert, 1 / 3)  # seeded by the serial: stable across restarts
+    # 10,000 gateways provisioned the same minute: renewals spread over the window, none outside it
+    rng = random.Random(7)
+    serials = [x509.random_serial_number() for _ in range(10_000)]
+    offsets = sorted((renewal_time(_cert(start, lifetime, s), 1 / 3) - start).total_seconds() / 86400 for s in serials)
+    assert 60 <= offsets[0] and offsets[-1] <= 75
+    per_day = [sum(1 for o in offsets if d <= o < d + 1) for d in range(60, 75)]
+    busiest_minute = max(sum(1 for o in offsets if m <= o * 1440 < m + 1) for m in
+                         rng.sample(range(60 * 1440, 75 * 1440), 2000))
+    print(f"\nfleet renewal spread, 10,000 gateways, 90-day certificates, renew_fraction 1/3: days "
+          f"{offsets[0]:.2f}..{offsets[-1]:.2f} after issue, median {statistics.median(offsets):.2f}, "
+          f"{min(per_day)}-{max(per_day)} per day, busiest sampled minute {busiest_minute}")
+
+
+def test_verify_issued_refuses_what_is_not_ours(pki, other_pki):
+    key, csr = make_csr("GW-V")
+    now = datetime.now(timezone.utc)
+    good = pki.ca.sign_csr(csr, lifetime=timedelta(hours=1), operational=True)
+    assert verify_issued({"certificate": good.cert_pem.decode()}, key, "GW-V", [pki.ca.cert], now) == good.cert_pem
+    cases = {
+        "key does not belong": pki.ca.sign_csr(csr_pem("GW-V").encode(), operational=True),  # someone else's key
+        "for 'GW-W'": pki.ca.sign_csr(csr_pem("GW-W", key).encode(), operational=True),
+        "not signed by a trusted CA": other_pki.ca.sign_csr(csr, operational=True),
+        "expired": pki.ca.sign_csr(csr, lifetime=timedelta(seconds=1), operational=True),
+    }
+    for reason, issued in cases.items():
+        with pytest.raises(RenewalFailed, match=reason):
+            verify_issued({"certificate": issued.cert_pem.decode()}, key, "GW-V", [pki.ca.cert],
+                          now + timedelta(minutes=10))
+    server = pki.ca.issue_server("dso", ["localhost"], [])
+    with pytest.raises(RenewalFailed, match="client-authentication"):
+        verify_issued({"certificate": server.cert_pem.decode()}, key, "GW-V", [pki.ca.cert], now)
+    for junk in (None, {}, {"certificate": "junk"}):
+        with pytest.raises(RenewalFailed):
+            verify_issued(junk, key, "GW-V", [pki.ca.cert], now)
+
+
+# -- the DSO's checks -----------------------------------------------------------------
+
+
+def test_cert_sign_refuses_other_cn_weak_key_and_a_flood(pki, tmp_path):
+    async def scenario():
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 3600, "lifetime": 120}) as dso:
+            async with running_gateway(gateway_config(pki, tmp_path, "GW-C", dso.port), tmp_path) as gw:
+                await wait_until(lambda: connected_with(dso, "GW-C", operational=False), what="gw.hello")
+                session = gw.session
+                refusals = []
+                for name, csr in (("cn", csr_pem("GW-OTHER")),
+                                  ("csr", csr_pem("GW-C", rsa.generate_private_key(65537, 1024))),
+                                  ("csr", "garbage"), ("csr", "x" * 20000)):
+                    with pytest.raises(RpcError) as refused:
+                        await session.call("cert.sign", {"csr": csr})
+                    assert refused.value.code == RpcCode.CERT_REFUSED and refused.value.data["reason"] == name
+                    refusals.append(refused.value.message)
+                assert "GW-OTHER" in refusals[0] and "too weak" in refusals[1] and "16384 bytes" in refusals[3]
+                answer = await session.call("cert.sign", {"csr": csr_pem("GW-C")})
+                assert is_operational(x509.load_pem_x509_certificate(answer["certificate"].encode()))
+                assert answer["chain"] == [pki.ca.cert_pem.decode()]
+                flood = await asyncio.gather(*(session.call("cert.sign", {"csr": csr_pem("GW-C")}) for _ in range(20)),
+                                             return_exceptions=True)
+                assert all(isinstance(e, RpcError) and e.data["reason"] == "rate" and e.data["retry_after"] > 3500
+                           for e in flood)
+                operational = [r for r in _inventory(dso) if r["kind"] == "operational"]
+                assert len(operational) == 1 and operational[0]["replaces"] == f"{dso.registry.get('GW-C').serial:x}"
+    asyncio.run(scenario())
+
+
+# -- renewal end to end -----------------------------------------------------------------
+
+
+def test_factory_then_renewed_at_the_fraction_superseded_revoked(pki, tmp_path):
+    """Factory identity -> renews at once -> operational; at the configured fraction (ManualClock) renews again;
+    the superseded operational certificate is revoked, the factory one never."""
+    async def scenario():
+        clock = ManualClock(time.time())
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 0, "lifetime": 600}) as dso:
+            config = renewing(pki, tmp_path, "GW-R", dso.port)
+            async with running_gateway(config, tmp_path, clock=clock) as gw:
+                first = await wait_until(lambda: connected_with(dso, "GW-R", operational=True), 20, "operational")
+                await wait_until(lambda: events_of(dso, "GW-R", "cert.renewed"), what="cert.renewed")
+                status = await dso.call("GW-R", "gw.status", {})
+                identity = status["identity"]
+                assert identity["in_use"] == "operational" and identity["operational"]["serial"] == f"{first.serial:x}"
+                assert identity["factory"]["serial"] == f"{gw.identities.factory.serial:x}"
+                due = datetime.fromisoformat(identity["renewal"]["next_attempt"])
+                not_after = datetime.fromisoformat(identity["operational"]["not_after"])
+                lifetime = timedelta(seconds=600) + timedelta(minutes=5)  # backdated start
+                assert not_after - lifetime / 3 <= due <= not_after - lifetime / 6
+                # nothing happens before the renewal time...
+                clock.advance(due.timestamp() - clock.now() - 5)
+                await asyncio.sleep(0.5)
+                assert dso.registry.get("GW-R").serial == first.serial
+                # ...and at it the gateway renews and comes back with the new pair
+                clock.advance(10)
+                second = await wait_until(lambda: (e := connected_with(dso, "GW-R", True)) and e.serial != first.serial
+                                          and e, 20, "second renewal")
+                await wait_until(lambda: len(events_of(dso, "GW-R", "cert.renewed")) == 2, what="second cert.renewed")
+                renewed = events_of(dso, "GW-R", "cert.renewed")[1]["details"]
+                assert renewed["serial"] == f"{second.serial:x}" and renewed["replaced"] == f"{first.serial:x}"
+                await wait_until(lambda: revoked_reason(load_crl(pki.crl.read_bytes(), pki.ca.cert), first.serial),
+                                 what="superseded revocation")
+                crl = load_crl(pki.crl.read_bytes(), pki.ca.cert)
+                assert revoked_reason(crl, first.serial) == "superseded"
+                assert revoked_reason(crl, gw.identities.factory.serial) is None
+                rows = {r["serial"]: r for r in _inventory(dso)}
+                assert rows[f"{second.serial:x}"]["replaces"] == f"{first.serial:x}"
+                assert not (tmp_path / "data-GW-R" / "identity" / "previous.pem").exists()
+        # a restart keeps the renewed pair from the data partition
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 0, "lifetime": 600}) as dso:
+            config = renewing(pki, tmp_path, "GW-R", dso.port)
+            async with running_gateway(config, tmp_path, clock=clock):
+                entry = await wait_until(lambda: connected_with(dso, "GW-R", True), 20, "reconnect after restart")
+                assert entry.serial == second.serial
+    asyncio.run(scenario())
+
+
+def test_expired_operational_factory_restricted_renews_then_lm_commands_work(pki, tmp_path):
+    async def scenario():
+        clock = ManualClock(time.time() + 2 * 86400)  # the operational pair below ended a day ago by this clock
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 0, "factory_sessions": "renew_only"}) as dso:
+            config = renewing(pki, tmp_path, "GW-F", dso.port)
+            key, csr = make_csr("GW-F")
+            stale = pki.ca.sign_csr(csr, lifetime=timedelta(days=1), operational=True)
+            store = tmp_path / "data-GW-F" / "identity"
+            store.mkdir(parents=True)
+            (store / "operational.pem").write_bytes(
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()) + stale.cert_pem)
+            config["identity"]["renew"] = False  # first: the factory session as the DSO's policy sees it
+            async with running_gateway(config, tmp_path, clock=clock) as gw:
+                await wait_until(lambda: connected_with(dso, "GW-F", operational=False), what="factory session")
+                assert gw.identity.role is Role.FACTORY
+                with pytest.raises(RpcError) as restricted:
+                    await dso.call("GW-F", "lm.list", {})
+                assert restricted.value.code == RpcCode.IDENTITY_RESTRICTED and "factory identity" in restricted.value.message
+                assert (await dso.call("GW-F", "gw.status", {}))["identity"]["in_use"] == "factory"
+            config["identity"]["renew"] = True
+            async with running_gateway(config, tmp_path, clock=clock) as gw:
+                await wait_until(lambda: connected_with(dso, "GW-F", operational=True), 20, "renewed session")
+                assert (await dso.call("GW-F", "lm.list", {})) == {"lms": []}
+                assert gw.identity.role is Role.OPERATIONAL
+    asyncio.run(scenario())
+
+
+def test_revoked_factory_identity_cannot_renew(pki, tmp_path, caplog):
+    async def scenario():
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 0}) as dso:
+            config = renewing(pki, tmp_path, "GW-X", dso.port)
+            pki.ca.revoke(gateway_id="GW-X", reason="keyCompromise")
+            dso.crl.reload_if_changed()
+            async with running_gateway(config, tmp_path) as gw:
+                await wait_until(lambda: gw.channel.attempts >= 2, what="two refused attempts")
+            assert not [r for r in _inventory(dso) if r["kind"] == "operational"]
+    asyncio.run(scenario())
+    assert "revoked" in caplog.text
+
+
+def test_failed_renewal_reported_retried_and_the_current_pair_kept(pki, tmp_path):
+    async def scenario():
+        clock = ManualClock(time.time())
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 3600}) as dso:
+            async with running_gateway(renewing(pki, tmp_path, "GW-B", dso.port), tmp_path, clock=clock) as gw:
+                entry = await wait_until(lambda: connected_with(dso, "GW-B", operational=True), 20, "operational")
+                assert (await dso.call("GW-B", "cert.renew", {}))["accepted"] is True  # DSO asks; over the rate limit
+                failed = await wait_until(lambda: events_of(dso, "GW-B", "cert.renewal_failed"), what="failure event")
+                assert "rate" in failed[0]["details"]["reason"] or "at most one" in failed[0]["details"]["reason"]
+                assert failed[0]["details"]["retry_in_s"] >= 1
+                status = (await dso.call("GW-B", "gw.status", {}))["identity"]
+                assert status["renewal"]["last_error"] and status["operational"]["serial"] == f"{entry.serial:x}"
+                # the retry comes after the backoff, on the injected clock, and fails again: reported again
+                clock.advance(3)
+                await wait_until(lambda: len(events_of(dso, "GW-B", "cert.renewal_failed")) >= 2, what="retry")
+                assert dso.registry.get("GW-B").serial == entry.serial
+                assert gw.identity.role is Role.OPERATIONAL
+    asyncio.run(scenario())
+
+
+def test_dso_server_certificate_rotation_with_the_same_ca_needs_no_gateway_change(pki, tmp_path):
+    async def scenario():
+        first = running_dso(pki, tmp_path)
+        dso = await first.__aenter__()
+        port = dso.port
+        try:
+            async with running_gateway(gateway_config(pki, tmp_path, "GW-S", port), tmp_path) as gw:
+                await wait_until(lambda: connected_with(dso, "GW-S", operational=False), what="first connection")
+                old = await _server_serial(port)
+                await first.__aexit__(None, None, None)
+                first = None
+                new = pki.ca.issue_server("dso", dns_names=["localhost"], ip_addresses=["127.0.0.1"], days=30)
+                pki.dso_key.write_bytes(new.key_pem)
+                pki.dso_cert.write_bytes(new.cert_pem)
+                async with running_dso(pki, tmp_path, port=port) as rotated:
+                    await wait_until(lambda: connected_with(rotated, "GW-S", operational=False), 20, "reconnection")
+                    assert gw.channel.last_failure is None
+                    assert await _server_serial(port) == new.serial != old
+        finally:
+            if first is not None:
+                await first.__aexit__(None, None, None)
+    asyncio.run(scenario())
+
+
+async def _server_serial(port):
+    """The serial of the certificate the DSO presents now (read by a plain TLS client)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return x509.load_der_x509_certificate(der).serial_number
