@@ -84,7 +84,7 @@ bundle: image
 bench: deps
 	$(PY) tests/bench/run.py
 
-# The IP-level part of `make bench` alone (LMGW_BENCH_IDLE_S=120 LMGW_BENCH_LOAD_S=60 by default).
+# The IP-level part of `make bench` alone (windows: LMGW_BENCH_IDLE_S, LMGW_BENCH_LOAD_S; see tests/bench/bench_wire.py).
 .PHONY: bench-wire
 bench-wire: deps
 	$(PY) tests/bench/bench_wire.py

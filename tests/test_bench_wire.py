@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
-from bench_wire import DutyCycle, PcapError, capture, month_mb, parse_pcap, tally  # noqa: E402
+from bench_wire import DutyCycle, PcapError, capture, idle_window, month_mb, parse_pcap, tally  # noqa: E402
 
 
 @pytest.mark.skipif(shutil.which("tcpdump") is None or os.geteuid() != 0, reason="needs tcpdump (make deps) and root")
@@ -54,3 +54,10 @@ def test_month_of_a_duty_cycle() -> None:
     assert round(idle, 1) == 64.8  # 200 bps for 30 days: the idle figure of issue 11
     assert round(reads, 2) == 10.80  # 43,200 reads of 250 bytes
     assert round(sheds, 3) == 0.054  # 60 sheds of 900 bytes
+
+
+def test_idle_window_is_a_whole_number_of_ping_intervals() -> None:
+    assert idle_window(20.0) == 120.0
+    assert idle_window(120.0) == 120.0
+    assert idle_window(50.0) == 150.0
+    assert idle_window(300.0) == 300.0

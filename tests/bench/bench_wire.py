@@ -7,7 +7,8 @@ the other on one connection: connect, idle (keepalive only), isolated calls as a
 (one ``lm.read``, one shed with its two events), then the paper's 4 ``lm.read`` calls/s; last, a month
 estimate for a stated duty cycle.  Prints figures, asserts nothing about time.
 
-    LMGW_BENCH_IDLE_S=120 LMGW_BENCH_LOAD_S=60 .venv/bin/python tests/bench/bench_wire.py
+    .venv/bin/python tests/bench/bench_wire.py    # idle: whole ping intervals, >= 120 s; 4 calls/s: 60 s
+    LMGW_BENCH_IDLE_S=10 LMGW_BENCH_LOAD_S=5 .venv/bin/python tests/bench/bench_wire.py    # a quick run
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import lmgw  # noqa: F401  first: points OPENSSL_CONF at lmgw's TLS policy befor
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -146,6 +148,11 @@ def median_tally(packets: Sequence[Packet], windows: Sequence[tuple[float, float
     return min(tallies, key=lambda t: abs(t.ip_bytes - statistics.median(x.ip_bytes for x in tallies)))
 
 
+def idle_window(ping_interval: float, at_least: float = 120.0) -> float:
+    """A whole number of ping intervals, so the figure does not depend on where the pings fall."""
+    return ping_interval * max(1, math.ceil(at_least / ping_interval - 1e-9))
+
+
 @dataclass(frozen=True)
 class DutyCycle:
     reads_per_day: float = 24 * 60.0  # one lm.read a minute
@@ -269,7 +276,8 @@ async def drive(api: Path, marks: Marks, idle_s: float, load_s: float) -> None:
 
 async def run(work: Path, idle_s: float | None = None, load_s: float | None = None) -> list[str]:
     """Run the rig and return the printed figures."""
-    idle_s = float(os.environ.get("LMGW_BENCH_IDLE_S", 120)) if idle_s is None else idle_s
+    idle_env = os.environ.get("LMGW_BENCH_IDLE_S")
+    idle_s = float(idle_env) if idle_s is None and idle_env else idle_s
     load_s = float(os.environ.get("LMGW_BENCH_LOAD_S", 60)) if load_s is None else load_s
     work = work / "wire-ip"  # its own directory: dso.toml and gateway.toml as the printed commands name them
     work.mkdir(exist_ok=True)
@@ -288,6 +296,8 @@ async def run(work: Path, idle_s: float | None = None, load_s: float | None = No
     gateway_toml = write_toml(work / "gateway.toml", gateway)
     ping_gateway = GatewayConfig.load(gateway_toml).ping_interval
     ping_dso = DsoConfig.load(dso_toml).idle_timeout
+    if idle_s is None:
+        idle_s = idle_window(ping_gateway)
     pcap = work / "wire.pcap"
     marks = Marks()
     commands = [f"lmgw-lmsim --tcp 127.0.0.1:{lm_port}", "lmgw-dso --config dso.toml serve",
@@ -340,7 +350,7 @@ def report(packets: Sequence[Packet], marks: Marks, tcpdump: list[str], commands
         f"(only the gateway pings), DSO [channel] idle_timeout {pings[1]:g} s",
         f"wire-ip: connect (TCP + TLS + WebSocket + gw.hello, +2 s): {connect.ip_bytes} IP bytes, {connect.packets} packets "
         f"({connect.payload} TLS bytes)",
-        f"wire-ip: idle {idle_s:.0f} s (LMGW_BENCH_IDLE_S): {idle.ip_bytes} IP bytes, {idle.packets} packets = "
+        f"wire-ip: idle {idle_s:.0f} s ({idle_s / pings[0]:.2g} ping intervals; LMGW_BENCH_IDLE_S): {idle.ip_bytes} IP bytes, {idle.packets} packets = "
         f"{idle_bps:.1f} bps IP ({idle.payload_bps(idle_s):.1f} bps TLS), {idle.packets * 60 / idle_s:.1f} packets/min, "
         f"up {idle.up * 8 / idle_s:.1f} / down {idle.down * 8 / idle_s:.1f} bps; {idle_mb:.1f} MB/month idle",
         f"wire-ip: isolated lm.read (median of {len(marks.reads)}, {ISOLATED_SPACING:g} s apart; {cli('lm.read', READ)}): "

@@ -32,12 +32,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from conftest import (free_port, gateway_config, make_pki, process, running_dso, running_gateway,  # noqa: E402
-                      wait_until, write_toml)
-from lmgw import SUBPROTOCOL  # noqa: E402
+from conftest import gateway_config, running_dso, running_gateway, wait_until  # noqa: E402  (puts qemu/ on the path)
+from dso_side import free_port, make_pki, process, write_toml  # noqa: E402
+from lmgw import SUBPROTOCOL as SUBPROTOCOL_NAME  # noqa: E402
 from lmgw.tls import client_context, server_context  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.asyncio.server import serve  # noqa: E402
+from websockets.typing import Subprotocol  # noqa: E402
+
+SUBPROTOCOL = Subprotocol(SUBPROTOCOL_NAME)
 
 PAPER_KBPS = 43.39
 PAPER_RATE = 4.0
@@ -59,7 +62,7 @@ class CountingRelay:
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
+        return int(self.server.sockets[0].getsockname()[1])
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -107,7 +110,9 @@ async def bench_wire(work: Path, seconds: float) -> list[str]:
     finally:
         lmsim.terminate()
         lmsim.wait(10)
-    kbps = lambda n: n * 8 / elapsed / 1000  # noqa: E731
+    def kbps(n: int) -> float:
+        return n * 8 / elapsed / 1000
+
     answer = len(json.dumps(sample, separators=(",", ":")))
     return [
         f"wire: {calls} x lm.read (all {len(sample.get('values', sample))} points, {answer}-byte JSON result) in "
@@ -122,7 +127,7 @@ async def bench_wire(work: Path, seconds: float) -> list[str]:
 
 async def _gateways_role(args: argparse.Namespace) -> None:
     """Child process: N real gateway agents connected to the DSO."""
-    from conftest import Pki
+    from dso_side import Pki
     from lmgw.pki.ca import CertificateAuthority
 
     work = Path(args.work)
@@ -275,6 +280,7 @@ async def bench_capacity(work: Path, n: int) -> list[str]:
         issued = ca.issue_gateway(f"GW-IDLE-{i:05d}")
         d = pki.dir / "gateways" / f"{i}"
         d.mkdir(parents=True)
+        assert issued.key_pem is not None  # the CA made the key, so it has it
         (d / "device.key").write_bytes(issued.key_pem)
         (d / "device.crt").write_bytes(issued.cert_pem)
     port = free_port()
@@ -318,7 +324,7 @@ async def main(args: argparse.Namespace) -> None:
         if modbus.exists():
             sys.path.insert(0, str(HERE))
             lines += importlib.import_module("bench_modbus").run()
-        print("\n== LMGW benchmark (%s, Python %s, %d cores) ==" % (time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count()))
+        print("\n== LMGW benchmark (%s, Python %s, %d cores) ==" % (time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count() or 0))
         for line in lines:
             print(line)
 
