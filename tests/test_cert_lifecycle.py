@@ -8,6 +8,7 @@ that starts at the real time (TLS itself judges validity by the real clock).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import time
@@ -185,12 +186,15 @@ def test_factory_then_renewed_at_the_fraction_superseded_revoked(pki, tmp_path):
                 rows = {r["serial"]: r for r in _inventory(dso)}
                 assert rows[f"{second.serial:x}"]["replaces"] == f"{first.serial:x}"
                 assert not (tmp_path / "data-GW-R" / "identity" / "previous.pem").exists()
-        # a restart keeps the renewed pair from the data partition
+        # a restart comes back with the renewed pair from the data partition (the schedule may have renewed
+        # once more by then: the manual clock stands near the second certificate's renewal window too)
+        on_disk = x509.load_pem_x509_certificate(
+            (tmp_path / "data-GW-R" / "identity" / "operational.pem").read_bytes()).serial_number
         async with running_dso(pki, tmp_path, enrol={"min_interval": 0, "lifetime": 600}) as dso:
             config = renewing(pki, tmp_path, "GW-R", dso.port)
-            async with running_gateway(config, tmp_path, clock=clock):
+            async with running_gateway(config, tmp_path, clock=ManualClock(time.time())):  # not due again yet
                 entry = await wait_until(lambda: connected_with(dso, "GW-R", True), 20, "reconnect after restart")
-                assert entry.serial == second.serial
+                assert entry.serial == on_disk
     asyncio.run(scenario())
 
 
@@ -290,3 +294,60 @@ async def _server_serial(port):
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     writer.close()
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_previous_pair_kept_until_the_new_one_connected(pki, tmp_path):
+    """A renewed pair the DSO refuses (here: revoked before it ever connected) does not cut the gateway off:
+    after a few failed attempts it connects with the previous pair, which was kept for this."""
+    from lmgw.gateway.identity import MAX_UNCONFIRMED_FAILURES, IdentityStore
+
+    async def scenario():
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 0}) as dso:
+            config = gateway_config(pki, tmp_path, "GW-P", dso.port)
+            store = IdentityStore(tmp_path / "data-GW-P" / "identity", "GW-P", config["dso"]["cert_file"],
+                                  config["dso"]["key_file"], pki.ca_cert, [pki.ca.cert])
+            key_a, csr_a = make_csr("GW-P")
+            pair_a = pki.ca.sign_csr(csr_a, lifetime=timedelta(days=1), operational=True)
+            store.install(key_a, pair_a.cert_pem, store.factory)
+            key_b, csr_b = make_csr("GW-P")
+            pair_b = pki.ca.sign_csr(csr_b, lifetime=timedelta(days=1), operational=True, replaces=pair_a.serial)
+            store.install(key_b, pair_b.cert_pem, store.select(datetime.now(timezone.utc)))
+            assert store.previous_file.exists() and store.pending()["serial"] == f"{pair_b.serial:x}"
+            pki.ca.revoke(serial=pair_b.serial, reason="keyCompromise")
+            dso.crl.reload_if_changed()
+            async with running_gateway(config, tmp_path) as gw:
+                entry = await wait_until(lambda: connected_with(dso, "GW-P", operational=True), 30, "previous pair")
+                assert entry.serial == pair_a.serial and gw.channel.attempts > MAX_UNCONFIRMED_FAILURES
+                assert gw.identity.role is Role.PREVIOUS
+    asyncio.run(scenario())
+
+
+def test_operator_lists_gateways_whose_certificates_expire(pki, tmp_path):
+    import subprocess
+
+    from conftest import VENV_BIN
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            pki.gateway("GW-SOON", days=5)
+            pki.gateway("GW-LATER", days=365)
+            config = tmp_path / f"dso-{0}.toml"
+            listing = await asyncio.to_thread(subprocess.run, [str(VENV_BIN / "lmgw-dso"), "--config", str(config),
+                                                               "expiring", "--days", "10"],
+                                              capture_output=True, text=True, timeout=60)
+            assert listing.returncode == 0, listing.stderr
+            names = [row["common_name"] for row in json.loads(listing.stdout)]
+            assert names == ["GW-SOON"]
+            assert [r["common_name"] for r in dso.enrol.expiring(400)] == ["GW-SOON", "GW-LATER"]
+    asyncio.run(scenario())
+
+
+def test_provisioned_configuration_turns_renewal_on(tmp_path):
+    import tomllib
+
+    from lmgw.gateway.renewal import RenewalSettings
+    from lmgw.provision.identity import gateway_toml
+
+    assert RenewalSettings.parse(tomllib.loads(gateway_toml("wss://dso/", None, None, renew=True))).enabled
+    settings = RenewalSettings.parse(tomllib.loads(gateway_toml("wss://dso/", None, None)))
+    assert not settings.enabled and settings.fraction == pytest.approx(1 / 3)

@@ -6,6 +6,8 @@
     lmgw-dso update GW-0001 lmgw-1.2.0.raucb --version 1.2.0 --reboot-at 2026-11-25T02:00:00+00:00
     lmgw-dso events GW-0001
     lmgw-dso revoke GW-0001 --reason keyCompromise
+    lmgw-dso call GW-0001 cert.renew                 # renew its operational certificate now
+    lmgw-dso expiring --days 30                      # gateways whose certificate ends within 30 days
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     revoke = commands.add_parser("revoke", help="revoke a gateway's certificates and disconnect it")
     revoke.add_argument("gateway")
     revoke.add_argument("--reason", default="unspecified")
+    expiring = commands.add_parser("expiring", help="gateways whose certificate in use ends within --days")
+    expiring.add_argument("--days", type=float, default=30)
     events = commands.add_parser("events", help="events reported by gateways")
     events.add_argument("gateway", nargs="?")
     args = parser.parse_args(argv)
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         message["timeout"] = args.timeout
     if args.command == "revoke":
         message["reason"] = args.reason
+    if args.command == "expiring":
+        message["days"] = args.days
     try:
         answer = asyncio.run(request(config.api_socket, message))
     except (FileNotFoundError, ConnectionRefusedError):
