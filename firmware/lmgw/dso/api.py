@@ -2,8 +2,7 @@
 
 One request per connection: ``{"op": "list"}``, ``{"op": "call", "gateway":
 ..., "method": ..., "params": {...}, "timeout": s}``, ``{"op": "revoke",
-"gateway": ..., "reason": ...}``, ``{"op": "events", "gateway": ...}``,
-``{"op": "expiring", "days": 30}`` (gateways whose certificate in use ends within that many days).
+"gateway": ..., "reason": ...}``, ``{"op": "events", "gateway": ...}``.
 The answer is ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
 {"code": ..., "message": ...}}``.  The socket is created mode 0600: only the
 operator account can use it.
@@ -33,14 +32,9 @@ class ApiError(Exception):
 async def _operation(server: DsoServer, request: dict[str, Any]) -> Any:
     op = request.get("op")
     if op == "list":
-        return [entry.to_json() for entry in server.registry.entries()]
+        return await server.backplane.gateways()  # in a cluster: every node's gateways
     if op == "events":
-        return server.events.read(request.get("gateway"))
-    if op == "expiring":
-        days = request.get("days", 30)
-        if isinstance(days, bool) or not isinstance(days, (int, float)) or days < 0:
-            raise ApiError('"days" must be a number of days, at least 0')
-        return server.enrol.expiring(float(days))
+        return await server.backplane.events(request.get("gateway"))
     gateway = request.get("gateway")
     if not isinstance(gateway, str):
         raise ApiError(f'op {op!r} needs "gateway" (a gateway ID)')

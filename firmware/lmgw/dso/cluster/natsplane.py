@@ -24,7 +24,7 @@ import functools
 import logging
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import nats
 import nats.errors
@@ -51,9 +51,14 @@ ROUTE_MARGIN = 2.0
 JS_TIMEOUT = 5.0
 STORE_RETRY_AFTER = 5.0
 """What a gateway is told to wait when the event stream cannot be reached."""
+STORAGE_WAIT = 60.0
+"""Seconds a starting node waits for JetStream to accept the presence bucket and the event stream."""
 REFRESH_CONCURRENCY = 200
 MAX_EVENTS_LISTED = 10_000
 MAX_LISTING_SECONDS = 10.0
+JETSTREAM_WAIT = 30.0
+"""Seconds an operator's listing waits for JetStream (a leader election after a server died takes a few)."""
+_T = TypeVar("_T")
 
 
 def _iso(moment: datetime) -> str:
@@ -88,12 +93,25 @@ class NatsBackplane:
             options["user_credentials"] = str(self.config.creds_file)
         self._nc = await nats.connect(list(self.config.servers), **options)
         self._js = self._nc.jetstream(timeout=JS_TIMEOUT)
-        await self._ensure_storage(self._js)
+        await self._wait_for_storage(self._js)
         await self._nc.subscribe(wire.CLAIM_SUBJECT, cb=self._on_claim)
         await self._nc.subscribe(wire.KICK_SUBJECT, cb=self._on_kick)
         self._refresher = asyncio.create_task(self._refresh_presence())
         log.info("cluster node %s joined NATS at %s", self.config.node, self._nc.connected_url.netloc
                  if self._nc.connected_url else "?")
+
+    async def _wait_for_storage(self, js: JetStreamContext) -> None:
+        """JetStream answers only once its cluster has formed (a node may start with the NATS servers)."""
+        deadline = time.monotonic() + STORAGE_WAIT
+        while True:
+            try:
+                await self._ensure_storage(js)
+                return
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("JetStream not ready yet (%s): trying again", exc or type(exc).__name__)
+                await asyncio.sleep(0.5)
 
     async def _ensure_storage(self, js: JetStreamContext) -> None:
         """Create the presence bucket and event stream, or take them as the first node made them."""
@@ -296,7 +314,23 @@ class NatsBackplane:
                                                  f"{timeout:g} s") from None
         return wire.parse_call_reply(msg.data)
 
+    async def _retrying(self, operation: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """A JetStream read, tried again while the cluster elects a new leader (a NATS server died)."""
+        deadline = time.monotonic() + JETSTREAM_WAIT
+        while True:
+            try:
+                return await operation()
+            except (nats.errors.Error, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise RpcError(RpcCode.INTERNAL_ERROR, f"{what}: JetStream unavailable for {JETSTREAM_WAIT:g} s "
+                                                           f"({exc or type(exc).__name__})") from None
+                log.info("%s: JetStream busy (%s), trying again", what, exc or type(exc).__name__)
+                await asyncio.sleep(0.5)
+
     async def gateways(self) -> list[dict[str, Any]]:
+        return await self._retrying(self._gateways, "listing gateways")
+
+    async def _gateways(self) -> list[dict[str, Any]]:
         assert self._kv is not None
         found: dict[str, dict[str, Any]] = {}
         watcher = await self._kv.watchall(ignore_deletes=True)
@@ -326,6 +360,9 @@ class NatsBackplane:
         return not ack.duplicate
 
     async def events(self, gateway_id: str | None) -> list[dict[str, Any]]:
+        return await self._retrying(functools.partial(self._events, gateway_id), "listing events")
+
+    async def _events(self, gateway_id: str | None) -> list[dict[str, Any]]:
         assert self._js is not None
         subject = wire.event_subject(gateway_id) if gateway_id is not None else wire.EVENT_PREFIX + ">"
         records: list[dict[str, Any]] = []

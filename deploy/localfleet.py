@@ -1,0 +1,236 @@
+"""The head-end as a cluster on this machine: 3 nats-servers (JetStream), 3 DSO nodes and HAProxy on loopback.
+
+Uses the deployment files of this folder as they are (nats/nats-server.conf, haproxy/lmgw.cfg), filling
+their environment variables with local ports.  ``make fleet`` runs it until Ctrl-C; the tests
+(tests/test_fleet.py) and ``make bench-fleet`` drive it from Python:
+
+    with LocalFleet(workdir) as fleet:
+        fleet.kill_node(2)          # kill -9
+        fleet.kill_nats(1)
+        asyncio.run(fleet.api(1, {"op": "list"}))
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BALANCER_SOURCE = "127.0.0.5"
+"""HAProxy connects to the nodes from this address: the only one whose PROXY headers they read."""
+READY_TIMEOUT = 30.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def node_toml(sections: dict[str, dict[str, Any]]) -> str:
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in table.items()) + "\n"
+                   for name, table in sections.items())
+
+
+class LocalFleet:
+    def __init__(self, workdir: Path, *, nodes: int = 3, nats: int = 3, presence_ttl: float = 6.0,
+                 call_timeout: float = 5.0, dso_bin: Path | None = None, verbose: bool = False) -> None:
+        self.workdir = workdir
+        self.node_count, self.nats_count = nodes, nats
+        self.presence_ttl, self.call_timeout = presence_ttl, call_timeout
+        self.dso_bin = dso_bin or Path(sys.executable).parent / "lmgw-dso"
+        self.verbose = verbose
+        self.nats_ports = [free_port() for _ in range(nats)]
+        self.route_ports = [free_port() for _ in range(nats)]
+        self.node_ports = [free_port() for _ in range(nodes)]
+        self.lb_port = free_port()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.pki: Any = None
+
+    # -- processes ------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, ready: str | None = None) -> None:
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as out:
+            self.procs[name] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                env={**os.environ, **(env or {})}, cwd=self.workdir)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while ready is not None and ready not in log.read_text(errors="replace"):
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}:\n{self.tail(name)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not ready after {READY_TIMEOUT} s:\n{self.tail(name)}")
+            time.sleep(0.1)
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        return "\n".join((self.workdir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def _stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    @property
+    def nats_urls(self) -> list[str]:
+        return [f"nats://127.0.0.1:{p}" for p in self.nats_ports]
+
+    def start_nats(self, i: int) -> None:
+        store = self.workdir / f"nats{i}"
+        store.mkdir(exist_ok=True)
+        env = {"NATS_NAME": f"nats{i}", "NATS_LISTEN": f"127.0.0.1:{self.nats_ports[i - 1]}",
+               "NATS_MONITOR": f"127.0.0.1:{free_port()}", "NATS_STORE": str(store),
+               "NATS_CLUSTER_LISTEN": f"127.0.0.1:{self.route_ports[i - 1]}"}
+        for n in range(3):  # the configuration names three routes
+            port = self.route_ports[n] if n < self.nats_count else self.route_ports[0]
+            env[f"NATS_ROUTE_{n + 1}"] = f"nats://127.0.0.1:{port}"
+        self._spawn(f"nats{i}", ["nats-server", "-c", str(HERE / "nats/nats-server.conf")], env,
+                    ready="Server is ready")
+
+    def kill_nats(self, i: int) -> None:
+        self._stop(f"nats{i}", signal.SIGKILL)
+
+    def node_config(self, i: int) -> Path:
+        pki = self.pki
+        file = self.workdir / f"node{i}.toml"
+        file.write_text(node_toml({
+            "listen": {"host": "127.0.0.1", "port": self.node_ports[i - 1]},
+            "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
+            "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
+            "api": {"socket": self.api_socket(i), "events_file": self.workdir / f"node{i}-events.jsonl"},
+            "channel": {"call_timeout": self.call_timeout},
+            "cluster": {"node": f"node{i}", "servers": self.nats_urls, "replicas": min(3, self.nats_count),
+                        "presence_ttl": self.presence_ttl},
+            "balancer": {"addresses": [BALANCER_SOURCE]},
+        }))
+        return file
+
+    def api_socket(self, i: int) -> Path:
+        return self.workdir / f"node{i}.sock"
+
+    def start_node(self, i: int) -> None:
+        args = [str(self.dso_bin), "--config", str(self.node_config(i))] + (["-v"] if self.verbose else []) + ["serve"]
+        self._spawn(f"node{i}", args, ready="DSO listening on")
+
+    def kill_node(self, i: int) -> None:
+        self._stop(f"node{i}", signal.SIGKILL)
+
+    def start_haproxy(self) -> None:
+        env = {"LMGW_LB_BIND": f"127.0.0.1:{self.lb_port}", "LMGW_LB_SOURCE": BALANCER_SOURCE}
+        for n in range(3):
+            port = self.node_ports[n] if n < self.node_count else self.node_ports[0]
+            env[f"LMGW_NODE{n + 1}"] = f"127.0.0.1:{port}"
+        self._spawn("haproxy", ["haproxy", "-db", "-f", str(HERE / "haproxy/lmgw.cfg")], env)
+        _wait_port("127.0.0.1", self.lb_port)
+
+    # -- the whole ------------------------------------------------------------
+
+    def start(self) -> LocalFleet:
+        sys.path.insert(0, str(REPO / "qemu"))
+        from dso_side import make_pki
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.pki is None:
+            self.pki = make_pki(self.workdir / "ca")
+        for i in range(1, self.nats_count + 1):
+            self.start_nats(i)
+        for i in range(1, self.node_count + 1):
+            self.start_node(i)
+        self.start_haproxy()
+        return self
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self._stop(name)
+
+    def __enter__(self) -> LocalFleet:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    async def api(self, i: int, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        from lmgw.dso.api import request
+
+        return await request(self.api_socket(i), message, timeout)
+
+
+def _wait_port(host: str, port: int, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), 1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Run the head-end cluster on this machine until Ctrl-C.")
+    parser.add_argument("--workdir", type=Path, default=REPO / "build/fleet")
+    args = parser.parse_args()
+    for tool in ("nats-server", "haproxy"):
+        if shutil.which(tool) is None:
+            print(f"localfleet: {tool} is missing (make deps installs it)", file=sys.stderr)
+            return 2
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    with LocalFleet(args.workdir) as fleet:
+        print(f"NATS: {' '.join(fleet.nats_urls)}\nnodes: " + " ".join(
+            f"node{i}=127.0.0.1:{p} (lmgw-dso --config {fleet.workdir}/node{i}.toml gateways)"
+            for i, p in enumerate(fleet.node_ports, 1)))
+        print(f"gateways connect to wss://localhost:{fleet.lb_port}/ (HAProxy); CA and certificates in "
+              f"{fleet.workdir}/ca; logs in {fleet.workdir}/*.log. Ctrl-C stops everything.", flush=True)
+        stop = False
+
+        def interrupted(*_: Any) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, interrupted)
+        signal.signal(signal.SIGINT, interrupted)
+        while not stop and all(p.poll() is None for p in fleet.procs.values()):
+            time.sleep(0.5)
+        dead = [name for name, p in fleet.procs.items() if p.poll() is not None]
+        if dead:
+            print(f"localfleet: {', '.join(dead)} stopped; stopping the rest", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
