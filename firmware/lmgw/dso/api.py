@@ -2,7 +2,8 @@
 
 One request per connection: ``{"op": "list"}``, ``{"op": "call", "gateway":
 ..., "method": ..., "params": {...}, "timeout": s}``, ``{"op": "revoke",
-"gateway": ..., "reason": ...}``, ``{"op": "events", "gateway": ...}``.
+"gateway": ..., "reason": ...}``, ``{"op": "events", "gateway": ...}``,
+``{"op": "expiring", "days": 30}`` (gateways whose certificate in use ends within that many days).
 The answer is ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
 {"code": ..., "message": ...}}``.  The socket is created mode 0600: only the
 operator account can use it.
@@ -35,6 +36,11 @@ async def _operation(server: DsoServer, request: dict[str, Any]) -> Any:
         return await server.backplane.gateways()  # in a cluster: every node's gateways
     if op == "events":
         return await server.backplane.events(request.get("gateway"))
+    if op == "expiring":
+        days = request.get("days", 30)
+        if isinstance(days, bool) or not isinstance(days, (int, float)) or days < 0:
+            raise ApiError('"days" must be a number of days, at least 0')
+        return server.enrol.expiring(float(days))
     gateway = request.get("gateway")
     if not isinstance(gateway, str):
         raise ApiError(f'op {op!r} needs "gateway" (a gateway ID)')

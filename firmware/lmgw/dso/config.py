@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import ConfigError, get, load_toml, path, section
 from ..jsonrpc import MAX_SERVING
 from .cluster.config import ClusterConfig, balancer_addresses
+from .enrol import EnrolPolicy
 from .eventpolicy import EventLimits
 
 
@@ -35,6 +36,8 @@ class DsoConfig:
     max_calls: int
     """A gateway's calls served at once on one connection; more are refused with TOO_MANY_CALLS."""
     events: EventLimits
+    enrol: EnrolPolicy
+    """``[enrol]``: operational certificate lifetime, signing rate, factory-identity policy."""
     bundles_dir: Path | None
     """Firmware bundles served to gateways at ``/bundles/<file>`` (same mutual TLS as the channel)."""
     bundles_url: str | None
@@ -87,6 +90,7 @@ class DsoConfig:
             close_timeout=get(channel, "close_timeout", float, "channel", 10.0),
             max_calls=max_calls,
             events=limits,
+            enrol=EnrolPolicy.parse(section(config, "enrol")),
             bundles_dir=path(updates, "bundles_dir", "updates", base, None),
             bundles_url=get(updates, "base_url", str, "updates", None),
             cluster=ClusterConfig.from_table(section(config, "cluster"), base) if "cluster" in config else None,

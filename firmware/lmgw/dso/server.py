@@ -38,6 +38,7 @@ from ..revocation import CrlCache, RevocationError
 from ..session import RpcSession
 from ..tls import common_name, peer_certificate, server_context
 from .config import DsoConfig
+from .enrol import RENEWED, Enrolment
 from .eventpolicy import EventRate, EventRefused, check_event
 from .cluster.backplane import Backplane
 from .cluster.edge import balanced_serve, client_address
@@ -114,6 +115,8 @@ class DsoServer:
         """This node's sessions; the back plane makes them known to the rest of the head-end."""
         self.events = EventLog(config.events_file, config.events.max_bytes_per_gateway)
         self.event_rate = EventRate(config.events)
+        self.enrol = Enrolment(config.enrol, config.ca_dir, clock)
+        """``cert.sign``, the factory-identity policy, superseded certificates."""
         self.backplane = self._backplane()
         self._server: Server | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -230,7 +233,7 @@ class DsoServer:
         assert certificate is not None  # _check_client refused it otherwise
         gateway_id = common_name(certificate) or ""
         remote = "%s:%d" % client_address(connection)
-        session = RpcSession(connection, self._methods(gateway_id), name=f"gateway {gateway_id}",
+        session = RpcSession(connection, self._methods(gateway_id, certificate), name=f"gateway {gateway_id}",
                              call_timeout=self.config.call_timeout, max_calls=self.config.max_calls)
         replaced = self.registry.attach(gateway_id, certificate.serial_number, remote, session, _now())
         if replaced is not None:
@@ -258,7 +261,7 @@ class DsoServer:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def _methods(self, gateway_id: str) -> MethodTable:
+    def _methods(self, gateway_id: str, certificate: x509.Certificate) -> MethodTable:
         """Methods a gateway may call on one connection; ``gateway_id`` is bound from its certificate."""
         table = MethodTable()
         said_hello = False
@@ -292,6 +295,8 @@ class DsoServer:
             if first:
                 level = logging.WARNING if kind.startswith("security.") else logging.INFO
                 log.log(level, "gateway %s event %s: %s", bound_id, kind, details)
+            if first and kind == RENEWED and self.enrol.supersede(bound_id, certificate.serial_number):
+                self.crl.reload_if_changed()
             return {"accepted": True, "duplicate": not first}
 
         async def ping(payload: Any = None) -> dict[str, Any]:
@@ -304,12 +309,16 @@ class DsoServer:
         ])
         table.add("gw.event", event, [Param("id", str), Param("kind", str), Param("time", str), Param("details", dict)])
         table.add("gw.ping", ping, [Param("payload", (str, int, float, bool, list, dict), required=False)])
+        self.enrol.register(table, bound_id, certificate, lambda: said_hello)
         return table
 
     # -- operator actions -----------------------------------------------------
 
     async def call(self, gateway_id: str, method: str, params: dict[str, Any], timeout: float | None = None) -> Any:
         """Call a gateway held by this node or, in a cluster, by any node; ``LookupError`` when nobody holds it."""
+        local = self.registry.get(gateway_id)
+        if local is not None:  # a factory-identity session may be admitted only to renew
+            self.enrol.check_call(gateway_id, local.serial, method)
         return await self.backplane.call(gateway_id, method, params, timeout)
 
     async def revoke(self, gateway_id: str, reason: str) -> list[int]:
