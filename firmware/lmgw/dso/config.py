@@ -28,7 +28,11 @@ class DsoConfig:
     events_file: Path
     call_timeout: float
     max_frame: int
-    ping_interval: float
+    idle_timeout: float
+    """Seconds of silence (no frame, no ping) after which a gateway's connection counts as dead: the DSO
+    never pings, the gateways keep their channels alive ([dso] ping_interval, 120 s by default)."""
+    tls_timeout: float
+    """Seconds a client has for the TLS handshake."""
     open_timeout: float
     """Seconds a client has, after TLS, to send its HTTP request (WebSocket upgrade or bundle download)."""
     close_timeout: float
@@ -68,10 +72,13 @@ class DsoConfig:
         )
         if limits.per_minute <= 0 or limits.burst < 1:
             raise ConfigError("[events] per_minute must be above 0 and burst at least 1")
-        open_timeout = get(channel, "open_timeout", float, "channel", 10.0)
+        # Defaults fit links of 10 s one way at 10 kbps (docs/performance.md)
+        seconds = {key: get(channel, key, float, "channel", default) for key, default in (
+            ("open_timeout", 60.0), ("tls_timeout", 60.0), ("idle_timeout", 300.0), ("call_timeout", 60.0),
+            ("close_timeout", 30.0))}
         max_calls = get(channel, "max_calls", int, "channel", MAX_SERVING)
-        if open_timeout <= 0 or max_calls < 1:
-            raise ConfigError("[channel] open_timeout must be above 0 and max_calls at least 1")
+        if min(seconds.values()) <= 0 or max_calls < 1:
+            raise ConfigError(f"[channel] {', '.join(seconds)} must be above 0 and max_calls at least 1")
         return cls(
             host=get(listen, "host", str, "listen", "0.0.0.0"),
             port=get(listen, "port", int, "listen", 8443),
@@ -83,11 +90,12 @@ class DsoConfig:
             ca_dir=path(revocation, "ca_dir", "revocation", base, None),
             api_socket=path(api, "socket", "api", base, "dso-api.sock"),
             events_file=path(api, "events_file", "api", base, "events.jsonl"),
-            call_timeout=get(channel, "call_timeout", float, "channel", 30.0),
+            call_timeout=seconds["call_timeout"],
             max_frame=get(channel, "max_frame", int, "channel", 256 * 1024),
-            ping_interval=get(channel, "ping_interval", float, "channel", 20.0),
-            open_timeout=open_timeout,
-            close_timeout=get(channel, "close_timeout", float, "channel", 10.0),
+            idle_timeout=seconds["idle_timeout"],
+            tls_timeout=seconds["tls_timeout"],
+            open_timeout=seconds["open_timeout"],
+            close_timeout=seconds["close_timeout"],
             max_calls=max_calls,
             events=limits,
             enrol=EnrolPolicy.parse(section(config, "enrol")),

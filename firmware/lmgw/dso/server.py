@@ -5,10 +5,12 @@ from message content.  Revocation is checked at every handshake against the
 CRL file, which is reloaded when it changes; a gateway whose certificate
 becomes revoked while connected is disconnected at once.
 
-Every stage a client can stall is bounded: TLS (``TLS_HANDSHAKE_TIMEOUT``),
+Every stage a client can stall is bounded: TLS (``[channel] tls_timeout``),
 the HTTP request after it (``[channel] open_timeout``), a bundle download (each
 chunk within ``BUNDLE_STALL_TIMEOUT``), calls in flight (``[channel]
-max_calls``) and events (``[events]``).
+max_calls``), events (``[events]``) and silence (``[channel] idle_timeout``:
+the DSO never pings, the gateways do; a connection that brought no byte for
+that long is closed by one sweep over all connections, not a timer each).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ BUNDLE_PATH = "/bundles/"
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.raucb")
 BUNDLE_CHUNK = 256 * 1024
 BUNDLE_STALL_TIMEOUT = 60.0
-TLS_HANDSHAKE_TIMEOUT = 10.0
+SILENCE_SWEEPS = 10
+"""Sweeps per ``idle_timeout``: a silent connection is closed at most a tenth of it late."""
 
 
 def _now() -> datetime:
@@ -73,6 +76,17 @@ def _connection_class(open_timeout: float) -> type[ServerConnection]:
     client that sends nothing after TLS is dropped while a bundle download keeps its own limit."""
 
     class GatewayConnection(ServerConnection):
+        last_heard = 0.0
+        """When the peer last sent anything (a frame, a ping, a TCP segment with data)."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.last_heard = time.monotonic()
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.last_heard = time.monotonic()
+            super().data_received(data)
+
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             who = self._who()  # now: once the peer is gone its address is too
             try:
@@ -120,6 +134,7 @@ class DsoServer:
         self.backplane = self._backplane()
         self._server: Server | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._silence: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------
@@ -144,19 +159,19 @@ class DsoServer:
             subprotocols=[Subprotocol(SUBPROTOCOL)],
             process_request=self._check_client,
             max_size=self.config.max_frame,
-            ping_interval=self.config.ping_interval,
-            ping_timeout=self.config.ping_interval,
+            ping_interval=None,  # the gateways ping; the DSO only watches for silence (_watch_silence)
             server_header=f"lmgw-dso/{__version__}",
             # A bundle download runs inside the opening handshake (see _bundle) and may take
             # minutes on a slow link: the connection class bounds the wait for the request
             # instead, _bundle the download, ssl_handshake_timeout the TLS handshake.
             open_timeout=None,
             create_connection=_connection_class(self.config.open_timeout),
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            ssl_handshake_timeout=self.config.tls_timeout,
             close_timeout=self.config.close_timeout,
         )
         await self.backplane.start(self._kick)
         self._watcher = asyncio.create_task(self._watch_crl())
+        self._silence = asyncio.create_task(self._watch_silence())
         log.info("DSO listening on %s:%d", self.config.host, self.port)
 
     @property
@@ -166,8 +181,9 @@ class DsoServer:
         return port
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._silence):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -342,6 +358,21 @@ class DsoServer:
                     await self._disconnect_revoked()
             except RevocationError as exc:
                 log.error("CRL %s not reloaded: %s", self.config.crl_file, exc)
+
+    async def _watch_silence(self) -> None:
+        limit = self.config.idle_timeout
+        while True:
+            await asyncio.sleep(limit / SILENCE_SWEEPS)
+            assert self._server is not None
+            now = time.monotonic()
+            for connection in self._server.connections:
+                silent = now - getattr(connection, "last_heard", now)
+                if silent > limit:
+                    who = getattr(connection, "_who", lambda: "unknown peer")()
+                    log.warning("%s: nothing received for %.0f s ([channel] idle_timeout %g s): link presumed dead, "
+                                "closing", who, silent, limit)
+                    connection.last_heard = now  # type: ignore[attr-defined]  # one line per connection
+                    self._close_in_background(connection, CloseCode.INTERNAL_ERROR, "no data or ping within idle_timeout")
 
     async def _disconnect_revoked(self) -> None:
         now = _now()
