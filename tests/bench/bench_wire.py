@@ -350,7 +350,7 @@ def report(packets: Sequence[Packet], marks: Marks, tcpdump: list[str], commands
         f"(only the gateway pings), DSO [channel] idle_timeout {pings[1]:g} s",
         f"wire-ip: connect (TCP + TLS + WebSocket + gw.hello, +2 s): {connect.ip_bytes} IP bytes, {connect.packets} packets "
         f"({connect.payload} TLS bytes)",
-        f"wire-ip: idle {idle_s:.0f} s ({idle_s / pings[0]:.2g} ping intervals; LMGW_BENCH_IDLE_S): {idle.ip_bytes} IP bytes, {idle.packets} packets = "
+        f"wire-ip: idle {idle_s:.0f} s ({idle_s / pings[0]:.2g} x the {pings[0]:g} s ping interval; LMGW_BENCH_IDLE_S): {idle.ip_bytes} IP bytes, {idle.packets} packets = "
         f"{idle_bps:.1f} bps IP ({idle.payload_bps(idle_s):.1f} bps TLS), {idle.packets * 60 / idle_s:.1f} packets/min, "
         f"up {idle.up * 8 / idle_s:.1f} / down {idle.down * 8 / idle_s:.1f} bps; {idle_mb:.1f} MB/month idle",
         f"wire-ip: isolated lm.read (median of {len(marks.reads)}, {ISOLATED_SPACING:g} s apart; {cli('lm.read', READ)}): "
