@@ -89,6 +89,15 @@ bench: deps
 bench-wire: deps
 	$(PY) tests/bench/bench_wire.py
 
+# The head-end as a cluster on this machine (docs/fleet.md): 3 nats-servers, 3 DSO nodes, HAProxy; Ctrl-C stops them.
+.PHONY: fleet bench-fleet
+fleet: deps
+	$(PY) deploy/localfleet.py
+
+# Figures for the cluster under lmgw-fleetsim (LMGW_FLEET_GATEWAYS=10000 for the issue's fleet size).
+bench-fleet: deps
+	$(PY) tests/bench/bench_fleet.py
+
 clean:
 	rm -rf $(VENV) $(MITM_VENV) build
 

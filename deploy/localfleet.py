@@ -13,7 +13,6 @@ their environment variables with local ports.  ``make fleet`` runs it until Ctrl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -186,7 +185,8 @@ class LocalFleet:
     async def api(self, i: int, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         from lmgw.dso.api import request
 
-        return await request(self.api_socket(i), message, timeout)
+        answer: dict[str, Any] = await request(self.api_socket(i), message, timeout)
+        return answer
 
 
 def _wait_port(host: str, port: int, timeout: float = READY_TIMEOUT) -> None:

@@ -1,0 +1,1 @@
+"""``lmgw-fleetsim``: thousands of simulated gateways in one process, on the project's real channel code."""
