@@ -305,7 +305,7 @@ def test_previous_pair_kept_until_the_new_one_connected(pki, tmp_path):
         async with running_dso(pki, tmp_path, enrol={"min_interval": 0}) as dso:
             config = gateway_config(pki, tmp_path, "GW-P", dso.port)
             store = IdentityStore(tmp_path / "data-GW-P" / "identity", "GW-P", config["dso"]["cert_file"],
-                                  config["dso"]["key_file"], pki.ca_cert, [pki.ca.cert])
+                                  config["dso"]["key_file"], pki.ca_cert, lambda: [pki.ca.cert])
             key_a, csr_a = make_csr("GW-P")
             pair_a = pki.ca.sign_csr(csr_a, lifetime=timedelta(days=1), operational=True)
             store.install(key_a, pair_a.cert_pem, store.factory)

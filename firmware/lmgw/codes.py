@@ -47,6 +47,8 @@ class RpcCode(IntEnum):
     """``cert.sign`` refused: ``data.reason`` (csr, cn, rate, no_ca), ``data.retry_after`` for rate."""
     IDENTITY_RESTRICTED = -32041
     """The gateway is connected with its factory identity, admitted only to renew its certificate."""
+    TRUST_REFUSED = -32042
+    """``trust.update``/``trust.retire`` refused: an anchor without a valid proof, or the last anchor."""
 
 
 class CloseCode(IntEnum):

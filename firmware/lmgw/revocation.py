@@ -184,3 +184,24 @@ async def ocsp_status(url: str, cert: x509.Certificate, issuer: x509.Certificate
     if response.next_update_utc is not None and response.next_update_utc < now - OCSP_CLOCK_SKEW:
         raise RevocationError(f"OCSP response expired at {response.next_update_utc.isoformat()} (replayed?)")
     return response.certificate_status.name.lower()
+
+
+class CrlSet:
+    """The CRLs of several CAs, during a CA rollover: a certificate passes only if no CRL revokes it and
+    every CRL is usable (a serial is random and 159 bits long: one CA's serial never names another's
+    certificate).  The interface of ``CrlCache`` where the DSO uses it."""
+
+    def __init__(self, caches: list[CrlCache]) -> None:
+        self.caches = caches
+
+    @property
+    def next_update(self) -> datetime | None:
+        updates = [c.next_update for c in self.caches if c.next_update is not None]
+        return min(updates) if len(updates) == len(self.caches) else None
+
+    def reload_if_changed(self) -> bool:
+        return any([cache.reload_if_changed() for cache in self.caches])  # a list: reload every one
+
+    def check(self, serial: int, now: datetime) -> None:
+        for cache in self.caches:
+            cache.check(serial, now)

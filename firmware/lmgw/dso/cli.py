@@ -8,6 +8,8 @@
     lmgw-dso revoke GW-0001 --reason keyCompromise
     lmgw-dso call GW-0001 cert.renew                 # renew its operational certificate now
     lmgw-dso expiring --days 30                      # gateways whose certificate ends within 30 days
+    lmgw-dso trust-update GW-0001 --anchor ca2/ca.crt --proof ca2/cross.crt --crl ca2/crl.der   # CA rollover
+    lmgw-dso trust-retire GW-0001 --anchor ca1/ca.crt
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
 from ..config import ConfigError
 from ..logsetup import configure
 from .api import request, start_api
 from .config import DsoConfig
+from .rollover import trust_update_params
 from .server import DsoServer
 
 
@@ -96,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     revoke = commands.add_parser("revoke", help="revoke a gateway's certificates and disconnect it")
     revoke.add_argument("gateway")
     revoke.add_argument("--reason", default="unspecified")
+    trust = commands.add_parser("trust-update", help="CA rollover: make a gateway trust the successor CA")
+    trust.add_argument("gateway")
+    trust.add_argument("--anchor", type=Path, required=True, help="the successor CA's ca.crt")
+    trust.add_argument("--proof", type=Path, required=True, help="its cross.crt, signed by the CA the gateway trusts")
+    trust.add_argument("--crl", type=Path, required=True, help="the successor CA's current crl.der")
+    trust.add_argument("--crl-url", help="where the gateway refreshes that CRL")
+    retire = commands.add_parser("trust-retire", help="CA rollover: a gateway stops trusting the old CA")
+    retire.add_argument("gateway")
+    retire.add_argument("--anchor", type=Path, required=True, help="the old CA's ca.crt")
     expiring = commands.add_parser("expiring", help="gateways whose certificate in use ends within --days")
     expiring.add_argument("--days", type=float, default=30)
     events = commands.add_parser("events", help="events reported by gateways")
@@ -122,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmgw-dso: {exc}", file=sys.stderr)
             return 2
         args.command, args.method, args.params, args.timeout = "call", "gw.update", json.dumps(params), None
+    if args.command in ("trust-update", "trust-retire"):
+        try:
+            if args.command == "trust-update":
+                method, params = "trust.update", trust_update_params(args.anchor, args.proof, args.crl, args.crl_url)
+            else:
+                anchor = x509.load_pem_x509_certificate(args.anchor.read_bytes())
+                method, params = "trust.retire", {"sha256": anchor.fingerprint(hashes.SHA256()).hex()}
+        except (OSError, ValueError) as exc:
+            print(f"lmgw-dso: {exc}", file=sys.stderr)
+            return 2
+        args.command, args.method, args.params, args.timeout = "call", method, json.dumps(params), None
     message: dict[str, Any] = {"op": {"gateways": "list"}.get(args.command, args.command)}
     if args.command in ("call", "revoke") or getattr(args, "gateway", None):
         message["gateway"] = args.gateway

@@ -42,6 +42,8 @@ class DsoConfig:
     events: EventLimits
     enrol: EnrolPolicy
     """``[enrol]``: operational certificate lifetime, signing rate, factory-identity policy."""
+    previous_crl_file: Path | None
+    """During a CA rollover, the old CA's CRL (``[tls] ca_file`` then holds both roots, the new one first)."""
     bundles_dir: Path | None
     """Firmware bundles served to gateways at ``/bundles/<file>`` (same mutual TLS as the channel)."""
     bundles_url: str | None
@@ -99,6 +101,7 @@ class DsoConfig:
             max_calls=max_calls,
             events=limits,
             enrol=EnrolPolicy.parse(section(config, "enrol")),
+            previous_crl_file=path(revocation, "previous_crl_file", "revocation", base, None),
             bundles_dir=path(updates, "bundles_dir", "updates", base, None),
             bundles_url=get(updates, "base_url", str, "updates", None),
             cluster=ClusterConfig.from_table(section(config, "cluster"), base) if "cluster" in config else None,

@@ -36,11 +36,12 @@ from .. import SUBPROTOCOL, __version__
 from ..codes import CloseCode, RpcCode
 from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
-from ..revocation import CrlCache, RevocationError
+from ..revocation import RevocationError
 from ..session import RpcSession
 from ..tls import common_name, peer_certificate, server_context
 from .config import DsoConfig
 from .enrol import RENEWED, Enrolment
+from .rollover import crl_checks
 from .eventpolicy import EventRate, EventRefused, check_event
 from .cluster.backplane import Backplane
 from .cluster.edge import balanced_serve, client_address
@@ -124,7 +125,8 @@ class DsoServer:
         self.clock = clock
         """Seconds, for the event rate bound (tests drive it)."""
         self.ca_cert = x509.load_pem_x509_certificate(config.ca_file.read_bytes())
-        self.crl = CrlCache(config.crl_file, self.ca_cert, config.crl_grace)
+        # Both CAs' CRLs during a CA rollover (lmgw.dso.rollover).
+        self.crl = crl_checks(config.ca_file, config.crl_file, config.previous_crl_file, config.crl_grace)
         self.registry = GatewayRegistry()
         """This node's sessions; the back plane makes them known to the rest of the head-end."""
         self.events = EventLog(config.events_file, config.events.max_bytes_per_gateway)

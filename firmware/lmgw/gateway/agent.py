@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from datetime import datetime, timezone
@@ -29,7 +30,8 @@ from ..proxy import from_environment, redact
 from ..revocation import CrlCache
 from ..session import RpcSession
 from ..clock import Clock, SystemClock
-from ..codes import CloseCode
+from ..codes import CloseCode, RpcCode
+from ..jsonrpc import RpcError
 from ..tls import common_name
 from ..update import rauc
 from ..update.selfcheck import SelfCheck
@@ -38,6 +40,9 @@ from .config import GatewayConfig
 from .connection import Channel, ChannelState
 from .crlupdate import refresh_forever, seed_crl
 from .delivery import EventDelivery
+from .anchors import REFUSED as ANCHOR_REFUSED
+from .anchors import UPDATED as TRUST_UPDATED
+from .anchors import AnchorRefused, TrustStore, fingerprint
 from .identity import Identity, IdentityStore
 from .lm_methods import register_lm_methods
 from .outbox import Outbox
@@ -58,14 +63,16 @@ class GatewayAgent:
         self.device_cert = x509.load_pem_x509_certificate(config.cert_file.read_bytes())
         self.gateway_id = common_name(self.device_cert) or ""
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.crl = CrlCache(config.data_dir / "crl.der", self.ca_cert, config.crl_grace)
+        seed_crl(self.crl, config.ca_file.parent / "crl.der")
+        self.trust = TrustStore(config.data_dir / "trust", config.ca_file, self.crl, config.crl_grace)
         self.renewal = RenewalSettings.parse(config.raw)
         self.identities = IdentityStore(config.data_dir / "identity", self.gateway_id, config.cert_file,
-                                        config.key_file, config.ca_file, [self.ca_cert])
+                                        config.key_file, self.trust.bundle_file, self.trust.anchors)
         self.identity: Identity = self.identities.select(self._now())
         self.ssl = self.identities.context(self.identity)
         self._attempt_connected = False
-        self.crl = CrlCache(config.data_dir / "crl.der", self.ca_cert, config.crl_grace)
-        seed_crl(self.crl, config.ca_file.parent / "crl.der")
+        self._crl_tasks: list[asyncio.Task[None]] = []
         self.outbox = Outbox(config.data_dir / "outbox")
         self.delivery = EventDelivery(self.outbox)
         self.watchdog = Watchdog()
@@ -76,6 +83,9 @@ class GatewayAgent:
         self.renewer = Renewer(self.identities, self.renewal, self.clock, self.emit_event)
         if self.renewal.enabled:
             self.methods.add("cert.renew", self._renew)
+        self.methods.add("trust.update", self._trust_update, [
+            Param("anchor", str), Param("proof", str), Param("crl", str), Param("crl_url", str, required=False)])
+        self.methods.add("trust.retire", self._trust_retire, [Param("sha256", str)])
         # Load managers: built and registered here, the one place the agent wires them.
         self.lms = LmService.from_config(config.raw, config.data_dir, self.emit_event)
         register_lm_methods(self.methods, self.lms)
@@ -84,7 +94,8 @@ class GatewayAgent:
                                SelfCheck(self.device_cert, config.data_dir, lambda: self.crl.crl is not None))
         self.updater.register(self.methods)
         self.channel = Channel(
-            config, self.ssl, TrustChecks(self.ca_cert, self.crl, config.ocsp_url, self._proxy_for), self.methods,
+            config, self.ssl, TrustChecks(self.ca_cert, self.crl, config.ocsp_url, self._proxy_for,
+                                          issuers=lambda: [(i.cert, i.crl) for i in self.trust.issuers()]), self.methods,
             gateway_id=self.gateway_id, user_agent=USER_AGENT, hello=self._hello, on_connected=self._connected,
             report=self._report, proxy_for=self._proxy_for, status=self._channel_status)
 
@@ -155,6 +166,7 @@ class GatewayAgent:
             "lms": self.lms.describe(),
             "storage_problem": self.lms.storage_problem,
             "identity": {**self.identities.describe(self._now(), self.identity), "renewal": self._renewal_status()},
+            "trust_anchors": self.trust.describe(),
         }
 
     def _renewal_status(self) -> dict[str, Any]:
@@ -163,6 +175,46 @@ class GatewayAgent:
         return {"enabled": True, "next_attempt": datetime.fromtimestamp(self.renewer.due(self.identity),
                                                                          timezone.utc).isoformat(),
                 "last_error": self.renewer.last_error}
+
+    async def _trust_update(self, anchor: str, proof: str, crl: str, crl_url: str | None) -> dict[str, Any]:
+        """A new CA root, proven by a CA we trust (CA rollover): trusted beside the others from the next connection."""
+        try:
+            crl_der = base64.b64decode(crl, validate=True)
+            cert, new = self.trust.add(anchor.encode(), proof.encode(), crl_der, crl_url, self._now())
+        except (AnchorRefused, ValueError, OSError) as exc:
+            self._refuse_anchor(str(exc), "update")
+            raise RpcError(RpcCode.TRUST_REFUSED, f"trust anchor refused: {exc}") from None
+        if new:
+            self._trust_changed("added", cert)
+            if crl_url is not None:
+                self._start_crl_refresh()
+        return {"accepted": True, "new": new, "anchors": self.trust.describe()}
+
+    async def _trust_retire(self, sha256: str) -> dict[str, Any]:
+        try:
+            cert = self.trust.retire(sha256)
+        except (AnchorRefused, OSError) as exc:
+            raise RpcError(RpcCode.TRUST_REFUSED, f"trust anchor not retired: {exc}") from None
+        self._trust_changed("retired", cert)
+        return {"retired": fingerprint(cert), "anchors": self.trust.describe()}
+
+    def _refuse_anchor(self, reason: str, action: str) -> None:
+        log.error("trust anchor refused (%s): %s", action, reason)
+        self.emit_event(ANCHOR_REFUSED, {"reason": reason, "action": action})
+
+    def _trust_changed(self, change: str, cert: x509.Certificate) -> None:
+        """New TLS contexts with the current anchors from the next connection on; reported to the DSO."""
+        self.identities.forget_contexts()
+        log.info("trust anchor %s: %s (SHA-256 %s)", change, cert.subject.rfc4514_string(), fingerprint(cert))
+        self.emit_event(TRUST_UPDATED, {"change": change, "subject": cert.subject.rfc4514_string(),
+                                        "sha256": fingerprint(cert), "anchors": self.trust.describe()})
+
+    def _start_crl_refresh(self) -> None:
+        """Refresh the CRL of every added anchor that came with a URL (the factory CA's: ``[crl] url``)."""
+        for task in self._crl_tasks:
+            task.cancel()
+        self._crl_tasks = [asyncio.create_task(refresh_forever(cache, url, self._proxy_for(url), self.config.crl_refresh))
+                           for cache, url in self.trust.crl_urls()]
 
     async def _renew(self) -> dict[str, Any]:
         self.renewer.request()
@@ -184,13 +236,14 @@ class GatewayAgent:
                                                      self._proxy_for(self.config.crl_url or ""),
                                                      self.config.crl_refresh)),
                  asyncio.create_task(self.watchdog.run())]
+        self._start_crl_refresh()
         self.watchdog.ready()
         channel = asyncio.create_task(self.channel.run())
         try:
             await stop.wait()
         finally:
             await self.channel.stop(channel)
-            for task in tasks:
+            for task in tasks + self._crl_tasks:
                 task.cancel()
             await self.lms.stop()
             log.info("gateway %s stopped", self.gateway_id)

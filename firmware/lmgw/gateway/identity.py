@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
@@ -105,7 +106,7 @@ def _load_pair(file: Path) -> tuple[x509.Certificate, Any] | None:
 
 class IdentityStore:
     def __init__(self, directory: Path, gateway_id: str, factory_cert: Path, factory_key: Path, ca_file: Path,
-                 anchors: list[x509.Certificate]) -> None:
+                 anchors: Callable[[], list[x509.Certificate]]) -> None:
         self.directory = directory
         self.gateway_id = gateway_id
         self.factory = Identity(Role.FACTORY, factory_cert, factory_key,
@@ -133,7 +134,7 @@ class IdentityStore:
         pair = _load_pair(file)
         if pair is None:
             return None
-        problem = usable_problem(pair[0], pair[1], self.gateway_id, self.anchors, now)
+        problem = usable_problem(pair[0], pair[1], self.gateway_id, self.anchors(), now)
         if problem is not None:
             if self._warned != f"{file}:{problem}":  # one line per distinct problem, not per attempt
                 self._warned = f"{file}:{problem}"
@@ -167,6 +168,10 @@ class IdentityStore:
             "operational": Identity(Role.OPERATIONAL, self.operational_file, self.operational_file,
                                     operational[0]).describe() if operational else None,
         }
+
+    def forget_contexts(self) -> None:
+        """The trusted CAs changed (``ca_file`` rewritten): build the TLS contexts again."""
+        self._contexts.clear()
 
     def context(self, identity: Identity) -> ssl.SSLContext:
         """The TLS client context presenting ``identity`` (built once per pair)."""

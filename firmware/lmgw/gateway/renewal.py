@@ -178,7 +178,7 @@ class Renewer:
             answer = await session.call("cert.sign", {"csr": csr.decode()})
         except RpcError as exc:
             raise RenewalFailed(f"DSO refused cert.sign: {exc.message} ({int(exc.code)})") from None
-        chain = verify_issued(answer, key, self.store.gateway_id, self.store.anchors, self.now())
+        chain = verify_issued(answer, key, self.store.gateway_id, self.store.anchors(), self.now())
         try:
             self.store.install(key, chain, identity)
         except OSError as exc:

@@ -112,21 +112,34 @@ def unverified_server(verify_error: str, presented: x509.Certificate | None, ca_
                       details, key=f"{INVALID}:{details['presented_sha256']}:{verify_error}")
 
 
+Issuers = Callable[[], list[tuple[x509.Certificate, CrlCache]]]
+"""The trusted CAs, each with the CRL of its certificates (more than one during a CA rollover)."""
+
+
 class TrustChecks:
     """The async edge: CRL and OCSP on a verified DSO certificate, a diagnosis of an unverified one."""
 
     def __init__(self, ca_cert: x509.Certificate, crl: CrlCache, ocsp_url: str | None,
                  proxy_for: Callable[[str], str | None],
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 issuers: Issuers | None = None) -> None:
         self.ca_cert = ca_cert
         self.crl = crl
         self.ocsp_url = ocsp_url
         self.proxy_for = proxy_for
         self.clock = clock
+        self.issuers: Issuers = issuers or (lambda: [(self.ca_cert, self.crl)])
+
+    def _issuer(self, certificate: x509.Certificate) -> tuple[x509.Certificate, CrlCache]:
+        """The trusted CA that signed ``certificate`` and its CRL (the first one if none did)."""
+        issuers = self.issuers()
+        return next((i for i in issuers if signed_by(certificate, i[0])), issuers[0])
 
     async def check(self, certificate: x509.Certificate) -> None:
-        """Raise ``DsoRefused`` unless the (TLS-verified) DSO certificate is known not revoked."""
-        refusal = crl_refusal(certificate, self.crl, self.clock())
+        """Raise ``DsoRefused`` unless the (TLS-verified) DSO certificate is known not revoked by the CRL
+        (and OCSP responder) of the CA that issued it."""
+        ca_cert, crl = self._issuer(certificate)
+        refusal = crl_refusal(certificate, crl, self.clock())
         if refusal is not None:
             raise refusal
         if self.ocsp_url is None:
@@ -134,7 +147,7 @@ class TrustChecks:
         # OCSP knows of a revocation before the next CRL does; if the responder cannot be
         # reached the CRL (checked above) decides, so an OCSP outage cuts nobody off.
         try:
-            status = await ocsp_status(self.ocsp_url, certificate, self.ca_cert, timeout=OCSP_TIMEOUT,
+            status = await ocsp_status(self.ocsp_url, certificate, ca_cert, timeout=OCSP_TIMEOUT,
                                        proxy=self.proxy_for(self.ocsp_url))
         except (OSError, RevocationError, ValueError) as exc:
             log.warning("OCSP check of the DSO certificate at %s failed, the CRL decides: %s", self.ocsp_url, exc)
@@ -146,4 +159,5 @@ class TrustChecks:
     async def diagnose(self, exc: ssl.SSLCertVerificationError, url: str, proxy: str | None) -> DsoRefused:
         """What the failed verification means, from the certificate the other end presents."""
         presented = await presented_certificate(url, proxy)
-        return unverified_server(str(exc.verify_message), presented, self.ca_cert, proxy)
+        ca_cert = self._issuer(presented)[0] if presented is not None else self.issuers()[0][0]
+        return unverified_server(str(exc.verify_message), presented, ca_cert, proxy)

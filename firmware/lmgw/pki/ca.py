@@ -239,6 +239,29 @@ class CertificateAuthority:
         issued = self._issue("update-signer", name, key.public_key(), [ExtendedKeyUsageOID.CODE_SIGNING], start, end)
         return Issued(issued.common_name, issued.serial, issued.cert_pem, _pem_key(key))
 
+    def cross_certify(self, successor: x509.Certificate) -> Issued:
+        """CA rollover: certify the successor CA's name and key with this CA's key.  Gateways that trust this CA
+        check the successor's root with it (``trust.update``) before they trust it."""
+        not_after = min(self.cert.not_valid_after_utc, successor.not_valid_after_utc)
+        start = _now() - BACKDATE
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(successor.subject).issuer_name(self.cert.subject).public_key(successor.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(successor.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        name = successor.subject.rfc4514_string()
+        self.inventory.record(cert.serial_number, "cross", name, start, not_after, pem)
+        return Issued(name, cert.serial_number, pem)
+
     # -- revoke -------------------------------------------------------------------
 
     def revoke(self, *, gateway_id: str | None = None, serial: int | None = None, reason: str = "unspecified") -> list[int]:

@@ -8,6 +8,7 @@
     lmgw-pki crl --days 7
     lmgw-pki list [--json]                                       # with which certificate replaced which
     lmgw-pki expiring --days 30                                  # gateways whose certificates end soon
+    lmgw-pki rollover --new-dir /srv/lmgw-ca-2 --name "ACME DSO LMGW CA 2"   # successor CA + cross.crt
     lmgw-pki serve --host 0.0.0.0 --port 8080                    # CRL and OCSP over HTTP
     lmgw-pki update-signer --name "LMGW update signing" --out-key u.key --out-cert u.crt
 """
@@ -20,6 +21,8 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+
+from cryptography import x509
 
 from ..atomicfile import write_atomically
 from ..logsetup import configure
@@ -74,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     crl.add_argument("--days", type=int, default=7)
     listing = c.add_parser("list", help="inventory of issued and revoked certificates")
     listing.add_argument("--json", action="store_true")
+    rollover = c.add_parser("rollover", help="create the successor CA in --new-dir and cross-certify it (cross.crt)")
+    rollover.add_argument("--new-dir", type=Path, required=True)
+    rollover.add_argument("--name", required=True, help="the successor CA's name (different from this CA's)")
+    rollover.add_argument("--days", type=int, default=3650)
     expiring = c.add_parser("expiring", help="gateways whose newest live certificate ends within --days")
     expiring.add_argument("--days", type=float, default=30)
     expiring.add_argument("--json", action="store_true")
@@ -128,6 +135,14 @@ def run(args: argparse.Namespace) -> None:
             replaced = f"  replaces {row['replaces']}" if row.get("replaces") else ""
             print(f"{row['serial']:<42} {row['kind']:<14} {row['common_name']:<24} until {row['not_after'][:10]}  "
                   f"{state}{replaced}")
+    elif args.command == "rollover":
+        if x509.Name.from_rfc4514_string(f"CN={args.name}") == ca.cert.subject:
+            raise PkiError("the successor CA needs a name of its own: gateways tell the CAs apart by name and key")
+        successor = CertificateAuthority.create(args.new_dir, name=args.name, days=args.days)
+        cross = ca.cross_certify(successor.cert)
+        write_atomically(args.new_dir / "cross.crt", cross.cert_pem)
+        print(f"created CA {successor.cert.subject.rfc4514_string()} in {args.new_dir}; "
+              f"cross-certificate {cross.serial:x} by {ca.cert.subject.rfc4514_string()} in {args.new_dir / 'cross.crt'}")
     elif args.command == "expiring":
         soon = ca.expiring(timedelta(days=args.days))
         if args.json:
