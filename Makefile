@@ -89,6 +89,12 @@ bench: deps
 bench-wire: deps
 	$(PY) tests/bench/bench_wire.py
 
+# Gateway + DSO + LM simulator at 40 calls/s with a network cut and a DSO restart; RSS, fds and tasks
+# of both processes every minute (SOAK_MINUTES=60, SOAK_SAMPLE_S=60; SOAK_WORK=<dir> keeps the logs).
+.PHONY: soak
+soak: deps
+	$(PY) tests/bench/soak.py
+
 # The head-end as a cluster on this machine (docs/fleet.md): 3 nats-servers, 3 DSO nodes, HAProxy; Ctrl-C stops them.
 .PHONY: fleet bench-fleet
 fleet: deps

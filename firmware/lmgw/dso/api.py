@@ -3,7 +3,8 @@
 One request per connection: ``{"op": "list"}``, ``{"op": "call", "gateway":
 ..., "method": ..., "params": {...}, "timeout": s}``, ``{"op": "revoke",
 "gateway": ..., "reason": ...}``, ``{"op": "events", "gateway": ...}``,
-``{"op": "expiring", "days": 30}`` (gateways whose certificate in use ends within that many days).
+``{"op": "expiring", "days": 30}`` (gateways whose certificate in use ends within that many days), ``{"op": "stats"}`` (the DSO process's RSS,
+open files and asyncio tasks).
 The answer is ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
 {"code": ..., "message": ...}}``.  The socket is created mode 0600: only the
 operator account can use it.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jsonrpc import RpcError
+from ..procstats import process_stats
 from .server import DsoServer
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ async def _operation(server: DsoServer, request: dict[str, Any]) -> Any:
         return await server.backplane.gateways()  # in a cluster: every node's gateways
     if op == "events":
         return await server.backplane.events(request.get("gateway"))
+    if op == "stats":
+        return process_stats()
     if op == "expiring":
         days = request.get("days", 30)
         if isinstance(days, bool) or not isinstance(days, (int, float)) or days < 0:
