@@ -156,11 +156,16 @@ class LocalFleet:
 
     def start(self) -> LocalFleet:
         sys.path.insert(0, str(REPO / "qemu"))
-        from dso_side import make_pki
+        from dso_side import Pki, make_pki
 
         self.workdir.mkdir(parents=True, exist_ok=True)
+        ca_dir = self.workdir / "ca"
+        if self.pki is None and (ca_dir / "ca.crt").exists():  # a rerun keeps the CA and fleetsim's certificates
+            from lmgw.pki.ca import CertificateAuthority
+
+            self.pki = Pki(ca_dir, CertificateAuthority.open(ca_dir), ca_dir / "dso.key", ca_dir / "dso.crt")
         if self.pki is None:
-            self.pki = make_pki(self.workdir / "ca")
+            self.pki = make_pki(ca_dir)
         for i in range(1, self.nats_count + 1):
             self.start_nats(i)
         for i in range(1, self.node_count + 1):

@@ -26,6 +26,8 @@ from .server import DsoServer
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1024 * 1024
+MAX_ANSWER = 256 * 1024 * 1024
+"""An answer is one line: a cluster's listing of 10,000 gateways is ~3 MiB (docs/fleet.md)."""
 
 
 class ApiError(Exception):
@@ -89,7 +91,7 @@ async def start_api(server: DsoServer, socket_path: Path) -> asyncio.AbstractSer
 
 async def request(socket_path: Path, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     """Send one operator request and return the decoded answer."""
-    reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=MAX_REQUEST)
+    reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=MAX_ANSWER)
     try:
         writer.write(json.dumps(message).encode() + b"\n")
         await writer.drain()
