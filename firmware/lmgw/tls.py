@@ -120,3 +120,16 @@ def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> x509.C
 def common_name(certificate: x509.Certificate) -> str | None:
     names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(names[0].value) if names else None
+
+
+NO_CHECK_TIME = 0x200000
+"""OpenSSL's X509_V_FLAG_NO_CHECK_TIME, which Python's ``ssl`` does not name."""
+
+
+def time_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """Gateway side, only for the request that fetches a signed time statement (``lmgw.timestatement``): the
+    channel's checks except certificate validity periods, since the clock is what is in question.  Never used
+    for the channel itself; the statement is verified on its own before it sets any clock."""
+    context = client_context(ca_file, cert_file, key_file)
+    context.verify_flags |= NO_CHECK_TIME
+    return context

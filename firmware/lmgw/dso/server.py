@@ -42,6 +42,7 @@ from ..tls import common_name, peer_certificate, server_context
 from .config import DsoConfig
 from .enrol import RENEWED, Enrolment
 from .rollover import crl_checks
+from .timeservice import TIME_PATH, TimeService
 from .eventpolicy import EventRate, EventRefused, check_event
 from .cluster.backplane import Backplane
 from .cluster.edge import balanced_serve, client_address
@@ -133,6 +134,8 @@ class DsoServer:
         self.event_rate = EventRate(config.events)
         self.enrol = Enrolment(config.enrol, config.ca_dir, clock)
         """``cert.sign``, the factory-identity policy, superseded certificates."""
+        self.time_service = TimeService(config.cert_file, config.key_file)
+        """Signed time statements for gateways that have no other trusted time (``GET /time``)."""
         self.backplane = self._backplane()
         self._server: Server | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -209,6 +212,8 @@ class DsoServer:
         except RevocationError as exc:
             log.warning("refused gateway %s from %s serial=%x: %s", gateway_id, remote, certificate.serial_number, exc)
             return connection.respond(403, f"{exc}\n")
+        if request.path.split("?")[0] == TIME_PATH:
+            return connection.respond(*self.time_service.answer(request.path))
         if request.path.startswith(BUNDLE_PATH):
             return await self._bundle(connection, request.path[len(BUNDLE_PATH):], gateway_id)
         return None

@@ -29,10 +29,10 @@ from ..modbus.service import LmService
 from ..proxy import from_environment, redact
 from ..revocation import CrlCache
 from ..session import RpcSession
-from ..clock import Clock, SystemClock
+from ..clock import Clock, SystemClock, build_date
 from ..codes import CloseCode, RpcCode
 from ..jsonrpc import RpcError
-from ..tls import common_name
+from ..tls import common_name, time_context
 from ..update import rauc
 from ..update.selfcheck import SelfCheck
 from ..update.updater import Updater
@@ -47,6 +47,7 @@ from .identity import Identity, IdentityStore
 from .lm_methods import register_lm_methods
 from .outbox import Outbox
 from .renewal import RENEWED, Renewer, RenewalSettings
+from .timesync import TimeSettings, TimeSync, run_helper
 from .trust import DsoRefused, TrustChecks
 from .watchdog import Watchdog
 
@@ -73,6 +74,11 @@ class GatewayAgent:
         self.ssl = self.identities.context(self.identity)
         self._attempt_connected = False
         self._crl_tasks: list[asyncio.Task[None]] = []
+        self.time = TimeSync(TimeSettings.parse(config.raw), config.url, config.data_dir, self.clock,
+                             tls=lambda: time_context(self.trust.bundle_file, self.identity.cert_file,
+                                                      self.identity.key_file),
+                             proxy=lambda: self._proxy_for(config.url), anchors=self.trust.anchors,
+                             revoked=self._revoked, floor=build_date, emit=self.emit_event, apply=self._set_clock)
         self.outbox = Outbox(config.data_dir / "outbox")
         self.delivery = EventDelivery(self.outbox)
         self.watchdog = Watchdog()
@@ -167,7 +173,18 @@ class GatewayAgent:
             "storage_problem": self.lms.storage_problem,
             "identity": {**self.identities.describe(self._now(), self.identity), "renewal": self._renewal_status()},
             "trust_anchors": self.trust.describe(),
+            "time_from_dso": self.time.last_result if self.time.settings.from_dso else "off",
         }
+
+    def _revoked(self, serial: int) -> bool:
+        """On a CRL of a trusted CA, whatever the CRL's dates (for the time statement's signer)."""
+        return any(i.crl.crl is not None and i.crl.crl.get_revoked_certificate_by_serial_number(serial) is not None
+                   for i in self.trust.issuers())
+
+    async def _set_clock(self, answer: dict[str, Any], nonce: str) -> None:
+        if not self.time.settings.set_command:
+            raise OSError("the clock is off but no [time] set_command is configured to set it")
+        await run_helper(self.time.settings.set_command, self.time.request_file)
 
     def _renewal_status(self) -> dict[str, Any]:
         if not self.renewal.enabled:
@@ -237,6 +254,8 @@ class GatewayAgent:
                                                      self.config.crl_refresh)),
                  asyncio.create_task(self.watchdog.run())]
         self._start_crl_refresh()
+        if self.time.settings.from_dso:
+            tasks.append(asyncio.create_task(self.time.run()))
         self.watchdog.ready()
         channel = asyncio.create_task(self.channel.run())
         try:

@@ -1,0 +1,152 @@
+"""Trusted time over the channel (issue 10, item 6): a nonce-bound time statement signed by the DSO.
+
+Real DSO, real TLS (with the DSO's certificate expired by the real clock, as it looks to a gateway whose clock
+is ahead), the privileged helper as a real process in --dry-run (the host's clock is never set by the tests);
+the gateway's clock is a ManualClock a year behind.  What the QEMU guest with ``-rtc base=`` adds is left to
+the QEMU tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from conftest import gateway_config, running_dso, running_gateway, wait_until
+from lmgw.clock import ManualClock
+from lmgw.gateway.timesync import TimeSettings, TimeSync
+from lmgw.timestatement import TimeRefused, make_statement, new_nonce, verify_statement
+from lmgw.tls import client_context, time_context
+
+YEAR = 365 * 86400.0
+EPOCH = datetime.fromtimestamp(0, timezone.utc)
+
+
+def server_pair(ca, *, not_before, not_after, usage=ExtendedKeyUsageOID.SERVER_AUTH):
+    """A DSO key and certificate with chosen dates (e.g. expired by the real clock)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dso")])).issuer_name(ca.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    return key, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_statement_forged_replayed_backwards_or_from_a_non_dso_refused(pki, other_pki):
+    now = datetime.now(timezone.utc)
+    key, chain = server_pair(pki.ca, not_before=now - timedelta(days=1), not_after=now + timedelta(days=1))
+    nonce = new_nonce()
+    good = make_statement(nonce, now.timestamp(), key, chain)
+    assert abs(verify_statement(good, nonce, [pki.ca.cert], EPOCH, lambda s: False) - now) < timedelta(seconds=1)
+    forged_key, forged_chain = server_pair(other_pki.ca, not_before=now, not_after=now + timedelta(days=1))
+    gateway_key, gateway_chain = server_pair(pki.ca, not_before=now, not_after=now + timedelta(days=1),
+                                             usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    tampered = dict(good, statement=base64.b64encode(
+        base64.b64decode(good["statement"]).replace(b'"time":', b'"time":1')).decode())
+    cases = {
+        "not certified by a trusted CA": (make_statement(nonce, now.timestamp(), forged_key, forged_chain), EPOCH),
+        "signature does not verify": (dict(good, certificate=chain.decode()) | {"signature": make_statement(
+            nonce, now.timestamp() + 9, key, chain)["signature"]}, EPOCH),
+        "a replay": (make_statement(new_nonce(), now.timestamp(), key, chain), EPOCH),
+        "never goes back": (good, now + timedelta(seconds=1)),
+        "not a DSO": (make_statement(nonce, now.timestamp(), gateway_key, gateway_chain), EPOCH),
+        "does not verify": (tampered, EPOCH),
+        "malformed": ({"statement": "!", "signature": "", "certificate": ""}, EPOCH),
+    }
+    for reason, (answer, floor) in cases.items():
+        with pytest.raises(TimeRefused, match=reason):
+            verify_statement(answer, nonce, [pki.ca.cert], floor, lambda s: False)
+    with pytest.raises(TimeRefused, match="revoked"):
+        verify_statement(good, nonce, [pki.ca.cert], EPOCH, lambda s: True)
+
+
+def helper(request, pki, tmp_path, *extra):
+    """The privileged helper as a real process, in --dry-run."""
+    (tmp_path / "build-date").write_text("2026-01-01T00:00:00+00:00\n")
+    return subprocess.run([sys.executable, "-m", "lmgw.settime", str(request), "--anchors", str(pki.ca_cert),
+                           "--state", str(tmp_path / "settime-state.json"), "--crl", str(pki.crl),
+                           "--build-date-file", str(tmp_path / "build-date"), "--dry-run", *extra],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_time_from_a_dso_whose_certificate_the_wrong_clock_calls_expired(pki, tmp_path):
+    """A gateway clock a year ahead sees every DSO certificate as expired: here the DSO's certificate really
+    is expired by the host's clock, so only the time request (validity set aside) can pass; the statement
+    then goes through the helper, which checks it again on its own."""
+    now = datetime.now(timezone.utc)
+    key, chain = server_pair(pki.ca, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1))
+    pki.dso_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    pki.dso_cert.write_bytes(chain)
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-T", dso.port)
+            gateway_key, gateway_cert = config["dso"]["key_file"], config["dso"]["cert_file"]
+            clock = ManualClock(time.time() - YEAR)
+            applied = []
+
+            async def apply(answer, nonce):
+                applied.append((answer, nonce))
+
+            sync = TimeSync(TimeSettings(from_dso=True), f"wss://localhost:{dso.port}/", tmp_path / "data-GW-T", clock,
+                            tls=lambda: time_context(pki.ca_cert, gateway_cert, gateway_key), proxy=lambda: None,
+                            anchors=lambda: [pki.ca.cert], revoked=lambda s: False, floor=lambda: None,
+                            emit=lambda kind, details: None, apply=apply)
+            when = await sync.sync_once()
+            assert abs(when.timestamp() - time.time()) < 60 and len(applied) == 1
+            request = sync.request_file
+            done = await asyncio.to_thread(helper, request, pki, tmp_path)
+            assert done.returncode == 0 and "would set clock to" in done.stdout, done.stderr
+            # the statement offered for another nonce (an old answer replayed): refused
+            original = json.loads(request.read_text())
+            request.write_text(json.dumps({"nonce": new_nonce(), "answer": original["answer"]}))
+            refused = await asyncio.to_thread(helper, request, pki, tmp_path)
+            assert refused.returncode == 2 and "replay" in refused.stderr and "Traceback" not in refused.stderr
+            # a floor after the stated time: the helper never moves the clock back
+            request.write_text(json.dumps(original))
+            (tmp_path / "settime-state.json").write_text(json.dumps({"last_good": time.time() + YEAR}))
+            backwards = await asyncio.to_thread(helper, request, pki, tmp_path)
+            assert backwards.returncode == 2 and "never goes back" in backwards.stderr
+            # the same DSO on the channel itself: refused, its certificate is expired
+            with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
+                await asyncio.open_connection("localhost", dso.port,
+                                              ssl=client_context(pki.ca_cert, gateway_cert, gateway_key))
+    asyncio.run(scenario())
+
+
+def test_gateway_a_year_behind_sets_its_clock_from_the_dso(pki, tmp_path):
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-Y", dso.port)
+            (tmp_path / "build-date").write_text("2026-01-01T00:00:00+00:00\n")
+            config["time"] = {"from_dso": True}
+            clock = ManualClock(time.time() - YEAR)
+            async with running_gateway(config, tmp_path, clock=clock) as gw:
+                gw.time.settings = TimeSettings(from_dso=True, set_command=(
+                    sys.executable, "-m", "lmgw.settime", "--anchors", str(pki.ca_cert), "--state",
+                    str(tmp_path / "settime-state.json"), "--build-date-file", str(tmp_path / "build-date"), "--dry-run"))
+
+                def time_set():
+                    clock.advance(400)  # past any retry delay of an attempt made before the helper was configured
+                    return [r for r in dso.events.read("GW-Y") if r["event"]["kind"] == "time.set"]
+                await wait_until(time_set, 30, "time.set event")
+                event = [r for r in dso.events.read("GW-Y") if r["event"]["kind"] == "time.set"][0]["event"]
+                assert event["details"]["offset_s"] > YEAR / 2  # the test moved the gateway clock on a little
+                status = await dso.call("GW-Y", "gw.status", {})
+                assert status["time_from_dso"].startswith("ok at")
+    asyncio.run(scenario())
