@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from .tls import signed_by
+
 VERSION = 1
 NONCE_BYTES = 32
 MAX_STATEMENT_BYTES = 16 * 1024
@@ -59,14 +61,6 @@ def make_statement(nonce: str, now: float, key: ec.EllipticCurvePrivateKey, chai
             "certificate": chain_pem.decode()}
 
 
-def _signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def verify_statement(answer: Any, nonce: str, anchors: list[x509.Certificate], floor: datetime,
                      revoked: Callable[[int], bool]) -> datetime:
     """The time the DSO vouched for, or ``TimeRefused``."""
@@ -80,7 +74,7 @@ def verify_statement(answer: Any, nonce: str, anchors: list[x509.Certificate], f
     except ValueError as exc:
         raise TimeRefused(f"malformed time statement: {exc}") from None
     signer = chain[0]
-    if not any(_signed_by(signer, anchor) for anchor in anchors):
+    if not any(signed_by(signer, anchor) for anchor in anchors):
         raise TimeRefused(f"statement signer {signer.subject.rfc4514_string()} is not certified by a trusted CA")
     try:
         usage = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from . import OPENSSL_POLICY
 from .config import ConfigError
@@ -115,6 +116,15 @@ def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> x509.C
         return None
     der = ssl_object.getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der) if der else None
+
+
+def signed_by(certificate: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """True if ``ca_cert``'s key signed ``certificate`` (a copied issuer name is not enough)."""
+    try:
+        certificate.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def common_name(certificate: x509.Certificate) -> str | None:

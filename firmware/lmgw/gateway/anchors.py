@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from ..atomicfile import write_atomically
 from ..revocation import CrlCache, RevocationError
-from .trust import signed_by
+from ..tls import signed_by
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..atomicfile import write_atomically
-from ..tls import client_context, common_name
-from .trust import signed_by
+from ..tls import client_context, common_name, signed_by
 
 log = logging.getLogger(__name__)
 

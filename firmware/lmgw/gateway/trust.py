@@ -20,10 +20,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
 from ..proxy import redact
+from ..tls import signed_by as signed_by  # re-exported: tests and older callers import it from here
 from ..revocation import CrlCache, RevocationError, ocsp_status
 from .interception import presented_certificate
 
@@ -53,15 +53,6 @@ class DsoRefused(Exception):
 
     def __str__(self) -> str:
         return self.reason
-
-
-def signed_by(certificate: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    """True if ``ca_cert``'s key signed ``certificate`` (a copied issuer name is not enough)."""
-    try:
-        certificate.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _fingerprint(certificate: x509.Certificate) -> str:
