@@ -37,6 +37,8 @@ from lmgw.dso.cluster import wire  # noqa: E402
 GATEWAYS = int(os.environ.get("LMGW_FLEET_GATEWAYS", "3000"))
 PER_PROCESS = int(os.environ.get("LMGW_FLEET_PER_PROCESS", "2500"))
 INFLIGHT = int(os.environ.get("LMGW_FLEET_INFLIGHT", "100"))
+RATE = float(os.environ.get("LMGW_FLEET_RATE", "20"))
+"""New connections a second per fleetsim process at start (a gentler start than a reconnect storm)."""
 CALLS = int(os.environ.get("LMGW_FLEET_CALLS", "10000"))
 CONNECT_LIMIT = float(os.environ.get("LMGW_FLEET_CONNECT_S", "600"))
 PHASE_LIMIT = 120.0
@@ -54,9 +56,22 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
 
 
-async def listed(fleet: LocalFleet) -> dict[str, dict[str, Any]]:
-    answer = await fleet.api(1, {"op": "list"}, timeout=120)
-    return {g["gateway_id"]: g for g in answer.get("result", [])}
+async def listed(nc: Any) -> dict[str, dict[str, Any]]:
+    """The presence bucket read directly (what ``lmgw-dso gateways`` shows), not through a busy node."""
+    kv = await nc.jetstream(timeout=30).key_value(wire.PRESENCE_BUCKET)
+    found: dict[str, dict[str, Any]] = {}
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        async with asyncio.timeout(PHASE_LIMIT):
+            async for update in watcher:
+                if update is None:
+                    break
+                if update.value:
+                    value = wire.decode(update.value)
+                    found[str(value.get("gateway_id"))] = value
+    finally:
+        await watcher.stop()
+    return found
 
 
 async def routed_calls(nc: Any, ids: list[str], count: int, method: str, params: dict[str, Any]) -> tuple[float, list[float], int]:
@@ -113,11 +128,15 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
     nodes = {i: fleet.procs[f"node{i}"].pid for i in (1, 2, 3)}
     deadline = connect_started + CONNECT_LIMIT
     gateways: dict[str, dict[str, Any]] = {}
+    nc = await nats.connect(fleet.nats_urls)
     while time.monotonic() < deadline:
-        gateways = await listed(fleet)
+        try:
+            gateways = await listed(nc)
+        except (nats.errors.Error, TimeoutError) as exc:
+            print(f"bench-fleet: listing failed ({exc or type(exc).__name__}), trying again", flush=True)
         if len(gateways) >= GATEWAYS:
             break
-        await asyncio.sleep(2)
+        await asyncio.sleep(5)
     connect_s = time.monotonic() - connect_started
     per_node = {i: sum(1 for g in gateways.values() if g["node"] == f"node{i}") for i in nodes}
     line("gateways connected across the cluster", f"{len(gateways)} of {GATEWAYS} in {connect_s:.0f} s",
@@ -129,7 +148,6 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
         line(f"memory, node{i}", f"{kib / 1024:.0f} MiB RSS, "
              f"{(kib - baseline[i]) / max(per_node[i], 1):.0f} KiB/gateway above the idle node")
 
-    nc = await nats.connect(fleet.nats_urls)
     try:
         ids = sorted(gateways)
         seconds, latencies, failures = await routed_calls(nc, ids, CALLS, "lm.read", {"lm": "lm1"})
@@ -199,7 +217,7 @@ def main() -> int:
             sims.append(subprocess.Popen(
                 [sys.executable, "-m", "lmgw.fleetsim.cli", "--ca-dir", str(fleet.workdir / "ca"),
                  "--url", f"wss://localhost:{fleet.lb_port}/", "--count", str(count), "--first", str(first),
-                 "--rate", "60", "--seconds", str(CONNECT_LIMIT + 6 * PHASE_LIMIT)],
+                 "--rate", str(RATE), "--seconds", str(CONNECT_LIMIT + 6 * PHASE_LIMIT)],
                 stdout=log, stderr=subprocess.STDOUT))
         print(f"bench-fleet: {GATEWAYS} simulated gateways in {len(sims)} processes through HAProxy to 3 nodes",
               flush=True)
