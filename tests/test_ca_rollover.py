@@ -75,7 +75,7 @@ def test_crl_set_honours_every_ca_s_crl(pki, successor, tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def dso_step(tmp_path, port, name, *, ca_file, cert, key, crl, previous_crl, ca_dir):
+async def dso_step(tmp_path, port, name, *, ca_file, cert, key, crl, previous_crl, ca_dir, enrol=None, rollover=None):
     """The DSO as the runbook configures it at one step of the rollover."""
     from lmgw.dso.config import DsoConfig
     from lmgw.dso.server import DsoServer
@@ -86,7 +86,8 @@ async def dso_step(tmp_path, port, name, *, ca_file, cert, key, crl, previous_cr
         "revocation": {"crl_file": crl, "ca_dir": ca_dir, **({"previous_crl_file": previous_crl} if previous_crl else {})},
         "api": {"socket": tmp_path / f"dso-{name}.sock", "events_file": tmp_path / "dso-events.jsonl"},
         "channel": {"call_timeout": 5},
-        "enrol": {"min_interval": 0, "lifetime": 3600},
+        "enrol": {"min_interval": 0, "lifetime": 3600, **(enrol or {})},
+        **({"rollover": rollover} if rollover else {}),
     })
     server = DsoServer(DsoConfig.load(config))
     await server.start()
@@ -168,4 +169,36 @@ def test_ca_rollover_end_to_end_with_a_connected_gateway(pki, other_pki, success
                                 ca_dir=successor.directory) as dso:
                 await wait_until(lambda: issuer_of(dso, "GW-ROLL"), 20, "reconnection after the rollover")
                 assert gw.trust.anchors() == [successor.cert]
+    asyncio.run(scenario())
+
+
+def test_gateway_off_during_the_whole_overlap_recovers_through_its_factory_identity(pki, successor, tmp_path):
+    """After the overlap the DSO presents a new-CA certificate with the cross-certificate as its chain (the old
+    root's pathLen allows it), still admits old-CA factory identities only to renew, and gives the new root to
+    every gateway whose hello shows it lacks it: a gateway that missed everything comes back by itself."""
+    server = successor.issue_server("dso", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    (tmp_path / "dso2.key").write_bytes(server.key_pem)
+    (tmp_path / "dso2-chain.crt").write_bytes(server.cert_pem + (tmp_path / "ca2" / "cross.crt").read_bytes())
+    bundle = tmp_path / "both-roots.pem"
+    bundle.write_bytes(successor.cert_pem + pki.ca.cert_pem)
+
+    async def scenario():
+        port = free_port()
+        config = gateway_config(pki, tmp_path, "GW-LATE", port)  # trusts the old root only, holds a factory pair
+        config["identity"] = {"renew": True, "retry_min": 1, "retry_max": 2}
+        async with dso_step(tmp_path, port, "late", ca_file=bundle, cert=tmp_path / "dso2-chain.crt",
+                            key=tmp_path / "dso2.key", crl=successor.directory / "crl.der", previous_crl=pki.crl,
+                            ca_dir=successor.directory, enrol={"factory_sessions": "renew_only"},
+                            rollover={"anchor": successor.cert_path, "proof": tmp_path / "ca2" / "cross.crt",
+                                      "crl_file": successor.directory / "crl.der"}) as dso:
+            clock = ManualClock(time.time())
+            async with running_gateway(config, tmp_path, clock=clock) as gw:
+                def renewed():
+                    clock.advance(5)  # past the retry delay of a renewal tried before the new root arrived
+                    entry = issuer_of(dso, "GW-LATE")
+                    return entry and gw.identity.cert.issuer == successor.cert.subject and entry
+                entry = await wait_until(renewed, 30, "operational certificate from the new CA")
+                assert entry.serial == gw.identity.serial
+                assert fingerprint(successor.cert) in [fingerprint(c) for c in gw.trust.anchors()]
+                assert await dso.call("GW-LATE", "lm.list", {}) == {"lms": []}
     asyncio.run(scenario())

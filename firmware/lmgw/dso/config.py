@@ -10,6 +10,7 @@ from ..config import ConfigError, get, load_toml, path, section
 from ..jsonrpc import MAX_SERVING
 from .cluster.config import ClusterConfig, balancer_addresses
 from .enrol import EnrolPolicy
+from .rollover import AnchorPush
 from .eventpolicy import EventLimits
 
 
@@ -44,6 +45,8 @@ class DsoConfig:
     """``[enrol]``: operational certificate lifetime, signing rate, factory-identity policy."""
     previous_crl_file: Path | None
     """During a CA rollover, the old CA's CRL (``[tls] ca_file`` then holds both roots, the new one first)."""
+    anchor_push: AnchorPush | None
+    """``[rollover]``: the new root given to every gateway whose hello shows it lacks it."""
     bundles_dir: Path | None
     """Firmware bundles served to gateways at ``/bundles/<file>`` (same mutual TLS as the channel)."""
     bundles_url: str | None
@@ -102,6 +105,7 @@ class DsoConfig:
             events=limits,
             enrol=EnrolPolicy.parse(section(config, "enrol")),
             previous_crl_file=path(revocation, "previous_crl_file", "revocation", base, None),
+            anchor_push=AnchorPush.parse(section(config, "rollover"), base),
             bundles_dir=path(updates, "bundles_dir", "updates", base, None),
             bundles_url=get(updates, "base_url", str, "updates", None),
             cluster=ClusterConfig.from_table(section(config, "cluster"), base) if "cluster" in config else None,

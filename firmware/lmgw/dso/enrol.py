@@ -18,9 +18,10 @@ its handshake is refused (HTTP 403).
 
 ``[enrol] factory_sessions``: ``"renew_only"`` admits a session with the
 factory certificate only to renew (``gw.hello``, ``gw.event``, ``gw.ping``,
-``cert.sign``; the DSO may call ``gw.status``, ``gw.ping``, ``cert.renew``):
-any other call, such as an LM command, gets ``IDENTITY_RESTRICTED`` until the
-gateway reconnects with an operational certificate.  ``"full"`` (the
+``cert.sign``; the DSO may call ``gw.status``, ``gw.ping``, ``cert.renew``,
+``trust.update``): any other call, such as an LM command, gets
+``IDENTITY_RESTRICTED`` until the gateway reconnects with an operational
+certificate.  ``"full"`` (the
 default while a fleet has no operational certificates yet) serves it fully.
 """
 
@@ -45,7 +46,7 @@ from ..pki.ca import OPERATIONAL_DAYS, CertificateAuthority, PkiError, is_operat
 log = logging.getLogger(__name__)
 
 FACTORY_POLICIES = ("full", "renew_only")
-FACTORY_ALLOWED_CALLS = frozenset({"gw.status", "gw.ping", "cert.renew"})
+FACTORY_ALLOWED_CALLS = frozenset({"gw.status", "gw.ping", "cert.renew", "trust.update"})
 """What the DSO may call on a factory-identity session under ``renew_only``."""
 MAX_CSR_BYTES = 16 * 1024
 RENEWED = "cert.renewed"

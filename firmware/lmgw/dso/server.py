@@ -279,6 +279,22 @@ class DsoServer:
         if self.registry.get(entry.gateway_id) is entry:
             self._close_in_background(entry.session.connection, code, reason)
 
+    def _push_anchor(self, gateway_id: str) -> None:
+        """CA rollover: give the new root to a gateway whose hello shows it lacks it (after the hello is answered)."""
+        push = self.config.anchor_push
+        assert push is not None
+
+        async def give() -> None:
+            try:
+                await self.call(gateway_id, "trust.update", push.params())
+                log.info("gateway %s now trusts the new root %s", gateway_id, push.sha256[:16])
+            except (RpcError, LookupError, OSError) as exc:
+                log.warning("gateway %s: new root not given: %s", gateway_id, getattr(exc, "message", exc))
+
+        task = asyncio.create_task(give())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _close_in_background(self, connection: Connection, code: CloseCode, reason: str) -> None:
         task = asyncio.create_task(connection.close(code, reason))
         self._closing.add(task)
@@ -295,6 +311,8 @@ class DsoServer:
             nonlocal said_hello
             said_hello = True
             self.registry.hello(bound_id, firmware_version, lms)
+            if self.config.anchor_push is not None and self.config.anchor_push.needed(status):
+                self._push_anchor(bound_id)
             entry = self.registry.get(bound_id)
             if entry is not None:
                 await self.backplane.hello(entry)

@@ -117,7 +117,10 @@ class GatewayAgent:
     # -- the channel's callbacks --------------------------------------------------
 
     def _hello(self) -> dict[str, Any]:
-        return {"gateway_id": self.gateway_id, "firmware_version": rauc.running_version(), "lms": self.lms.describe()}
+        return {"gateway_id": self.gateway_id, "firmware_version": rauc.running_version(), "lms": self.lms.describe(),
+                # what the DSO needs to help through a CA rollover: the roots trusted, the identity in use
+                "status": {"anchors": [fingerprint(c) for c in self.trust.anchors()],
+                           "identity": self.identity.role.name.lower()}}
 
     async def _connected(self, session: RpcSession) -> None:
         self._attempt_connected = True

@@ -124,7 +124,9 @@ class CertificateAuthority:
             .subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE).not_valid_after(now + timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            # pathLen 1: room for one intermediate, the cross-certificate of a successor CA, so that a gateway that
+            # missed a CA rollover still verifies a DSO certificate of the new CA through it (docs/pki.md).
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
                                          encipher_only=False, decipher_only=False), critical=True)
