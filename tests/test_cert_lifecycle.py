@@ -351,3 +351,23 @@ def test_provisioned_configuration_turns_renewal_on(tmp_path):
     assert RenewalSettings.parse(tomllib.loads(gateway_toml("wss://dso/", None, None, renew=True))).enabled
     settings = RenewalSettings.parse(tomllib.loads(gateway_toml("wss://dso/", None, None)))
     assert not settings.enabled and settings.fraction == pytest.approx(1 / 3)
+
+
+def test_renewal_round_trip_printed(pki, tmp_path):
+    """cert.renew -> key and CSR -> cert.sign -> answer verified -> pair written -> reconnection with it -> hello.
+    Printed (pytest -s), never asserted on time; the reconnection waits the backoff's first delay (min_delay 0.2 s
+    with full jitter here, [reconnect] min_delay on a device)."""
+    async def scenario():
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 0}) as dso:
+            async with running_gateway(renewing(pki, tmp_path, "GW-RT", dso.port), tmp_path) as gw:
+                entry = await wait_until(lambda: connected_with(dso, "GW-RT", operational=True), 20, "operational")
+                rounds = []
+                for _ in range(5):
+                    started = time.perf_counter()
+                    await dso.call("GW-RT", "cert.renew", {})
+                    entry = await wait_until(lambda: (e := connected_with(dso, "GW-RT", True)) and
+                                             e.serial != entry.serial and e, 20, "renewed")
+                    rounds.append(time.perf_counter() - started)
+                print(f"\nrenewal round trip (cert.renew to hello with the new pair, loopback, 5 rounds): "
+                      f"median {statistics.median(rounds) * 1000:.0f} ms, max {max(rounds) * 1000:.0f} ms")
+    asyncio.run(scenario())

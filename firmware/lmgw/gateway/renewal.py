@@ -153,8 +153,9 @@ class Renewer:
     async def run(self, session: RpcSession, identity: Identity, reconnect: Callable[[], Awaitable[None]]) -> None:
         """On one connection: renew when due or asked; after a success, reconnect with the new pair."""
         while True:
-            while not self._asked.is_set() and self.clock.now() < self.due(identity):
-                await self.clock.wait(self._asked, self.due(identity) - self.clock.now())
+            due = self.due(identity)  # once: "now" for a factory identity would otherwise recede forever
+            while not self._asked.is_set() and self.clock.now() < due:
+                await self.clock.wait(self._asked, due - self.clock.now())
             self._asked.clear()
             try:
                 await self.renew_once(session, identity)
