@@ -34,6 +34,7 @@ from ..backoff import Backoff
 from ..clock import Clock
 from ..config import ConfigError, get, section
 from ..httpclient import open_request
+from ..settime import last_good, save_last_good
 from ..timestatement import MAX_STATEMENT_BYTES, TimeRefused, new_nonce, verify_statement
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,6 @@ def time_url(dso_url: str, nonce: str) -> str:
     return f"https://{target.netloc}/time?nonce={nonce}"
 
 
-def _last_good(state: Path) -> datetime | None:
-    try:
-        return datetime.fromtimestamp(float(json.loads(state.read_text())["last_good"]), timezone.utc)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 class TimeSync:
     def __init__(self, settings: TimeSettings, dso_url: str, data_dir: Path, clock: Clock,
                  tls: Callable[[], ssl.SSLContext], proxy: Callable[[], str | None],
@@ -98,7 +92,7 @@ class TimeSync:
         self.last_result: str | None = None
 
     def floor(self) -> datetime:
-        known = [t for t in (self.build_floor(), _last_good(self.state)) if t is not None]
+        known = [t for t in (self.build_floor(), last_good(self.state)) if t is not None]
         return max(known, default=datetime.fromtimestamp(0, timezone.utc))
 
     async def fetch(self, nonce: str) -> Any:
@@ -125,7 +119,7 @@ class TimeSync:
             await self.apply(answer, nonce)
             log.warning("clock set from the DSO's signed time: %s (was off by %+.1f s)", when.isoformat(), offset)
             self.emit(SET, {"time": when.isoformat(), "offset_s": round(offset, 3)})
-        write_atomically(self.state, json.dumps({"last_good": when.timestamp()}).encode())
+        save_last_good(self.state, when)
         self.last_result = f"ok at {when.isoformat()}, offset {offset:+.1f} s"
         return when
 
