@@ -150,3 +150,37 @@ def test_gateway_a_year_behind_sets_its_clock_from_the_dso(pki, tmp_path):
                 status = await dso.call("GW-Y", "gw.status", {})
                 assert status["time_from_dso"].startswith("ok at")
     asyncio.run(scenario())
+
+
+def test_time_statement_checked_by_independent_tools(pki, tmp_path):
+    """curl fetches a statement with the gateway's certificate; openssl checks its signature with the key of the
+    certificate that came with it: the format needs nothing of ours to verify."""
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            key, cert = pki.gateway("GW-CURL")
+            nonce = new_nonce()
+            fetched = await asyncio.to_thread(subprocess.run, [
+                "curl", "-sS", "--fail", "--cacert", str(pki.ca_cert), "--cert", str(cert), "--key", str(key),
+                f"https://localhost:{dso.port}/time?nonce={nonce}"], capture_output=True, timeout=60)
+            assert fetched.returncode == 0, fetched.stderr
+            answer = json.loads(fetched.stdout)
+            (tmp_path / "statement").write_bytes(base64.b64decode(answer["statement"]))
+            (tmp_path / "signature").write_bytes(base64.b64decode(answer["signature"]))
+            (tmp_path / "signer.pem").write_text(answer["certificate"])
+            pubkey = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "signer.pem"), "-pubkey", "-noout"],
+                                    capture_output=True, check=True).stdout
+            (tmp_path / "signer.pub").write_bytes(pubkey)
+            checked = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(tmp_path / "signer.pub"),
+                                      "-signature", str(tmp_path / "signature"), str(tmp_path / "statement")],
+                                     capture_output=True, text=True)
+            assert checked.returncode == 0 and "Verified OK" in checked.stdout
+            assert json.loads((tmp_path / "statement").read_bytes())["nonce"] == nonce
+            no_cert = await asyncio.to_thread(subprocess.run, [
+                "curl", "-sS", "--cacert", str(pki.ca_cert), f"https://localhost:{dso.port}/time?nonce={nonce}"],
+                capture_output=True, timeout=60)
+            assert no_cert.returncode != 0 or b"statement" not in no_cert.stdout
+            bad = await asyncio.to_thread(subprocess.run, [
+                "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(pki.ca_cert), "--cert", str(cert),
+                "--key", str(key), f"https://localhost:{dso.port}/time?nonce=xyz"], capture_output=True, timeout=60)
+            assert bad.stdout == b"400"
+    asyncio.run(scenario())
