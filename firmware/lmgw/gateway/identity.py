@@ -16,7 +16,8 @@ for the ``cert.renewed`` event).
 The choice is a pure function of the files and the time: the operational
 pair while it is usable (its own key, this gateway's CN, signed by the CA,
 within its validity), the previous pair after ``MAX_UNCONFIRMED_FAILURES``
-failed attempts with a new pair that never connected, the factory pair
+failed attempts with a new pair that never connected (until the previous
+pair has connected: then the new one is tried again), the factory pair
 otherwise.
 """
 
@@ -198,6 +199,8 @@ class IdentityStore:
         """The new pair connected: drop the previous one.  Returns the ``cert.renewed`` details the
         first time a renewed pair connects, else None."""
         pending = self.pending()
+        if identity.role is Role.PREVIOUS:
+            self.unconfirmed_failures = 0  # the DSO is reachable: the next connection tries the new pair again
         if identity.role is not Role.OPERATIONAL or pending is None or pending.get("serial") != f"{identity.serial:x}":
             return None
         self.previous_file.unlink(missing_ok=True)
