@@ -319,6 +319,9 @@ def test_previous_pair_kept_until_the_new_one_connected(pki, tmp_path):
                 entry = await wait_until(lambda: connected_with(dso, "GW-P", operational=True), 30, "previous pair")
                 assert entry.serial == pair_a.serial and gw.channel.attempts > MAX_UNCONFIRMED_FAILURES
                 assert gw.identity.role is Role.PREVIOUS
+                # connected with the previous pair: the next reconnection tries the new pair again
+                await wait_until(lambda: gw.identities.unconfirmed_failures == 0, what="failures forgotten")
+                assert gw.identities.select(datetime.now(timezone.utc)).role is Role.OPERATIONAL
     asyncio.run(scenario())
 
 
