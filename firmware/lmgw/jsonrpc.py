@@ -106,9 +106,14 @@ class Ignored:
 Event = Union[Request, Notification, Response, Reply, Busy, Ignored]
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""One encoder for every frame: ``json.dumps`` with non-default options builds a new one per call,
+which was the largest single cost of a call (`make bench` profile, docs/performance.md)."""
+
+
 def encode(message: dict[str, Any]) -> str:
     """Compact JSON, UTF-8 safe, as sent on the wire."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(message)
 
 
 def error_frame(request_id: RequestId | None, error: RpcError) -> str:

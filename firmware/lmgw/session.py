@@ -53,17 +53,20 @@ class RpcSession:
         """Call a method of the peer and return its result or raise ``RpcError``."""
         timeout = self.call_timeout if timeout is None else timeout
         request_id, frame = self._peer.call(method, params or {})
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiters[request_id] = waiter
+        # A timer that fails the waiter: cheaper per call than asyncio.timeout's cancellation machinery
+        timer = loop.call_later(timeout, _expire, waiter)
         try:
             await self.connection.send(frame)
-            async with asyncio.timeout(timeout):
-                return await waiter
+            return await waiter
         except ConnectionClosed:
             raise RpcError(RpcCode.NOT_CONNECTED, f"connection to {self.name} closed during {method}") from None
-        except TimeoutError:
+        except _Expired:
             raise RpcError(RpcCode.CALL_TIMEOUT, f"{self.name} did not answer {method} within {timeout:g} s") from None
         finally:
+            timer.cancel()
             self._waiters.pop(request_id, None)
             self._peer.cancel(request_id)
 
@@ -114,27 +117,34 @@ class RpcSession:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, call: Request | Notification) -> None:
+        """Answer one of the peer's calls, then free its place (one coroutine per call: no nested ones)."""
         try:
-            await self._answer(call)
+            try:
+                result = await self.methods.dispatch(call.method, call.params)
+            except RpcError as error:
+                if isinstance(call, Notification):
+                    log.warning("notification %s from %s failed: %s", call.method, self.name, error.message)
+                else:
+                    await self._send(self._peer.error(call.id, error))
+            else:
+                if isinstance(call, Request):
+                    await self._send(self._peer.result(call.id, result))
         finally:
             refused = self._peer.finished()
             if refused:
                 log.info("%s: serving calls again after refusing %d with %d", self.name, refused, RpcCode.TOO_MANY_CALLS)
-
-    async def _answer(self, call: Request | Notification) -> None:
-        try:
-            result = await self.methods.dispatch(call.method, call.params)
-        except RpcError as error:
-            if isinstance(call, Notification):
-                log.warning("notification %s from %s failed: %s", call.method, self.name, error.message)
-                return
-            await self._send(self._peer.error(call.id, error))
-            return
-        if isinstance(call, Request):
-            await self._send(self._peer.result(call.id, result))
 
     async def _send(self, frame: str) -> None:
         try:
             await self.connection.send(frame)
         except ConnectionClosed:
             log.info("answer to %s dropped: connection closed", self.name)
+
+
+class _Expired(Exception):
+    """A call's timer ran out (not ``TimeoutError``: a handler's own timeout must not pass for ours)."""
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())

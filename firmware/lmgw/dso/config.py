@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ..config import ConfigError, get, load_toml, path, section
+from ..deflate import Deflate
 from ..jsonrpc import MAX_SERVING
 from .cluster.config import ClusterConfig, balancer_addresses
 from .enrol import EnrolPolicy
@@ -34,6 +35,8 @@ class DsoConfig:
     never pings, the gateways keep their channels alive ([dso] ping_interval, 120 s by default)."""
     tls_timeout: float
     """Seconds a client has for the TLS handshake."""
+    compression: Deflate
+    """permessage-deflate limits the DSO accepts ([channel.compression])."""
     open_timeout: float
     """Seconds a client has, after TLS, to send its HTTP request (WebSocket upgrade or bundle download)."""
     close_timeout: float
@@ -99,6 +102,7 @@ class DsoConfig:
             max_frame=get(channel, "max_frame", int, "channel", 256 * 1024),
             idle_timeout=seconds["idle_timeout"],
             tls_timeout=seconds["tls_timeout"],
+            compression=Deflate.parse(section(channel, "compression"), "channel.compression"),
             open_timeout=seconds["open_timeout"],
             close_timeout=seconds["close_timeout"],
             max_calls=max_calls,

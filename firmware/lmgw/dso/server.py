@@ -165,6 +165,8 @@ class DsoServer:
             process_request=self._check_client,
             max_size=self.config.max_frame,
             ping_interval=None,  # the gateways ping; the DSO only watches for silence (_watch_silence)
+            compression=None,
+            extensions=self.config.compression.server_extensions(),
             server_header=f"lmgw-dso/{__version__}",
             # A bundle download runs inside the opening handshake (see _bundle) and may take
             # minutes on a slow link: the connection class bounds the wait for the request

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ConfigError, get, load_toml, path, section
+from ..deflate import Deflate
 from ..proxy import Proxy
 
 ProxySetting = str | Literal[True] | None
@@ -31,6 +32,8 @@ class GatewayConfig:
     ping_timeout: float
     """Seconds a ping waits for its pong before the channel counts as dead (code 1011)."""
     max_frame: int
+    compression: Deflate
+    """permessage-deflate offered to the DSO ([dso.compression])."""
     crl_url: str | None
     ocsp_url: str | None
     """Asked about the DSO certificate at every connection, on top of the CRL."""
@@ -71,6 +74,7 @@ class GatewayConfig:
             ping_interval=_positive(dso, "ping_interval", 120.0),
             ping_timeout=_positive(dso, "ping_timeout", 60.0),
             max_frame=get(dso, "max_frame", int, "dso", 256 * 1024),
+            compression=Deflate.parse(section(dso, "compression"), "dso.compression"),
             crl_url=get(crl, "url", str, "crl", None),
             ocsp_url=get(crl, "ocsp_url", str, "crl", None),
             crl_refresh=get(crl, "refresh_interval", float, "crl", 3600.0),

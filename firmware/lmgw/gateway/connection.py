@@ -232,6 +232,8 @@ class Channel:
                 transport, url,
                 subprotocols=[SUBPROTOCOL],
                 open_timeout=None,  # bounded by _step
+                compression=None,
+                extensions=self.config.compression.client_extensions(),
                 max_size=self.config.max_frame,
                 ping_interval=timeouts.ping_interval,  # the gateway alone keeps the channel alive
                 ping_timeout=timeouts.ping_timeout,
