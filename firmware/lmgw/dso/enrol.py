@@ -42,6 +42,7 @@ from ..config import ConfigError, get
 from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from ..pki.ca import OPERATIONAL_DAYS, CertificateAuthority, PkiError, is_operational, load_csr
+from ..session import RpcSession
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,12 @@ class Enrolment:
         self.ca_dir = ca_dir
         self.clock = clock
         self._last_signed: dict[str, float] = {}
-        self._factory_serials: set[int] = set()
 
     # -- per session --------------------------------------------------------------
 
     def register(self, table: MethodTable, gateway_id: str, certificate: x509.Certificate,
                  said_hello: Callable[[], bool]) -> None:
-        """Add ``cert.sign`` to a session's methods; remember whether it is a factory-identity session."""
-        if not is_operational(certificate):
-            self._factory_serials.add(certificate.serial_number)
+        """Add ``cert.sign`` to a session's methods."""
 
         async def sign(csr: str) -> dict[str, Any]:
             if not said_hello():
@@ -104,14 +102,14 @@ class Enrolment:
 
         table.add("cert.sign", sign, [Param("csr", str)])
 
-    def check_call(self, gateway_id: str, serial: int, method: str) -> None:
-        """Refuse a DSO call the policy does not allow on this session."""
-        if (self.policy.factory_sessions == "renew_only" and serial in self._factory_serials
-                and method not in FACTORY_ALLOWED_CALLS):
-            raise RpcError(RpcCode.IDENTITY_RESTRICTED,
-                           f"gateway {gateway_id} is connected with its factory identity, admitted only to renew its "
-                           f"certificate: {method} is refused until it reconnects with an operational certificate",
-                           {"identity": "factory", "allowed": sorted(FACTORY_ALLOWED_CALLS)})
+    def session_class(self, certificate: x509.Certificate) -> type[RpcSession]:
+        """The session for a connection with this certificate: restricted for a factory identity under
+        ``renew_only``.  The session itself refuses, so every path to it (this node, or a call routed from
+        another node of a cluster) meets the policy."""
+        if self.policy.factory_sessions == "renew_only" and not is_operational(certificate):
+            return FactorySession
+        return RpcSession
+
 
     # -- signing ------------------------------------------------------------------
 
@@ -173,3 +171,15 @@ class Enrolment:
         if self.ca_dir is None:
             raise PermissionError("this DSO holds no CA ([revocation] ca_dir): use lmgw-pki expiring on the CA host")
         return CertificateAuthority.open(self.ca_dir).expiring(timedelta(days=days))
+
+
+class FactorySession(RpcSession):
+    """A session with a factory identity under ``renew_only``: the DSO's calls limited to what renewal needs."""
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        if method not in FACTORY_ALLOWED_CALLS:
+            raise RpcError(RpcCode.IDENTITY_RESTRICTED,
+                           f"{self.name} is connected with its factory identity, admitted only to renew its "
+                           f"certificate: {method} is refused until it reconnects with an operational certificate",
+                           {"identity": "factory", "allowed": sorted(FACTORY_ALLOWED_CALLS)})
+        return await super().call(method, params, timeout=timeout)

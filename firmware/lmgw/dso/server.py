@@ -37,7 +37,6 @@ from ..codes import CloseCode, RpcCode
 from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from ..revocation import RevocationError
-from ..session import RpcSession
 from ..tls import common_name, peer_certificate, server_context
 from .config import DsoConfig
 from .enrol import RENEWED, Enrolment
@@ -258,8 +257,10 @@ class DsoServer:
         assert certificate is not None  # _check_client refused it otherwise
         gateway_id = common_name(certificate) or ""
         remote = "%s:%d" % client_address(connection)
-        session = RpcSession(connection, self._methods(gateway_id, certificate), name=f"gateway {gateway_id}",
-                             call_timeout=self.config.call_timeout, max_calls=self.config.max_calls)
+        # A factory identity under [enrol] factory_sessions = "renew_only" gets a restricted session.
+        session = self.enrol.session_class(certificate)(
+            connection, self._methods(gateway_id, certificate), name=f"gateway {gateway_id}",
+            call_timeout=self.config.call_timeout, max_calls=self.config.max_calls)
         replaced = self.registry.attach(gateway_id, certificate.serial_number, remote, session, _now())
         if replaced is not None:
             # The old connection may be dead (its close then waits close_timeout): not our business here.
@@ -359,9 +360,6 @@ class DsoServer:
 
     async def call(self, gateway_id: str, method: str, params: dict[str, Any], timeout: float | None = None) -> Any:
         """Call a gateway held by this node or, in a cluster, by any node; ``LookupError`` when nobody holds it."""
-        local = self.registry.get(gateway_id)
-        if local is not None:  # a factory-identity session may be admitted only to renew
-            self.enrol.check_call(gateway_id, local.serial, method)
         return await self.backplane.call(gateway_id, method, params, timeout)
 
     async def revoke(self, gateway_id: str, reason: str) -> list[int]:
