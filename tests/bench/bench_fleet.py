@@ -42,6 +42,7 @@ RATE = float(os.environ.get("LMGW_FLEET_RATE", "20"))
 CALLS = int(os.environ.get("LMGW_FLEET_CALLS", "10000"))
 CONNECT_LIMIT = float(os.environ.get("LMGW_FLEET_CONNECT_S", "600"))
 PHASE_LIMIT = 120.0
+RECOVERY_LIMIT = 300.0
 
 
 def rss_kib(pid: int) -> int:
@@ -176,14 +177,14 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
         fleet.kill_node(victim)
         killed = time.monotonic()
         pending = set(moved)
-        while pending and time.monotonic() - killed < PHASE_LIMIT:
+        while pending and time.monotonic() - killed < RECOVERY_LIMIT:
             async def probe(gid: str) -> str | None:
                 try:
                     await nc.request(wire.call_subject(gid), wire.call_request("gw.ping", {}, 5.0), timeout=6)
                     return gid
                 except (nats.errors.Error, asyncio.TimeoutError):
                     return None
-            batch = list(pending)[:2000]
+            batch = list(pending)[:500]
             done = await asyncio.gather(*(probe(g) for g in batch))
             pending -= {g for g in done if g}
             if pending:
@@ -205,7 +206,8 @@ def main() -> int:
         old.unlink()
     for store in workdir.glob("nats*"):
         shutil.rmtree(store, ignore_errors=True)
-    fleet = LocalFleet(workdir, call_timeout=10.0, presence_ttl=15.0)
+    # Presence refreshed every 20 s: at 15 s (every 5 s) the KV writes alone took 1,800/s of this machine.
+    fleet = LocalFleet(workdir, call_timeout=10.0, presence_ttl=60.0)
     fleet.pki = None
     sims: list[subprocess.Popen[bytes]] = []
     with fleet:
