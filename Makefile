@@ -15,6 +15,8 @@ APT_PACKAGES += rauc
 APT_PACKAGES += socat
 # Benchmark: `make bench` counts IP bytes on the gateway<->DSO connection with a packet capture.
 APT_PACKAGES += tcpdump
+# Keepalive test: a CONNECT tunnel through a real squid with squid's default timeouts (tests/test_keepalive.py).
+APT_PACKAGES += squid
 # Buildroot tree: host tools for `make buildroot` and utils/check-package (`make buildroot-check`);
 # systemctl enables the units when the post-build script runs outside Buildroot (its tests).
 APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools systemd

@@ -3,12 +3,15 @@
 ``[dso] compression`` (gateway) and ``[channel] compression`` (DSO)::
 
     enabled = true
-    window_bits = 9        # LZ77 window: 2^9 = 512 bytes, enough to reach into the previous message
+    window_bits = 10       # LZ77 window: 2^10 = 1 KiB, enough to reach into the previous message
     mem_level = 1          # zlib's hash memory: 2^(mem_level + 9) bytes
     context_takeover = true
 
-The window is kept between messages (context takeover), so a call's JSON keys are found in the one
-before it; a small window keeps that gain while each connection holds a compressor of about
+The window is kept between messages (context takeover), so a call's JSON is found in the one before
+it: an ``lm.read`` answer of all a simulated LM's points (743 bytes) compresses to 24 bytes with a
+window of 2^10 as with websockets' 2^12, to 229 with 2^9 (it no longer reaches the previous answer):
+raise ``window_bits`` where answers are larger than 1 KiB.  A small window keeps that gain while each
+connection holds a compressor of about
 2^(window_bits+2) + 2^(mem_level+9) bytes plus zlib's fixed state, instead of the 32 KiB websockets
 spends by default (window 12, memLevel 5) on each of thousands of idle gateways (docs/performance.md).
 """
@@ -30,7 +33,7 @@ MAX_WINDOW_BITS = 15
 @dataclass(frozen=True)
 class Deflate:
     enabled: bool = True
-    window_bits: int = 9
+    window_bits: int = 10
     mem_level: int = 1
     context_takeover: bool = True
 

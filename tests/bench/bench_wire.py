@@ -293,6 +293,8 @@ async def run(work: Path, idle_s: float | None = None, load_s: float | None = No
     gateway = gateway_config(pki, work, GATEWAY, dso_port)
     gateway["lm"] = [{"name": "lm1", "profile": "simulated-lm", "transport": "tcp", "host": "127.0.0.1",
                       "port": lm_port, "unit": 1}]
+    if os.environ.get("LMGW_BENCH_PING_S"):  # another keepalive interval than the shipped default
+        gateway["dso"]["ping_interval"] = float(os.environ["LMGW_BENCH_PING_S"])
     gateway_toml = write_toml(work / "gateway.toml", gateway)
     ping_gateway = GatewayConfig.load(gateway_toml).ping_interval
     ping_dso = DsoConfig.load(dso_toml).idle_timeout

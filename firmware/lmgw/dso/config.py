@@ -82,7 +82,7 @@ class DsoConfig:
             raise ConfigError("[events] per_minute must be above 0 and burst at least 1")
         # Defaults fit links of 10 s one way at 10 kbps (docs/performance.md)
         seconds = {key: get(channel, key, float, "channel", default) for key, default in (
-            ("open_timeout", 60.0), ("tls_timeout", 60.0), ("idle_timeout", 300.0), ("call_timeout", 60.0),
+            ("open_timeout", 60.0), ("tls_timeout", 60.0), ("idle_timeout", 270.0), ("call_timeout", 60.0),
             ("close_timeout", 30.0))}
         max_calls = get(channel, "max_calls", int, "channel", MAX_SERVING)
         if min(seconds.values()) <= 0 or max_calls < 1:
