@@ -7,6 +7,7 @@ given node) or through HAProxy.  Skipped with a message when nats-server or hapr
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import ssl
 import time
@@ -204,7 +205,10 @@ def test_a_nats_server_killed_changes_nothing_visible(fleet, pki, tmp_path):
     async def scenario():
         async with running_gateway(direct(pki, tmp_path, "GW-NK", fleet, 3), tmp_path) as agent:
             await wait_listed(fleet, 1, lambda g: "GW-NK" in g, what="GW-NK listed")
-            fleet.kill_nats(1)  # node 1 was connected to it (the first URL)
+            # The NATS server node 3 (the holder) is connected to: its subscription moves while we call.
+            holder_server = re.findall(r"(?:joined NATS|reconnected to NATS) at 127\.0\.0\.1:(\d+)",
+                                       fleet.log("node3"))[-1]
+            fleet.kill_nats(fleet.nats_ports.index(int(holder_server)) + 1)
             for node in (1, 2, 3):
                 answer = await call(fleet, node, "GW-NK")
                 assert answer["ok"] and answer["result"]["gateway_id"] == "GW-NK", answer

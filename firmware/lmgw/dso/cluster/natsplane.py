@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 ROUTE_MARGIN = 2.0
 """Seconds a routed call waits beyond the call's own timeout, for the holding node's answer to travel."""
 JS_TIMEOUT = 5.0
+HOLDER_RECONNECT_WAIT = 5.0
+"""Seconds a routed call waits for a holding node that is moving to another NATS server (no responders
+while presence names a holder); a gateway with no presence entry answers "not connected" at once."""
+HOLDER_RETRY = 0.2
 STORE_RETRY_AFTER = 5.0
 """What a gateway is told to wait when the event stream cannot be reached."""
 STORAGE_WAIT = 60.0
@@ -304,11 +308,18 @@ class NatsBackplane:
         entry = self.registry.get(gateway_id)
         if entry is not None:  # held here: no detour through NATS
             return await entry.session.call(method, params, timeout=timeout)
+        deadline = time.monotonic() + min(timeout, HOLDER_RECONNECT_WAIT)
         try:
-            msg = await self.nc.request(wire.call_subject(gateway_id), wire.call_request(method, params, timeout),
-                                        timeout=timeout + ROUTE_MARGIN)
-        except nats.errors.NoRespondersError:
-            raise LookupError(f"gateway {gateway_id} is not connected") from None
+            while True:
+                try:
+                    msg = await self.nc.request(wire.call_subject(gateway_id),
+                                                wire.call_request(method, params, timeout), timeout=timeout + ROUTE_MARGIN)
+                    break
+                except nats.errors.NoRespondersError:
+                    # Nobody holds it, or its node is between two NATS servers (one just died): presence tells.
+                    if time.monotonic() > deadline or not await self._held_elsewhere(gateway_id):
+                        raise LookupError(f"gateway {gateway_id} is not connected") from None
+                    await asyncio.sleep(HOLDER_RETRY)
         except nats.errors.TimeoutError:
             raise RpcError(RpcCode.CALL_TIMEOUT, f"gateway {gateway_id} did not answer {method} within "
                                                  f"{timeout:g} s") from None
@@ -326,6 +337,16 @@ class NatsBackplane:
                                                            f"({exc or type(exc).__name__})") from None
                 log.info("%s: JetStream busy (%s), trying again", what, exc or type(exc).__name__)
                 await asyncio.sleep(0.5)
+
+    async def _held_elsewhere(self, gateway_id: str) -> bool:
+        """True when a presence entry says another node holds the gateway (it may be re-subscribing)."""
+        if self._kv is None:
+            return False
+        try:
+            entry = await self._kv.get(wire.token(gateway_id))
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return False
+        return bool(entry.value) and wire.decode(entry.value or b"{}").get("node") != self.config.node
 
     async def gateways(self) -> list[dict[str, Any]]:
         return await self._retrying(self._gateways, "listing gateways")
