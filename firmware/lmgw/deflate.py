@@ -53,24 +53,20 @@ class Deflate:
             raise ConfigError(f"[{where}] mem_level must be 1 to 9, got {deflate.mem_level}")
         return deflate
 
-    def _settings(self) -> dict[str, Any]:
-        return {"compress_settings": {"memLevel": self.mem_level}}
+    def _negotiated(self) -> dict[str, Any]:
+        """The same limits offered by the gateway and accepted by the DSO, for both directions."""
+        takeover_off = not self.context_takeover
+        return {"server_no_context_takeover": takeover_off, "client_no_context_takeover": takeover_off,
+                "server_max_window_bits": self.window_bits, "client_max_window_bits": self.window_bits,
+                "compress_settings": {"memLevel": self.mem_level}}
 
     def server_extensions(self) -> list[ServerExtensionFactory]:
         """For ``serve(..., compression=None, extensions=...)``: the DSO's limits win over the gateway's offer."""
-        if not self.enabled:
-            return []
-        return [ServerPerMessageDeflateFactory(
-            server_no_context_takeover=not self.context_takeover, client_no_context_takeover=not self.context_takeover,
-            server_max_window_bits=self.window_bits, client_max_window_bits=self.window_bits, **self._settings())]
+        return [ServerPerMessageDeflateFactory(**self._negotiated())] if self.enabled else []
 
     def client_extensions(self) -> list[ClientExtensionFactory]:
         """For ``connect(..., compression=None, extensions=...)``."""
-        if not self.enabled:
-            return []
-        return [ClientPerMessageDeflateFactory(
-            server_no_context_takeover=not self.context_takeover, client_no_context_takeover=not self.context_takeover,
-            server_max_window_bits=self.window_bits, client_max_window_bits=self.window_bits, **self._settings())]
+        return [ClientPerMessageDeflateFactory(**self._negotiated())] if self.enabled else []
 
     def describe(self) -> str:
         if not self.enabled:

@@ -52,10 +52,11 @@ from .registry import GatewayEntry, GatewayRegistry
 log = logging.getLogger(__name__)
 
 CRL_POLL_SECONDS = 1.0
-TLS_READ_BUFFER = 32 * 1024
-"""asyncio allocates a 256 KiB TLS read buffer per connection (``SSLProtocol.max_size``),
-two thirds of what an idle gateway costs the DSO; two TLS records fit in 32 KiB
-(`make bench`: 352 -> 112 KiB per idle gateway with 16.5 KiB)."""
+TLS_READ_BUFFER = 4 * 1024
+"""asyncio allocates (and zero-fills: it is resident) a TLS read buffer of ``SSLProtocol.max_size`` per
+connection, 256 KiB by default; it is only the size of one read from the socket, OpenSSL reassembles
+records across reads.  Calls are a few hundred bytes: 4 KiB per idle gateway instead of 32
+(docs/performance.md; 256 KiB: 352 KiB per idle gateway, 32 KiB: 103 KiB)."""
 BUNDLE_PATH = "/bundles/"
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.raucb")
 BUNDLE_CHUNK = 256 * 1024
