@@ -76,8 +76,8 @@ def test_a_commit_during_the_check_does_not_break_the_round_trip(tmp_path):
     git = tmp_path / "bin" / "git"
     git.parent.mkdir()
     git.write_text(f"""#!/bin/sh
-# A tree whose HEAD moves at every look (only what setlocalversion asks).
-[ "$*" = "rev-parse --verify --short HEAD" ] || exit 1
+# The external tree's HEAD moves at every look (only what setlocalversion asks).
+[ "$(pwd)" = "{tmp_path / 'buildroot-external'}" ] && [ "$*" = "rev-parse --verify --short HEAD" ] || exit 1
 n=$(($(cat {tmp_path}/heads 2>/dev/null || echo 0) + 1))
 echo $n > {tmp_path}/heads
 echo c0ffee$n

@@ -73,7 +73,7 @@ for meta in "$top"/board/*/meta; do
 	done
 	compatible=$(meta_var "$meta" COMPATIBLE)
 	case "$compatibles" in
-	*" $compatible "*) fail "$who: RAUC compatible $compatible is another board's too" ;;
+	*" $compatible "*) [ -z "$compatible" ] || fail "$who: RAUC compatible $compatible is another board's too" ;;
 	esac
 	compatibles="$compatibles$compatible "
 done
@@ -116,17 +116,22 @@ for defconfig in "$ext"/configs/*_defconfig; do
 	fi
 
 	if br O="$o" python-lmgw-show-info > "$o/python-lmgw.json" 2> "$o/show-info.log"; then
-		"$python" - "$o/python-lmgw.json" "$top/firmware" <<-'PY' || fail "$name: python-lmgw-show-info: $(tail -1 "$o/show-info.log")"
+		"$python" - "$o/python-lmgw.json" "$top/firmware" 2> "$o/python-lmgw.problems" <<-'PY' ||
 			import json, os, sys
 			info = json.load(open(sys.argv[1]))["python-lmgw"]
-			assert info["version"], "no version"
+			problems = [] if info["version"] else ["no version"]
 			# legal-info: the licence text is saved, the proprietary source is not.
-			assert info["license_files"], "no PYTHON_LMGW_LICENSE_FILES"
-			for name in info["license_files"]:
-			    assert os.path.isfile(os.path.join(sys.argv[2], name)), f"licence file firmware/{name} missing"
-			assert not info["redistributable"], "proprietary, yet PYTHON_LMGW_REDISTRIBUTE is not NO"
+			if not info["license_files"]:
+			    problems.append("no PYTHON_LMGW_LICENSE_FILES")
+			problems += [f"licence file firmware/{name} missing" for name in info["license_files"]
+			             if not os.path.isfile(os.path.join(sys.argv[2], name))]
+			if info["redistributable"]:
+			    problems.append("proprietary, yet PYTHON_LMGW_REDISTRIBUTE is not NO")
+			if problems:
+			    sys.exit("; ".join(problems))
 			print(f"  python-lmgw {info['version']}, {info['licenses']}, depends on {', '.join(sorted(info['dependencies']))}")
 		PY
+			fail "$name: python-lmgw: $(tail -1 "$o/python-lmgw.problems")"
 	else
 		fail "$name: python-lmgw-show-info does not evaluate (see $o/show-info.log)"
 	fi
