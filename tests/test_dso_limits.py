@@ -299,13 +299,22 @@ def test_a_failed_opening_handshake_is_one_log_line(pki, tmp_path):
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert (await asyncio.wait_for(reader.read(), 30)).startswith(b"HTTP/1.1 4")
         writer.close()
+        # A whole upgrade request, then the peer resets the connection before the answer.
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_context(pki, key_cert),
+                                                  server_hostname="localhost")
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Protocol: lmgw.v1\r\n\r\n")
+        await writer.drain()
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
 
     with dso_process(pki, tmp_path) as (proc, port, log):
         asyncio.run(clients(port))
-        asyncio.run(wait_until(lambda: log.read_text().count("opening handshake with") == 4, what="4 log lines"))
+        asyncio.run(wait_until(lambda: log.read_text().count("opening handshake with") == 5, what="5 log lines"))
     lines = [line for line in log.read_text().splitlines() if "opening handshake with" in line]
     print("\n" + "\n".join(lines))
-    assert len(lines) == 4 and all("(GW-QUIET)" in line for line in lines)
+    assert len(lines) == 5 and all("(GW-QUIET)" in line for line in lines)
     assert "Traceback" not in log.read_text()
 
 

@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -102,6 +102,9 @@ def _connection_class(open_timeout: float) -> type[ServerConnection]:
                 # Returning leaves the connection unopened: websockets then closes it.
                 cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
                 log.warning("opening handshake with %s failed: %s%s", who, exc, cause)
+            except (ConnectionClosed, OSError) as exc:
+                # The request came, the peer left before the answer (closed, reset).
+                log.warning("opening handshake with %s failed: peer left before the answer (%s)", who, exc)
 
         def _who(self) -> str:
             remote = "%s:%d" % self.remote_address[:2] if self.remote_address else "unknown peer"
