@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 from conftest import gateway_config, running_dso, running_gateway, wait_until  # noqa: E402  (puts qemu/ on the path)
 from dso_side import free_port, make_pki, process, write_toml  # noqa: E402
 from lmgw import SUBPROTOCOL as SUBPROTOCOL_NAME  # noqa: E402
+from lmgw.dso.config import DsoConfig  # noqa: E402
 from lmgw.tls import client_context, server_context  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.asyncio.server import serve  # noqa: E402
@@ -289,7 +290,10 @@ async def bench_capacity(work: Path, n: int) -> list[str]:
         "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
         "revocation": {"crl_file": pki.crl},
         "api": {"socket": work / "capacity.sock", "events_file": work / "capacity-events.jsonl"},
+        # LMGW_BENCH_COMPRESSION='{"enabled": false}' (a [channel.compression] table as JSON) compares settings
+        "channel.compression": json.loads(os.environ.get("LMGW_BENCH_COMPRESSION", "{}")),
     })
+    setting = DsoConfig.load(config).compression.describe()
     with process([str(Path(sys.executable).parent / "lmgw-dso"), "--config", str(config), "serve"], work / "dso-capacity.log",
                  ready=lambda log: "operator API" in log) as dso:
         before = rss_mib(dso.pid)
@@ -305,8 +309,8 @@ async def bench_capacity(work: Path, n: int) -> list[str]:
     available_kib = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                              if line.startswith("MemAvailable")).split()[1])
     return [f"capacity: one lmgw-dso process held {n} concurrent gateways (all connected in {elapsed:.1f} s); "
-            f"RSS {before:.1f} -> {after:.1f} MiB = {per:.1f} KiB per gateway; memory alone would allow "
-            f"~{int(available_kib / max(per, 1)) // 1000}k (keepalive pings every 20 s each: {n / 20:.0f}/s now)"]
+            f"RSS {before:.1f} -> {after:.1f} MiB = {per:.1f} KiB per gateway ({setting}; LMGW_BENCH_COMPRESSION); "
+            f"memory alone would allow ~{int(available_kib / max(per, 1)) // 1000}k"]
 
 
 async def main(args: argparse.Namespace) -> None:
