@@ -215,3 +215,29 @@ def test_a_slow_link_connects_relays_and_times_out_by_phase(pki, tmp_path, caplo
                     assert agent.channel.last_failure.startswith("timed out after 1 s in the TLS handshake")
     asyncio.run(scenario())
     assert "did not receive a valid HTTP response" not in caplog.text
+
+
+def test_timeouts_stretch_to_the_measured_round_trip():
+    from lmgw.gateway.timeouts import Phase, Timeouts, round_trip
+
+    shipped = Timeouts(open=30, call=30, ping_interval=120, ping_timeout=60)
+    assert shipped.adapted(0.05) == Timeouts(open=30, call=30, ping_interval=120, ping_timeout=60, rtt=0.05)
+    nb_iot = shipped.adapted(round_trip(40.0, Phase.TUNNEL))  # 10 s one way: a tunnel takes two round trips
+    assert (nb_iot.open, nb_iot.call, nb_iot.ping_timeout, nb_iot.ping_interval) == (60, 60, 60, 120)
+    assert nb_iot.for_phase(Phase.TUNNEL) == 120 and nb_iot.for_phase(Phase.TLS) == 60
+
+
+def test_keepalive_and_compression_settings_are_checked(pki, tmp_path):
+    from lmgw.config import ConfigError
+    from lmgw.gateway.config import GatewayConfig
+    from dso_side import write_toml
+
+    base = gateway_config(pki, tmp_path, "GW-CFG", 1)
+    for dso, message in (({"ping_interval": 0}, "ping_interval"), ({"open_timeout": -1}, "open_timeout")):
+        with pytest.raises(ConfigError, match=message):
+            GatewayConfig.load(write_toml(tmp_path / "g.toml", {**base, "dso": {**base["dso"], **dso}}))
+    with pytest.raises(ConfigError, match="window_bits must be 9 to 15"):
+        GatewayConfig.load(write_toml(tmp_path / "g.toml", {**base, "dso.compression": {"window_bits": 8}}))
+    config = GatewayConfig.load(write_toml(tmp_path / "g.toml", base))
+    assert (config.ping_interval, config.ping_timeout, config.open_timeout) == (120, 60, 30)
+    assert config.compression.describe() == "deflate window 2^10, memLevel 1, context takeover on"
