@@ -3,7 +3,7 @@
 - The DSO never pings; it closes a connection that sent nothing for ``[channel] idle_timeout``.
 - A gateway keeps its channel alive through a real squid with squid's default timeouts, across one full
   keepalive interval at the shipped default (120 s: this test takes about two and a half minutes).
-- A link of 3 s one way at 20 kbps (a relay of our own on loopback): the gateway connects and relays with
+- A link of 10 s one way at 10 kbps (a relay of our own on loopback): the gateway connects and relays with
   the default timeouts; an operator's call with a shorter timeout than the round trip fails as a call
   timeout; an opening step that runs out is logged as a timeout naming the step.
 Figures are printed, never asserted on time.
@@ -129,6 +129,12 @@ class SlowLink:
     def __init__(self, target_port: int, delay: float, bps: float) -> None:
         self.target_port, self.delay, self.bps = target_port, delay, bps
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def cut(self) -> None:
+        """Reset every connection: a closing handshake would take a round trip of this link."""
+        for writer in list(self._writers):
+            writer.transport.abort()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[int]:
@@ -146,6 +152,7 @@ class SlowLink:
         self._tasks.add(task)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._writers |= {writer, up_writer}
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         except (ConnectionError, OSError):
             pass
@@ -180,7 +187,7 @@ class SlowLink:
 
 
 def test_a_slow_link_connects_relays_and_times_out_by_phase(pki, tmp_path, caplog):
-    delay, bps = 3.0, 20_000
+    delay, bps = 10.0, 10_000  # NB-IoT in poor coverage; before: the DSO dropped the TLS handshake after 10 s
 
     async def scenario() -> None:
         async with running_dso(pki, tmp_path, call_timeout=60) as dso:
@@ -190,7 +197,7 @@ def test_a_slow_link_connects_relays_and_times_out_by_phase(pki, tmp_path, caplo
                 config["dso"].pop("call_timeout")
                 started = time.monotonic()
                 async with running_gateway(config, tmp_path) as agent:
-                    await wait_until(lambda: agent.session is not None, timeout=180, what="connection over the slow link")
+                    await wait_until(lambda: agent.session is not None, timeout=300, what="connection over the slow link")
                     connected = time.monotonic() - started
                     api = dso.config.api_socket
                     started = time.monotonic()
@@ -207,6 +214,7 @@ def test_a_slow_link_connects_relays_and_times_out_by_phase(pki, tmp_path, caplo
                           f"(TCP, TLS, trust checks, upgrade, gw.hello), gw.ping from the operator in {call:.1f} s; "
                           f"with \"timeout\": 2 the operator gets {answer['error']['code']} "
                           f"{answer['error']['message']!r}")
+                    link.cut()  # the test's gateway stops within 10 s; a closing handshake here takes 20 s
                 # An opening step shorter than the link needs is reported as a timeout of that step
                 config = gateway_config(pki, tmp_path, "GW-HASTY", port, open_timeout=1)
                 async with running_gateway(config, tmp_path) as agent:
@@ -239,5 +247,5 @@ def test_keepalive_and_compression_settings_are_checked(pki, tmp_path):
     with pytest.raises(ConfigError, match="window_bits must be 9 to 15"):
         GatewayConfig.load(write_toml(tmp_path / "g.toml", {**base, "dso.compression": {"window_bits": 8}}))
     config = GatewayConfig.load(write_toml(tmp_path / "g.toml", base))
-    assert (config.ping_interval, config.ping_timeout, config.open_timeout) == (120, 60, 30)
+    assert (config.ping_interval, config.ping_timeout, config.open_timeout) == (120, 60, 60)
     assert config.compression.describe() == "deflate window 2^10, memLevel 1, context takeover on"

@@ -70,7 +70,7 @@ class GatewayConfig:
             key_file=path(dso, "key_file", "dso", base),
             proxy=True if proxy is None else (None if proxy == "none" else proxy),
             call_timeout=_positive(dso, "call_timeout", 30.0),
-            open_timeout=_positive(dso, "open_timeout", 30.0),
+            open_timeout=_positive(dso, "open_timeout", 60.0),
             ping_interval=_positive(dso, "ping_interval", 120.0),
             ping_timeout=_positive(dso, "ping_timeout", 60.0),
             max_frame=get(dso, "max_frame", int, "dso", 256 * 1024),
