@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import ssl
+import time
 import subprocess
 from pathlib import Path
 
@@ -115,6 +116,13 @@ def s_server(pki, port: int, groups: str, log: Path):
     return process(args, log, ready=lambda text: "ACCEPT" in text)
 
 
+def wait_for_text(log: Path, text: str, timeout: float = 10.0) -> None:
+    """s_server writes a line after the alert or the page it sends: wait for it instead of racing it."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def gateway_handshake(pki, port: int, key_cert: tuple[Path, Path]) -> str:
     """The s_server status page the gateway's client context gets, or why it got none."""
     context = client_context(pki.ca_cert, key_cert[1], key_cert[0])
@@ -139,6 +147,8 @@ def test_gateway_client_context_gets_no_handshake_from_an_ffdhe_only_server(pki,
         log = tmp_path / f"s_server-{port}.log"
         with s_server(pki, port, groups, log):
             page = gateway_handshake(pki, port, key_cert)
+            if shared is None:
+                wait_for_text(log, "no suitable key share")
         if shared is None:
             assert page.startswith("refused:") and "no suitable key share" in log.read_text(), f"{groups}: {page}"
         else:  # what the gateway offered, as the independent server saw it
@@ -159,6 +169,7 @@ def test_gateway_process_gets_no_handshake_from_an_ffdhe_only_server(tmp_path, m
             with process([str(VENV_BIN / "lmgw-gateway"), "--config", str(gw_file)], tmp_path / f"gateway-{port}.log",
                          ready=lambda log: "connection to" in log and "failed" in log, timeout=30):
                 pass
+            wait_for_text(server_log, f"depth=0 CN = {gateway_id}" if handshake else "no suitable key share")
         served = server_log.read_text()
         assert (f"depth=0 CN = {gateway_id}" in served) is handshake, served
         assert ("no suitable key share" in served) is not handshake, served

@@ -196,7 +196,7 @@ def test_a_rejected_dso_is_closed_with_4003_and_the_reason(pki, tmp_path, caplog
         async with serve(handler, "127.0.0.1", 0, ssl=server_context(pki.ca_cert, pki.dso_cert, pki.dso_key),
                          subprotocols=subprotocols) as server:  # type: ignore[arg-type]
             port = server.sockets[0].getsockname()[1]
-            config = gateway_config(pki, tmp_path, "GW-T4", port, call_timeout=1)
+            config = gateway_config(pki, tmp_path, "GW-T4", port, call_timeout=1, open_timeout=1)
             async with running_gateway(config, tmp_path):
                 await wait_until(lambda: closes, what="the gateway's close")
 
