@@ -362,7 +362,7 @@ def test_renewal_round_trip_printed(pki, tmp_path):
     with full jitter here, [reconnect] min_delay on a device)."""
     async def scenario():
         async with running_dso(pki, tmp_path, enrol={"min_interval": 0}) as dso:
-            async with running_gateway(renewing(pki, tmp_path, "GW-RT", dso.port), tmp_path) as gw:
+            async with running_gateway(renewing(pki, tmp_path, "GW-RT", dso.port), tmp_path):
                 entry = await wait_until(lambda: connected_with(dso, "GW-RT", operational=True), 20, "operational")
                 rounds = []
                 for _ in range(5):

@@ -16,7 +16,7 @@ import ssl
 import struct
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -25,6 +25,7 @@ from websockets.protocol import State
 
 from conftest import VENV_BIN, Pki, free_port, process, running_dso, wait_until, write_toml
 from lmgw import SUBPROTOCOL
+from relay import Relay
 from lmgw.codes import CloseCode, RpcCode
 from lmgw.dso.eventpolicy import EventLimits
 from lmgw.dso.events import EventLog
@@ -321,23 +322,12 @@ def test_a_failed_opening_handshake_is_one_log_line(pki, tmp_path):
 # -- A3: replacing a dead connection --------------------------------------------------------------
 
 
-class BlackHoleRelay:
+class BlackHoleRelay(Relay):
     """A TCP relay that can stop forwarding while keeping both connections open (a dead NAT path)."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.forwarding = True
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[int]:
-        server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        try:
-            yield server.sockets[0].getsockname()[1]
-        finally:
-            server.close()
-            for task in self._tasks:
-                task.cancel()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)

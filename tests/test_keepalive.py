@@ -12,13 +12,12 @@ Figures are printed, never asserted on time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -27,6 +26,7 @@ from websockets.protocol import State
 from conftest import gateway_config, process, running_dso, running_gateway, wait_until
 from dso_side import free_port
 from lmgw import SUBPROTOCOL
+from relay import Relay
 from lmgw.codes import CloseCode, RpcCode
 from lmgw.dso.api import request
 from lmgw.tls import client_context
@@ -120,31 +120,21 @@ def test_a_tunnel_through_squid_with_its_default_timeouts_stays_up_across_a_keep
 # -- a slow link --------------------------------------------------------------------------------
 
 
-class SlowLink:
+class SlowLink(Relay):
     """A TCP relay on loopback adding ``delay`` seconds one way and serializing at ``bps`` in each direction.
 
     It accepts at once (a TCP connect to it takes no round trip): only data is delayed, so the gateway's
     round-trip measurement at TCP connect sees loopback; tc netem would delay the SYN too."""
 
     def __init__(self, target_port: int, delay: float, bps: float) -> None:
-        self.target_port, self.delay, self.bps = target_port, delay, bps
-        self._tasks: set[asyncio.Task[None]] = set()
+        super().__init__(target_port)
+        self.delay, self.bps = delay, bps
         self._writers: set[asyncio.StreamWriter] = set()
 
     def cut(self) -> None:
         """Reset every connection: a closing handshake would take a round trip of this link."""
         for writer in list(self._writers):
             writer.transport.abort()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[int]:
-        server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        try:
-            yield server.sockets[0].getsockname()[1]
-        finally:
-            server.close()
-            for task in list(self._tasks):
-                task.cancel()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
