@@ -175,7 +175,7 @@ def test_factory_then_renewed_at_the_fraction_superseded_revoked(pki, tmp_path):
                 clock.advance(10)
                 second = await wait_until(lambda: (e := connected_with(dso, "GW-R", True)) and e.serial != first.serial
                                           and e, 20, "second renewal")
-                await wait_until(lambda: len(events_of(dso, "GW-R", "cert.renewed")) == 2, what="second cert.renewed")
+                await wait_until(lambda: len(events_of(dso, "GW-R", "cert.renewed")) == 2, 30, "second cert.renewed")
                 renewed = events_of(dso, "GW-R", "cert.renewed")[1]["details"]
                 assert renewed["serial"] == f"{second.serial:x}" and renewed["replaced"] == f"{first.serial:x}"
                 await wait_until(lambda: revoked_reason(load_crl(pki.crl.read_bytes(), pki.ca.cert), first.serial),
