@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..methods import MethodTable, Param
+from ..modbus.profile import load_profile
+
+PROFILE = load_profile("simulated-lm")
+"""The profile the simulated gateways name in their hello: it says how much a shed of each relay takes off."""
 
 POINTS = {"total_power": 42.0, "load_1": 1, "load_2": 1}
 
@@ -23,7 +27,9 @@ class SimulatedLm:
         self.sheds += 1
         for name in points:
             self.values[name] = 0
-        return {"lm": lm, "shed_id": shed_id or f"sim-{self.sheds}", "points": points, "duration_s": duration_s}
+        known = all(name in PROFILE.points for name in points)
+        return {"lm": lm, "shed_id": shed_id or f"sim-{self.sheds}", "points": points, "duration_s": duration_s,
+                "shed_load_w": PROFILE.shed_load(points) if known else None}
 
     def add_to(self, methods: MethodTable) -> None:
         methods.add("lm.read", self.read, [Param("lm", str), Param("points", list, required=False)])

@@ -24,7 +24,7 @@ _WRITABLE_KINDS = ("coil", "holding")
 _BIT_KINDS = ("coil", "discrete_input")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _POINT_KEYS = {"name", "register", "address", "type", "word_order", "byte_order", "scale", "unit",
-               "access", "min", "max", "shed_value", "description"}
+               "access", "min", "max", "shed_value", "shed_load", "description"}
 _DEVICE_KEYS = {"model", "description", "word_order", "byte_order", "max_read_registers", "max_read_bits"}
 
 
@@ -44,6 +44,8 @@ class Point:
     max: float | None = None
     shed_value: Value | None = None
     description: str = ""
+    shed_load: float | None = None
+    """Watts taken off the grid when this point is shed (nominal, as the DSO counts a shed job's effect)."""
 
     @property
     def count(self) -> int:
@@ -76,6 +78,8 @@ class Point:
             out["range"] = list(self.range)
         if self.shed_value is not None:
             out["sheddable"] = True
+        if self.shed_load is not None:
+            out["shed_load"] = self.shed_load
         return out
 
 
@@ -92,6 +96,11 @@ class Profile:
     description: str = ""
     max_read_registers: int = 125
     max_read_bits: int = 2000
+
+    def shed_load(self, names: Iterable[str]) -> float | None:
+        """Watts a shed of these points takes off, when the profile gives ``shed_load`` for each of them."""
+        loads = [self.points[name].shed_load for name in names]
+        return None if any(load is None for load in loads) else sum(load or 0.0 for load in loads)
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,11 @@ def _parse_point(raw: Any, index: int, device: dict[str, Any], source: str) -> P
         except EncodeError as exc:
             raise ProfileError(f"{where}: shed_value {exc}") from None
         point = Point(**{**point.__dict__, "shed_value": shed_value})
+    if "shed_load" in raw:
+        load = _get(raw, "shed_load", (int, float), where)
+        if point.shed_value is None or not (math.isfinite(load) and load >= 0):
+            raise ProfileError(f"{where}: shed_load needs a shed_value and is zero or more watts")
+        point = Point(**{**point.__dict__, "shed_load": float(load)})
     return point
 
 

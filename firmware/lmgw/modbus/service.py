@@ -116,7 +116,8 @@ class LmService:
             if point.shed_value is None:
                 raise NotWritable(f"point {point.name!r} of LM {lm!r} has no shed_value in profile "
                                   f"{target.profile.model!r}: it cannot be shed", lm=lm, point=point.name)
-        return await self.scheduler.shed(lm, points, duration_s, randomize_s, shed_id)
+        answer = await self.scheduler.shed(lm, points, duration_s, randomize_s, shed_id)
+        return {**answer, "shed_load_w": target.profile.shed_load(points)}
 
     async def restore_shed(self, shed_id: str) -> dict[str, Any]:
         return await self.scheduler.restore(self.scheduler.live(shed_id=shed_id))
