@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..atomicfile import write_atomically
 from .inventory import Inventory
+from .operator import OPERATOR_EKU, OPERATOR_NAME, ROLE_POLICIES, Role
 
 GATEWAY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 REASONS = {flag.value: flag for flag in x509.ReasonFlags if flag not in (x509.ReasonFlags.unspecified,)}
@@ -163,7 +164,7 @@ class CertificateAuthority:
 
     def _issue(self, kind: str, common_name: str, public_key: Any, usage: list[x509.ObjectIdentifier],
                not_before: datetime, not_after: datetime, sans: list[x509.GeneralName] | None = None,
-               replaces: int | None = None) -> Issued:
+               replaces: int | None = None, policies: list[x509.ObjectIdentifier] | None = None) -> Issued:
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -180,8 +181,10 @@ class CertificateAuthority:
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         if kind == "operational":
+            policies = [OPERATIONAL_POLICY]
+        if policies:
             builder = builder.add_extension(
-                x509.CertificatePolicies([x509.PolicyInformation(OPERATIONAL_POLICY, None)]), critical=False)
+                x509.CertificatePolicies([x509.PolicyInformation(oid, None) for oid in policies]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         pem = cert.public_bytes(serialization.Encoding.PEM)
         self.inventory.record(cert.serial_number, kind, common_name, not_before, not_after, pem, replaces)
@@ -233,6 +236,18 @@ class CertificateAuthority:
         kind = "operational" if operational else "gateway"
         return self._issue(kind, gateway_id, csr.public_key(), [ExtendedKeyUsageOID.CLIENT_AUTH], start, end,
                            replaces=replaces)
+
+    def issue_operator(self, name: str, role: Role, days: int = 365) -> Issued:
+        """Key and certificate of a person or system using the DSO's operator API, with its role
+        (``lmgw.pki.operator``): never accepted on the gateway endpoint, no gateway certificate accepted by the API."""
+        if not OPERATOR_NAME.match(name):
+            raise PkiError(f"operator name {name!r} must be 1 to 64 characters of A-Z a-z 0-9 space . _ @ + - "
+                           "(starting with a letter or digit)")
+        key = ec.generate_private_key(ec.SECP256R1())
+        start, end = self._validity(days, None, None)
+        issued = self._issue("operator", name, key.public_key(), [ExtendedKeyUsageOID.CLIENT_AUTH, OPERATOR_EKU],
+                             start, end, policies=[ROLE_POLICIES[role]])
+        return Issued(issued.common_name, issued.serial, issued.cert_pem, _pem_key(key))
 
     def issue_update_signer(self, name: str, days: int = 1825) -> Issued:
         """Key and certificate that sign firmware bundles (RAUC): separate from every TLS key."""

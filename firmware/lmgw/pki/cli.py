@@ -10,6 +10,7 @@
     lmgw-pki expiring --days 30                                  # gateways whose certificates end soon
     lmgw-pki rollover --new-dir /srv/lmgw-ca-2 --name "ACME DSO LMGW CA 2"   # successor CA + cross.crt
     lmgw-pki serve --host 0.0.0.0 --port 8080                    # CRL and OCSP over HTTP
+    lmgw-pki operator-cert --name alice --role operator --out-key alice.key --out-cert alice.crt   # operator API
     lmgw-pki update-signer --name "LMGW update signing" --out-key u.key --out-cert u.crt
 """
 
@@ -28,6 +29,7 @@ from ..atomicfile import write_atomically
 from ..logsetup import configure
 from .ca import OPERATIONAL_DAYS, REASONS, CertificateAuthority, Issued, PkiError
 from .http import PkiHttpServer
+from .operator import Role
 
 
 def _write_pair(issued: Issued, key_path: Path, cert_path: Path) -> None:
@@ -87,6 +89,13 @@ def parser() -> argparse.ArgumentParser:
     serve = c.add_parser("serve", help="serve the CRL and OCSP over HTTP")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    operator = c.add_parser("operator-cert", help="key and certificate for the DSO's operator API, with a role")
+    operator.add_argument("--name", required=True, help="who: a person or system (the certificate CN)")
+    operator.add_argument("--role", required=True, choices=[role.value for role in Role],
+                          help="read-only: lists, status, events, metrics; operator: also calls, revoke, updates, tags")
+    operator.add_argument("--days", type=int, default=365)
+    operator.add_argument("--out-key", type=Path, required=True)
+    operator.add_argument("--out-cert", type=Path, required=True)
     signer = c.add_parser("update-signer", help="key and certificate that sign firmware bundles")
     signer.add_argument("--name", default="LMGW update signing")
     signer.add_argument("--days", type=int, default=1825)
@@ -156,6 +165,10 @@ def run(args: argparse.Namespace) -> None:
             server.serve_forever()
         except KeyboardInterrupt:
             pass
+    elif args.command == "operator-cert":
+        issued = ca.issue_operator(args.name, Role(args.role), days=args.days)
+        _write_pair(issued, args.out_key, args.out_cert)
+        print(f"issued operator certificate {issued.serial:x} for {args.name} (role {args.role})")
     elif args.command == "update-signer":
         issued = ca.issue_update_signer(args.name, days=args.days)
         _write_pair(issued, args.out_key, args.out_cert)

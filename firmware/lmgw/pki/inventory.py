@@ -10,7 +10,7 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificate (
     serial TEXT PRIMARY KEY,          -- hex: SQLite integers are 64-bit, serials up to 159 bits
-    kind TEXT NOT NULL,               -- gateway (factory), operational, server, update-signer
+    kind TEXT NOT NULL,               -- gateway (factory), operational, server, update-signer, operator
     common_name TEXT NOT NULL,
     not_before TEXT NOT NULL,
     not_after TEXT NOT NULL,
