@@ -36,6 +36,7 @@ from .. import SUBPROTOCOL, __version__
 from ..codes import CloseCode, RpcCode
 from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
+from ..pki.operator import is_operator_certificate
 from ..revocation import RevocationError
 from ..tls import common_name, peer_certificate, server_context
 from .config import DsoConfig
@@ -47,6 +48,7 @@ from .cluster.backplane import Backplane
 from .cluster.edge import balanced_serve, client_address
 from .cluster.embedded import EmbeddedBackplane
 from .events import EventLog
+from .observer import NullObserver, Observer
 from .registry import GatewayEntry, GatewayRegistry
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,8 @@ class DsoServer:
         self.time_service = TimeService(config.cert_file, config.key_file)
         """Signed time statements for gateways that have no other trusted time (``GET /time``)."""
         self.backplane = self._backplane()
+        self.observer: Observer = NullObserver()
+        """Told of handshakes, sessions, calls and events (the operator API's metrics replace it)."""
         self._server: Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._silence: asyncio.Task[None] | None = None
@@ -208,14 +212,21 @@ class DsoServer:
         gateway_id = common_name(certificate) if certificate is not None else None
         if certificate is None or not gateway_id:
             log.warning("refused %s: no client certificate with a CN", remote)
+            self.observer.refused("no_certificate")
             return connection.respond(403, "client certificate with a gateway ID (CN) required\n")
         if not _client_auth_allowed(certificate):
             log.warning("refused %s (%s): certificate is not for client authentication", remote, gateway_id)
+            self.observer.refused("not_client_auth")
             return connection.respond(403, "certificate not issued for client authentication\n")
+        if is_operator_certificate(certificate):  # an operator's certificate is for the operator API only
+            log.warning("refused %s (%s): an operator certificate is not a gateway identity", remote, gateway_id)
+            self.observer.refused("operator_certificate")
+            return connection.respond(403, "operator certificates are accepted by the operator API only\n")
         try:
             self.crl.check(certificate.serial_number, _now())
         except RevocationError as exc:
             log.warning("refused gateway %s from %s serial=%x: %s", gateway_id, remote, certificate.serial_number, exc)
+            self.observer.refused("revoked")
             return connection.respond(403, f"{exc}\n")
         if request.path.split("?")[0] == TIME_PATH:
             return connection.respond(*self.time_service.answer(request.path))
@@ -273,11 +284,13 @@ class DsoServer:
         entry = self.registry.get(gateway_id)
         assert entry is not None
         log.info("gateway %s connected from %s serial=%x", gateway_id, remote, certificate.serial_number)
+        self.observer.connected(gateway_id, certificate.not_valid_after_utc)
         try:
             await self.backplane.attached(entry)
             await session.run()
         finally:
-            self.registry.detach(gateway_id, session)
+            if self.registry.detach(gateway_id, session):
+                self.observer.disconnected(gateway_id)
             await self.backplane.detached(entry)
             log.info("gateway %s disconnected (code %s)", gateway_id, connection.close_code)
 
@@ -341,6 +354,7 @@ class DsoServer:
                         bound_id, kind[:80], exc.message)
                 raise RpcError(RpcCode.EVENT_REFUSED, exc.message, exc.data()) from None
             if first:
+                self.observer.event_stored({"gateway_id": bound_id, "event": event})
                 level = logging.WARNING if kind.startswith("security.") else logging.INFO
                 log.log(level, "gateway %s event %s: %s", bound_id, kind, details)
             if first and kind == RENEWED and self.enrol.supersede(bound_id, certificate.serial_number):
@@ -364,7 +378,17 @@ class DsoServer:
 
     async def call(self, gateway_id: str, method: str, params: dict[str, Any], timeout: float | None = None) -> Any:
         """Call a gateway held by this node or, in a cluster, by any node; ``LookupError`` when nobody holds it."""
-        return await self.backplane.call(gateway_id, method, params, timeout)
+        started, outcome = time.monotonic(), "ok"
+        try:
+            return await self.backplane.call(gateway_id, method, params, timeout)
+        except RpcError as exc:
+            outcome = "timeout" if exc.code == RpcCode.CALL_TIMEOUT else "rpc_error"
+            raise
+        except LookupError:
+            outcome = "offline"
+            raise
+        finally:
+            self.observer.called(method, outcome, time.monotonic() - started)
 
     async def revoke(self, gateway_id: str, reason: str) -> list[int]:
         """Revoke through the CA this DSO holds, then disconnect the gateway at once."""
