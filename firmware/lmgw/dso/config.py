@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import ConfigError, get, load_toml, path, section
 from ..deflate import Deflate
 from ..jsonrpc import MAX_SERVING
+from .apiconfig import ApiConfig
 from .cluster.config import ClusterConfig, balancer_addresses
 from .enrol import EnrolPolicy
 from .rollover import AnchorPush
@@ -58,6 +59,8 @@ class DsoConfig:
     """``[cluster]``: this node is one of several sharing routing, presence and events over NATS."""
     balancer: frozenset[str] = frozenset()
     """``[balancer] addresses``: peers that must open with a PROXY v2 header (and the only ones that may)."""
+    http: ApiConfig | None = None
+    """``[api]``: the operator HTTP API (docs/operator-api.md)."""
 
     @classmethod
     def load(cls, file: Path) -> DsoConfig:
@@ -114,4 +117,7 @@ class DsoConfig:
             bundles_url=get(updates, "base_url", str, "updates", None),
             cluster=ClusterConfig.from_table(section(config, "cluster"), base) if "cluster" in config else None,
             balancer=balancer_addresses(section(config, "balancer")),
+            http=ApiConfig.parse(api, base, tls_ca=path(tls, "ca_file", "tls", base),
+                                 tls_cert=path(tls, "cert_file", "tls", base), tls_key=path(tls, "key_file", "tls", base),
+                                 crl=path(revocation, "crl_file", "revocation", base)),
         )
