@@ -21,7 +21,7 @@ from lmgw.codes import RpcCode
 from lmgw.gateway.anchors import AnchorRefused, fingerprint, verify_anchor
 from lmgw.jsonrpc import RpcError
 from lmgw.pki.ca import CertificateAuthority
-from lmgw.revocation import CrlCache, CrlSet, RevocationError
+from lmgw.revocation import CrlCache, CrlSet, RevocationError, load_crl, revoked_reason
 
 
 @pytest.fixture
@@ -75,7 +75,8 @@ def test_crl_set_honours_every_ca_s_crl(pki, successor, tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def dso_step(tmp_path, port, name, *, ca_file, cert, key, crl, previous_crl, ca_dir, enrol=None, rollover=None):
+async def dso_step(tmp_path, port, name, *, ca_file, cert, key, crl, previous_crl, ca_dir, enrol=None, rollover=None,
+                   previous_ca_dir=None):
     """The DSO as the runbook configures it at one step of the rollover."""
     from lmgw.dso.config import DsoConfig
     from lmgw.dso.server import DsoServer
@@ -83,7 +84,8 @@ async def dso_step(tmp_path, port, name, *, ca_file, cert, key, crl, previous_cr
     config = write_toml(tmp_path / f"dso-{name}.toml", {
         "listen": {"host": "127.0.0.1", "port": port},
         "tls": {"ca_file": ca_file, "cert_file": cert, "key_file": key},
-        "revocation": {"crl_file": crl, "ca_dir": ca_dir, **({"previous_crl_file": previous_crl} if previous_crl else {})},
+        "revocation": {"crl_file": crl, "ca_dir": ca_dir, **({"previous_crl_file": previous_crl} if previous_crl else {}),
+                       **({"previous_ca_dir": previous_ca_dir} if previous_ca_dir else {})},
         "api": {"socket": tmp_path / f"dso-{name}.sock", "events_file": tmp_path / "dso-events.jsonl"},
         "channel": {"call_timeout": 5},
         "enrol": {"min_interval": 0, "lifetime": 3600, **(enrol or {})},
@@ -145,7 +147,7 @@ def test_ca_rollover_end_to_end_with_a_connected_gateway(pki, other_pki, success
                                                                          fingerprint(successor.cert)}
             # 3. overlap: the DSO accepts both CAs' gateways, honours both CRLs, renews from the new CA
             overlap = dict(ca_file=bundle, crl=successor.directory / "crl.der", previous_crl=pki.crl,
-                           ca_dir=successor.directory)
+                           ca_dir=successor.directory, previous_ca_dir=pki.dir)
             async with dso_step(tmp_path, port, "overlap", cert=pki.dso_cert, key=pki.dso_key, **overlap) as dso:
                 old_op = await wait_until(lambda: issuer_of(dso, "GW-ROLL"), 20, "reconnection in the overlap")
                 assert old_op.serial == entry.serial
@@ -153,6 +155,14 @@ def test_ca_rollover_end_to_end_with_a_connected_gateway(pki, other_pki, success
                 renewed = await wait_until(lambda: (e := issuer_of(dso, "GW-ROLL")) and e.serial != entry.serial and e,
                                            20, "renewal from the new CA")
                 assert gw.identity.cert.issuer == successor.cert.subject and gw.identity.serial == renewed.serial
+                # the old-CA certificate it replaced is revoked on the old CA's CRL, which the DSO honours at once
+                await wait_until(lambda: revoked_reason(load_crl(pki.crl.read_bytes(), pki.ca.cert), entry.serial),
+                                 20, "superseded old-CA certificate revoked")
+                assert revoked_reason(load_crl(pki.crl.read_bytes(), pki.ca.cert), entry.serial) == "superseded"
+                assert [r["replaces"] for r in successor.inventory_rows() if r["serial"] == f"{renewed.serial:x}"] \
+                    == [f"{entry.serial:x}"]
+                with pytest.raises(RevocationError, match="revoked"):
+                    dso.crl.check(entry.serial, datetime.now(timezone.utc))
             # 4. the DSO's own certificate moves to the new CA
             async with dso_step(tmp_path, port, "moved", cert=tmp_path / "dso2.crt", key=tmp_path / "dso2.key",
                                 **overlap) as dso:

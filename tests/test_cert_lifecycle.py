@@ -8,6 +8,7 @@ that starts at the real time (TLS itself judges validity by the real clock).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import statistics
@@ -149,11 +150,14 @@ def test_cert_sign_refuses_other_cn_weak_key_and_a_flood(pki, tmp_path):
 # -- renewal end to end -----------------------------------------------------------------
 
 
-@pytest.mark.skip(reason="flaky: the second cert.renewed was not recorded in 2 of ~7 runs on 2026-12-02 (issue 10, "
-                         "open defect in the closing note); the rest of the renewal path is covered by the other tests")
 def test_factory_then_renewed_at_the_fraction_superseded_revoked(pki, tmp_path):
     """Factory identity -> renews at once -> operational; at the configured fraction (ManualClock) renews again;
-    the superseded operational certificate is revoked, the factory one never."""
+    the superseded operational certificate is revoked, the factory one never.
+
+    The second certificate lives a day: the CA issues by the real clock while the manual clock stands at the first
+    one's renewal time, ~5 min ahead; a second 10-minute certificate was then often due at once, so the gateway
+    renewed a third time (and more) right after the second reconnection and the count of cert.renewed went past 2
+    (the flake of ab8652d; its product half, the superseded chain, is the test below)."""
     async def scenario():
         clock = ManualClock(time.time())
         async with running_dso(pki, tmp_path, enrol={"min_interval": 0, "lifetime": 600}) as dso:
@@ -169,6 +173,7 @@ def test_factory_then_renewed_at_the_fraction_superseded_revoked(pki, tmp_path):
                 not_after = datetime.fromisoformat(identity["operational"]["not_after"])
                 lifetime = timedelta(seconds=600) + timedelta(minutes=5)  # backdated start
                 assert not_after - lifetime / 3 <= due <= not_after - lifetime / 6
+                dso.enrol.policy = dataclasses.replace(dso.enrol.policy, lifetime=timedelta(days=1))
                 # nothing happens before the renewal time...
                 clock.advance(due.timestamp() - clock.now() - 5)
                 await asyncio.sleep(0.5)
@@ -188,16 +193,39 @@ def test_factory_then_renewed_at_the_fraction_superseded_revoked(pki, tmp_path):
                 rows = {r["serial"]: r for r in _inventory(dso)}
                 assert rows[f"{second.serial:x}"]["replaces"] == f"{first.serial:x}"
                 assert not (tmp_path / "data-GW-R" / "identity" / "previous.pem").exists()
-        # a restart comes back with the renewed pair from the data partition (the schedule may have renewed
-        # once more by then: the manual clock stands near the second certificate's renewal window too)
+        # a restart comes back with the renewed pair from the data partition
         on_disk = x509.load_pem_x509_certificate(
             (tmp_path / "data-GW-R" / "identity" / "operational.pem").read_bytes()).serial_number
+        assert on_disk == second.serial and len(events_of(dso, "GW-R", "cert.renewed")) == 2
         async with running_dso(pki, tmp_path, enrol={"min_interval": 0, "lifetime": 600}) as dso:
             config = renewing(pki, tmp_path, "GW-R", dso.port)
             async with running_gateway(config, tmp_path, clock=ManualClock(time.time())):  # not due again yet
                 entry = await wait_until(lambda: connected_with(dso, "GW-R", True), 20, "reconnect after restart")
                 assert entry.serial == on_disk
     asyncio.run(scenario())
+
+
+def test_cert_renewed_arriving_on_a_later_session_revokes_every_superseded_certificate(pki):
+    """Defect behind the flake of ab8652d: a gateway whose next renewal is due at once renews again before its
+    cert.renewed left, so the report of pair 2 (which replaced pair 1) arrives on the session of pair 3. The DSO
+    revoked only what the session's certificate replaced (pair 2): pair 1 stayed valid for the rest of its life."""
+    from lmgw.dso.enrol import Enrolment, EnrolPolicy
+
+    factory = pki.ca.issue_gateway("GW-CH")
+    serials = [factory.serial]
+    for _ in range(3):
+        issued = pki.ca.sign_csr(make_csr("GW-CH")[1], lifetime=timedelta(days=1), operational=True,
+                                 replaces=serials[-1])
+        serials.append(issued.serial)
+    _, first, second, third = serials
+    enrol = Enrolment(EnrolPolicy(), pki.dir, time.time)
+    assert not enrol.supersede("GW-OTHER", third)  # another gateway's session names nothing of this one
+    enrol.supersede("GW-CH", third)
+    crl = load_crl(pki.crl.read_bytes(), pki.ca.cert)
+    assert revoked_reason(crl, second) == "superseded"
+    assert revoked_reason(crl, first) == "superseded"  # None before the fix
+    assert revoked_reason(crl, third) is None and revoked_reason(crl, factory.serial) is None  # never the factory one
+    assert enrol.supersede("GW-CH", third) == []  # a duplicate report revokes nothing more
 
 
 def test_expired_operational_factory_restricted_renews_then_lm_commands_work(pki, tmp_path):

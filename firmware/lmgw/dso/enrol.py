@@ -60,10 +60,14 @@ class EnrolPolicy:
     min_interval: float = 3600.0
     """Seconds between two certificates signed for one gateway."""
     factory_sessions: str = "full"
+    previous_ca_dir: Path | None = None
+    """``[revocation] previous_ca_dir``, during a CA rollover: the old CA, where an old-CA certificate that a
+    renewal from the new CA superseded is revoked."""
 
     @classmethod
-    def parse(cls, enrol: dict[str, Any]) -> EnrolPolicy:
+    def parse(cls, enrol: dict[str, Any], previous_ca_dir: Path | None = None) -> EnrolPolicy:
         policy = cls(
+            previous_ca_dir=previous_ca_dir,
             lifetime=timedelta(seconds=get(enrol, "lifetime", float, "enrol", OPERATIONAL_DAYS * 86400.0)),
             min_interval=get(enrol, "min_interval", float, "enrol", 3600.0),
             factory_sessions=get(enrol, "factory_sessions", str, "enrol", "full"),
@@ -73,6 +77,10 @@ class EnrolPolicy:
         if policy.lifetime <= timedelta(0) or policy.min_interval < 0:
             raise ConfigError("[enrol] lifetime must be above 0 and min_interval at least 0")
         return policy
+
+
+MAX_CHAIN = 1000
+"""Renewals followed back from a session's certificate (15 years of 90-day certificates is 61)."""
 
 
 def refused(reason: str, message: str, retry_after: float | None = None) -> RpcError:
@@ -149,28 +157,52 @@ class Enrolment:
 
     # -- after a renewal ----------------------------------------------------------
 
-    def supersede(self, gateway_id: str, session_serial: int) -> int | None:
-        """The gateway reports ``cert.renewed`` from a session with its new certificate: revoke the operational
-        certificate it replaced (reason superseded).  A factory certificate is never revoked this way.
-        Returns the revoked serial."""
-        if self.ca_dir is None:
-            return None
-        ca = CertificateAuthority.open(self.ca_dir)
-        rows = ca.inventory.find(serial=session_serial)
-        if not rows or rows[0]["kind"] != "operational" or rows[0]["common_name"] != gateway_id or not rows[0]["replaces"]:
-            return None
-        replaced = ca.inventory.find(serial=int(rows[0]["replaces"], 16))
-        if not replaced or replaced[0]["kind"] != "operational" or replaced[0]["revoked_at"] is not None:
-            return None
-        serial = int(replaced[0]["serial"], 16)
-        ca.revoke(serial=serial, reason="superseded")
-        log.info("gateway %s: superseded certificate %x revoked", gateway_id, serial)
-        return serial
+    def supersede(self, gateway_id: str, session_serial: int) -> list[int]:
+        """The gateway reports ``cert.renewed`` from a session with a renewed certificate: revoke (reason
+        superseded) every operational certificate that one replaced, directly or through earlier renewals.
+        Returns the serials revoked.
+
+        The whole chain, not only the one replaced certificate, because the report races the reconnection: a
+        gateway whose next renewal is due at once (a schedule that fell due while it was off) renews again
+        before its report left, so ``cert.renewed`` of pair 2 (which replaced pair 1) arrives on the session of
+        pair 3.  A session with pair N proves that every ancestor of N is superseded.  During a CA rollover
+        the chain crosses into the old CA (``previous_ca_dir``) and is revoked on that CA's CRL.  A factory
+        certificate is never revoked this way: the walk stops at the first certificate that is not an
+        operational one of this gateway."""
+        cas = [CertificateAuthority.open(d) for d in (self.ca_dir, self.policy.previous_ca_dir) if d is not None]
+        found = _find(cas, session_serial)
+        revoked: list[int] = []
+        seen: set[str] = set()
+        while found is not None and len(seen) < MAX_CHAIN:
+            row = found[1]
+            if row["kind"] != "operational" or row["common_name"] != gateway_id or not row["replaces"]:
+                break
+            seen.add(row["serial"])
+            found = _find(cas, int(row["replaces"], 16))
+            if found is None or found[1]["serial"] in seen:
+                break
+            ca, replaced = found
+            if replaced["kind"] == "operational" and replaced["common_name"] == gateway_id and not replaced["revoked_at"]:
+                serial = int(replaced["serial"], 16)
+                ca.revoke(serial=serial, reason="superseded")
+                log.info("gateway %s: superseded certificate %x revoked (CA %s)", gateway_id, serial,
+                         ca.cert.subject.rfc4514_string())
+                revoked.append(serial)
+        return revoked
 
     def expiring(self, days: float) -> list[dict[str, Any]]:
         if self.ca_dir is None:
             raise PermissionError("this DSO holds no CA ([revocation] ca_dir): use lmgw-pki expiring on the CA host")
         return CertificateAuthority.open(self.ca_dir).expiring(timedelta(days=days))
+
+
+def _find(cas: list[CertificateAuthority], serial: int) -> tuple[CertificateAuthority, dict[str, Any]] | None:
+    """The CA that issued ``serial`` and its inventory row (serials are random 159-bit numbers: unique across CAs)."""
+    for ca in cas:
+        rows = ca.inventory.find(serial=serial)
+        if rows:
+            return ca, rows[0]
+    return None
 
 
 class FactorySession(RpcSession):
