@@ -186,7 +186,10 @@ def test_a_shed_job_over_200_gateways_exact_outcomes_progress_cancel_and_a_resta
         async with running_dso(pki, tmp_path) as server, \
                 simulated_gateways(pki, tmp_path, server.port, online, faulty) as gateways:
             store = FileJobStore(tmp_path / "jobs")
-            resolver = FleetResolver(server.backplane.gateways, _no_tags)
+            async def fleet(tags: dict[str, str] | None) -> list[str]:
+                return sorted(str(g["gateway_id"]) for g in await server.backplane.gateways())
+
+            resolver = FleetResolver(fleet)
             runner = JobRunner(store, server.call, resolver, "node1", save_every=0.2)
             await runner.start()
             job = await runner.submit(JobSpec("load.shed", dict(SHED), {"ids": selection}, 20, 5.0, "CN=op"),
@@ -245,8 +248,4 @@ def test_a_shed_job_over_200_gateways_exact_outcomes_progress_cancel_and_a_resta
             await third.stop()
 
     asyncio.run(scenario())
-
-
-async def _no_tags() -> dict[str, dict[str, str]]:
-    return {}
 

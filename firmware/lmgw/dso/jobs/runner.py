@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from ...clock import Clock, SystemClock
 from ...jsonrpc import RpcError
-from .model import Job, JobSpec, JobState, Outcome, job_params, new_job_id, outcome_of_error
+from .model import Job, JobSpec, Outcome, job_params, new_job_id, outcome_of_error
 from .selection import Resolver
 from .store import JobStore, LeaseLost, StoreUnavailable
 
@@ -29,13 +29,16 @@ SAVE_EVERY = 1.0
 
 class JobRunner:
     def __init__(self, store: JobStore, call: Call, resolver: Resolver, node: str, *,
-                 clock: Clock | None = None, save_every: float = SAVE_EVERY) -> None:
+                 clock: Clock | None = None, save_every: float = SAVE_EVERY,
+                 observe: Callable[[Outcome], None] = lambda outcome: None) -> None:
         self.store = store
         self.call = call
         self.resolver = resolver
         self.node = node
         self.clock: Clock = clock or SystemClock()
         self.save_every = save_every
+        self.observe = observe
+        """Told each gateway's outcome (the operator API's metrics)."""
         self.live: dict[str, Job] = {}
         """Jobs this node runs now."""
         self._wakes: dict[str, asyncio.Event] = {}
@@ -95,13 +98,9 @@ class JobRunner:
             log.info("job %s: cancel asked by %s, for node %s to carry out", job_id, by, job.node)
         return job
 
-    def states(self) -> dict[str, int]:
-        """Jobs this node runs, by state (the jobs gauge)."""
-        counts = {str(s): 0 for s in JobState if not s.final}
-        for job in self.live.values():
-            if not job.state.final:
-                counts[str(job.state)] += 1
-        return counts
+    def running(self) -> int:
+        """Jobs this node runs now (the jobs gauge)."""
+        return sum(not job.state.final for job in self.live.values())
 
     # -- driving ------------------------------------------------------------------
 
@@ -146,6 +145,11 @@ class JobRunner:
             log.warning("job %s not saved (%s): trying again in %g s", job.id, exc, self.save_every)
 
     async def _call_one(self, job: Job, gateway_id: str, wake: asyncio.Event) -> None:
+        await self._call(job, gateway_id)
+        self.observe(job.targets[gateway_id].outcome)
+        wake.set()
+
+    async def _call(self, job: Job, gateway_id: str) -> None:
         spec = job.spec
         try:
             answer = await self.call(gateway_id, spec.method, spec.params, spec.timeout)
@@ -160,7 +164,6 @@ class JobRunner:
             shed = answer.get("shed_load_w") if isinstance(answer, dict) else None
             job.record(gateway_id, Outcome.DONE, self.clock.now(),
                        shed_load_w=float(shed) if isinstance(shed, (int, float)) else None)
-        wake.set()
 
     async def _watch_orphans(self) -> None:
         """Take over the jobs of nodes that stopped writing them (a cluster; a single node has none)."""

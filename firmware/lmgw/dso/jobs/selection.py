@@ -2,8 +2,8 @@
 
 ``check_selection`` is pure (the request's ``selection`` object, bounded); ``FleetResolver`` turns
 it into IDs when the job starts (the job keeps that list: a gateway tagged later is not added).
-"All" is every gateway the head-end knows: connected now (on any node) or tagged in the inventory,
-so a tagged gateway that is offline is reported ``offline`` instead of silently left out.
+"All" is every gateway the head-end knows (the operator API's fleet: connected on any node, certified by
+the CA, or tagged), so a known gateway that is offline is reported ``offline`` instead of left out.
 """
 
 from __future__ import annotations
@@ -49,18 +49,12 @@ def matching(tagged: dict[str, dict[str, str]], selector: dict[str, str]) -> lis
 
 
 class FleetResolver:
-    def __init__(self, connected: Callable[[], Awaitable[list[dict[str, Any]]]],
-                 tagged: Callable[[], Awaitable[dict[str, dict[str, str]]]]) -> None:
-        self.connected = connected
-        """``Backplane.gateways``: every connected gateway of the head-end."""
-        self.tagged = tagged
-        """``TagStore.all``."""
+    def __init__(self, fleet: Callable[[dict[str, str] | None], Awaitable[list[str]]]) -> None:
+        self.fleet = fleet
+        """IDs of the gateways the head-end knows, those with all these tags (None: all of them)."""
 
     async def resolve(self, selection: dict[str, Any]) -> list[str]:
         selection = check_selection(selection)
         if "ids" in selection:
             return list(selection["ids"])
-        if "tags" in selection:
-            return matching(await self.tagged(), selection["tags"])
-        known = {str(g["gateway_id"]) for g in await self.connected()} | set(await self.tagged())
-        return sorted(known)
+        return await self.fleet(selection.get("tags"))
