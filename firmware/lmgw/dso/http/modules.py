@@ -1,0 +1,11 @@
+"""The route modules every node serves, in order: each one's ``add_routes(app, ctx)`` adds its routes
+(the seam is described in ``app``).  A module of this package adds itself here, one line."""
+
+from __future__ import annotations
+
+from . import routes
+from .app import RouteModule
+
+ROUTE_MODULES: tuple[RouteModule, ...] = (
+    routes.add_routes,
+)
