@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -32,41 +32,47 @@ from .api import request, start_api
 from .config import DsoConfig
 from .rollover import trust_update_params
 from .server import DsoServer
+from .updates import update_params
+
+log = logging.getLogger(__name__)
+
+
+async def _start_operator_api(server: DsoServer, config: DsoConfig) -> Any:
+    """The operator HTTP API beside the gateway listener ([api], docs/operator-api.md).  Gateways come first:
+    an API that cannot start is one error line, the node goes on serving its gateways."""
+    if config.http is None or not config.http.enabled:
+        return None
+    try:
+        from .http.service import OperatorApi
+    except ImportError as exc:
+        log.error("operator API not started: %s (install the head-end extra: pip install 'lmgw[dso]'), "
+                  "or set [api] enabled = false", exc)
+        return None
+    api = OperatorApi(server, config.http)
+    try:
+        await api.start()
+    except OSError as exc:
+        log.error("operator API not started: cannot listen on %s:%d (%s): set [api] port, or [api] enabled = false",
+                  config.http.host, config.http.port, exc.strerror or exc)
+        await api.stop()
+        return None
+    return api
 
 
 async def _serve(config: DsoConfig) -> None:
     server = DsoServer(config)
     await server.start()
     api = await start_api(server, config.api_socket)
+    operator_api = await _start_operator_api(server, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     api.close()
+    if operator_api is not None:
+        await operator_api.stop()
     await server.stop()
-
-
-def update_params(config: DsoConfig, bundle: str, version: str, *, reboot_at: str | None, allow_downgrade: bool,
-                  commit_timeout: int | None) -> dict[str, Any]:
-    """``gw.update`` parameters for a bundle of ``[updates] bundles_dir``: its URL, size and SHA-256."""
-    if config.bundles_dir is None or config.bundles_url is None:
-        raise ConfigError("[updates] bundles_dir and base_url must be set to offer bundles to gateways")
-    file = config.bundles_dir / bundle
-    if Path(bundle).name != bundle or not file.is_file():
-        raise ConfigError(f"no bundle {bundle!r} in {config.bundles_dir}")
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    params: dict[str, Any] = {"url": config.bundles_url.rstrip("/") + "/" + bundle, "version": version,
-                              "sha256": digest.hexdigest(), "size": file.stat().st_size,
-                              "allow_downgrade": allow_downgrade}
-    if reboot_at is not None:
-        params["reboot_at"] = reboot_at
-    if commit_timeout is not None:
-        params["commit_timeout"] = commit_timeout
-    return params
 
 
 def _print(answer: dict[str, Any]) -> int:
