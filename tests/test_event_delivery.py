@@ -20,7 +20,7 @@ def test_an_event_refused_for_good_is_set_aside_and_the_next_ones_are_delivered(
                 agent.emit_event("test.after", {"n": 1})
                 await wait_until(lambda: "test.after" in kinds_recorded(dso, "GW-EV1"), what="the next event")
                 assert "test.too_big" not in kinds_recorded(dso, "GW-EV1")
-                assert agent.outbox.pending() == []
+                await wait_until(lambda: agent.outbox.pending() == [], what="the acknowledgement")  # after the DSO stored it
                 kept = list(agent.outbox.directory.glob("*.refused"))
                 assert len(kept) == 1 and "test.too_big" in kept[0].read_text()
     asyncio.run(scenario())
@@ -36,5 +36,6 @@ def test_an_event_over_the_rate_is_offered_again_after_retry_after(pki, tmp_path
                     agent.emit_event("test.burst", {"n": n})
                 await wait_until(lambda: len(kinds_recorded(dso, "GW-EV2")) == 3, timeout=20, what="all three")
                 assert [r["event"]["details"]["n"] for r in dso.events.read("GW-EV2")] == [0, 1, 2]
-                assert agent.outbox.pending() == [] and not list(agent.outbox.directory.glob("*.refused"))
+                await wait_until(lambda: agent.outbox.pending() == [], what="the acknowledgement")
+                assert not list(agent.outbox.directory.glob("*.refused"))
     asyncio.run(scenario())

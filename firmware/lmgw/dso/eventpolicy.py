@@ -27,10 +27,16 @@ class EventLimits:
     max_event_bytes: int = 16 * 1024
     """The event (``id``, ``kind``, ``time``, ``details``) as compact UTF-8 JSON."""
     max_kind_length: int = 64
-    per_minute: float = 60.0
-    """Sustained events per gateway per minute."""
-    burst: int = 120
-    """Events a gateway may send at once after a quiet time (a backlog after an outage)."""
+    per_minute: float = 600.0
+    """Sustained events per gateway per minute.  A gateway's events follow the DSO's commands: a shed
+    makes two (``load.shed_started``, then ``load.restored``, ``_expired`` or ``_cancelled``), at most
+    three (``load.restore_failed`` once per outage); its own events (time, certificates, updates) are a
+    few a day.  The soak drives 2 sheds and 2 restores a second (ten times the paper's call rate): 240
+    events a minute, 360 at worst; 600 leaves a margin of 2.5 (1.7 at worst) and still stops a runaway
+    gateway (docs/performance.md)."""
+    burst: int = 1200
+    """Events a gateway may send at once after a quiet time (a backlog after an outage): two minutes
+    at the sustained rate."""
     max_bytes_per_gateway: int = 16 * 1024 * 1024
     """Bytes of the events file one gateway may fill."""
 

@@ -172,6 +172,7 @@ class GatewayAgent:
             "proxy": redact(proxy) if proxy else None,
             "crl_next_update": self.crl.next_update.isoformat() if self.crl.next_update else None,
             "events_pending": len(self.outbox),
+            "events_dropped": self.outbox.dropped,
             "lms": self.lms.describe(),
             "storage_problem": self.lms.storage_problem,
             "identity": {**self.identities.describe(self._now(), self.identity), "renewal": self._renewal_status()},

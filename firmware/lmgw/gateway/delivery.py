@@ -50,7 +50,7 @@ class EventDelivery:
         self._last_once = None  # the channel is up: a failure after it is news again
         while True:
             self._wakeup.clear()
-            for event in self.outbox.pending():
+            for event in self.outbox.iter_pending():
                 if not await self._deliver_one(session, event):
                     return
             await self._wakeup.wait()
