@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from . import routes
+from . import jobs_routes, routes
 from .app import RouteModule
 
 ROUTE_MODULES: tuple[RouteModule, ...] = (
     routes.add_routes,
+    jobs_routes.add_routes,
 )
