@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from ..config import ConfigError
 from ..logsetup import configure
 from .api import request, start_api
+from .cluster.config import loop_factory
 from .config import DsoConfig
 from .rollover import trust_update_params
 from .server import DsoServer
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         try:
-            asyncio.run(_serve(config))
+            with asyncio.Runner(loop_factory=loop_factory(config.cluster)) as runner:  # uvloop: docs/fleet.md
+                runner.run(_serve(config))
         except ConfigError as exc:  # e.g. lmgw.tls.TlsPolicyError
             print(f"lmgw-dso: {exc}", file=sys.stderr)
             return 2
