@@ -1,15 +1,22 @@
-"""``lmgw-dso``: run the DSO reference server, or talk to a running one as its operator.
+"""``lmgw-dso``: run a DSO node, or be its operator through the operator HTTP API of any node.
 
     lmgw-dso --config dso.toml serve
-    lmgw-dso gateways
+    lmgw-dso gateways                                  # a table; --json for scripts; --status/--tag/--firmware
     lmgw-dso call GW-0001 lm.read '{"lm": "lm-1", "points": ["total_power"]}'
     lmgw-dso update GW-0001 lmgw-1.2.0.raucb --version 1.2.0 --reboot-at 2026-11-25T02:00:00+00:00
-    lmgw-dso events GW-0001
+    lmgw-dso events GW-0001 --kind 'security.*'        # stored events; --follow: the live feed
     lmgw-dso revoke GW-0001 --reason keyCompromise
-    lmgw-dso call GW-0001 cert.renew                 # renew its operational certificate now
-    lmgw-dso expiring --days 30                      # gateways whose certificate ends within 30 days
+    lmgw-dso tag GW-0001 region=north feeder=F12       # key= removes a tag; no pairs: show them
+    lmgw-dso job start load.shed '{"lm": "lm1", "points": ["relay_1"], "duration_s": 900}' --tag region=north --window 300
+    lmgw-dso job show JOB --outcome error               # job list, job cancel JOB
+    lmgw-dso expiring --days 30                        # gateways whose certificate ends within 30 days
     lmgw-dso trust-update GW-0001 --anchor ca2/ca.crt --proof ca2/cross.crt --crl ca2/crl.der   # CA rollover
     lmgw-dso trust-retire GW-0001 --anchor ca1/ca.crt
+
+Which node and which operator certificate: --url/--ca/--cert/--key, or an [operator] table (url,
+ca_file, cert_file, key_file) in --operator FILE or in the --config file itself (lmgw/dso/client.py).
+Exit status: 0 done, 1 the node or the gateway refused (the error's code and message on stderr),
+2 a usage, configuration or connection problem.
 """
 
 from __future__ import annotations
@@ -28,14 +35,26 @@ from cryptography.hazmat.primitives import hashes
 
 from ..config import ConfigError
 from ..logsetup import configure
-from .api import request, start_api
-from .cluster.config import loop_factory
+from . import cliformat
+from .api import start_api
+from .client import ApiClient, ApiFailure, ClientConfig, Unreachable
 from .config import DsoConfig
 from .rollover import trust_update_params
 from .server import DsoServer
 from .updates import update_params
 
+__all__ = ["main", "update_params"]  # update_params: its home was here (tests import it from here)
 log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("dso.toml")
+JOB_POLL = 0.5
+"""Seconds between two progress reads of a job the CLI waits for."""
+PROGRESS_EVERY = 5.0
+"""Seconds between two progress lines when stderr is not a terminal (a log, CI)."""
+
+
+class UsageError(Exception):
+    """Bad arguments, found after parsing (exit status 2)."""
 
 
 async def _start_operator_api(server: DsoServer, config: DsoConfig) -> Any:
@@ -76,30 +95,226 @@ async def _serve(config: DsoConfig) -> None:
     await server.stop()
 
 
-def _print(answer: dict[str, Any]) -> int:
-    if not answer["ok"]:
-        error = answer["error"]
-        code = f" ({error['code']})" if error.get("code") is not None else ""
-        print(f"error{code}: {error['message']}", file=sys.stderr)
-        return 1
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{what} are not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} must be a JSON object")
+    return value
+
+
+def _selector_query(args: argparse.Namespace) -> list[tuple[str, str]]:
+    query = [("tag", t) for t in args.tag or []]
+    if getattr(args, "status", None):
+        query.append(("status", args.status))
+    if getattr(args, "firmware", None):
+        query.append(("firmware", args.firmware))
+    return query
+
+
+def _out(args: argparse.Namespace, value: Any, text: str | None = None) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False) if text is None or args.json else text)
+
+
+# -- commands (each returns the exit status) ----------------------------------------------------
+
+
+async def _gateways(api: ApiClient, args: argparse.Namespace) -> int:
+    answer = await api.get("/api/v1/gateways", _selector_query(args))
+    summary = f"{answer['count']} gateway(s): {answer['online']} online, {answer['offline']} offline"
+    _out(args, answer["gateways"], cliformat.gateways_table(answer["gateways"]) + "\n" + summary)
+    return 0
+
+
+async def _expiring(api: ApiClient, args: argparse.Namespace) -> int:
+    answer = await api.get("/api/v1/gateways", [("expires_within_days", f"{args.days:g}")])
+    _out(args, answer["gateways"], cliformat.gateways_table(answer["gateways"]))
+    return 0
+
+
+async def _call(api: ApiClient, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"method": args.method, "params": _json_object(args.params, "params")}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    answer = await api.post(f"/api/v1/gateways/{args.gateway}/call", body)
     print(json.dumps(answer["result"], indent=2, ensure_ascii=False))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+async def _trust(api: ApiClient, args: argparse.Namespace) -> int:
+    try:
+        if args.command == "trust-update":
+            method, params = "trust.update", trust_update_params(args.anchor, args.proof, args.crl, args.crl_url)
+        else:
+            anchor = x509.load_pem_x509_certificate(args.anchor.read_bytes())
+            method, params = "trust.retire", {"sha256": anchor.fingerprint(hashes.SHA256()).hex()}
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    answer = await api.post(f"/api/v1/gateways/{args.gateway}/call", {"method": method, "params": params})
+    print(json.dumps(answer["result"], indent=2, ensure_ascii=False))
+    return 0
+
+
+async def _update(api: ApiClient, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"bundle": args.bundle, "version": args.version, "allow_downgrade": args.allow_downgrade}
+    if args.reboot_at is not None:
+        body["reboot_at"] = args.reboot_at
+    if args.commit_timeout is not None:
+        body["commit_timeout"] = args.commit_timeout
+    answer = await api.post(f"/api/v1/gateways/{args.gateway}/update", body)
+    print(json.dumps(answer["result"], indent=2, ensure_ascii=False))
+    return 0
+
+
+async def _revoke(api: ApiClient, args: argparse.Namespace) -> int:
+    answer = await api.post(f"/api/v1/gateways/{args.gateway}/revoke", {"reason": args.reason})
+    print(json.dumps(answer, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _event_line(record: dict[str, Any]) -> str:
+    event = record.get("event", {})
+    details = json.dumps(event.get("details", {}), ensure_ascii=False, separators=(",", ":"))
+    return f"{cliformat.when(record.get('received'))}  {record.get('gateway_id')}  {event.get('kind')}  {details}"
+
+
+async def _events(api: ApiClient, args: argparse.Namespace) -> int:
+    query = [("kind", args.kind)] if args.kind else []
+    if args.follow:
+        if args.gateway:
+            query.append(("gateway", args.gateway))
+        async for name, data in api.events("/api/v1/events/stream", query):
+            if name == "gateway-event" and isinstance(data, dict):
+                print(json.dumps(data, ensure_ascii=False) if args.json else _event_line(data), flush=True)
+            elif name in ("closed", "overflow"):
+                print(f"lmgw-dso: the node ended the live feed ({name})", file=sys.stderr)
+                return 1
+        return 0
+    if args.since:
+        query.append(("since", args.since))
+    path = f"/api/v1/gateways/{args.gateway}/events" if args.gateway else "/api/v1/events"
+    answer = await api.get(path, query)
+    _out(args, answer["events"], "\n".join(_event_line(r) for r in answer["events"]) or "(no events)")
+    return 0
+
+
+async def _tag(api: ApiClient, args: argparse.Namespace) -> int:
+    path = f"/api/v1/gateways/{args.gateway}/tags"
+    if not args.pairs:
+        answer = await api.get(path)
+    else:
+        patch: dict[str, str | None] = {}
+        for pair in args.pairs:
+            key, equals, value = pair.partition("=")
+            if not equals:
+                raise UsageError(f"tag {pair!r} must be key=value (key= removes the tag)")
+            patch[key] = value or None
+        answer = await api.request("PATCH", path, {"tags": patch})
+    text = " ".join(f"{k}={v}" for k, v in sorted(answer["tags"].items())) or "(no tags)"
+    _out(args, answer, f"{answer['gateway_id']}: {text}")
+    return 0
+
+
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    chosen = [bool(args.ids), bool(args.tag), args.all]
+    if sum(chosen) != 1:
+        raise UsageError("choose the gateways with exactly one of --ids A,B,..., --tag key=value (repeatable) or --all")
+    if args.ids:
+        return {"ids": [i for i in args.ids.split(",") if i]}
+    if args.tag:
+        tags = {}
+        for pair in args.tag:
+            key, equals, value = pair.partition("=")
+            if not equals or not value:
+                raise UsageError(f"--tag {pair!r} must be key=value")
+            tags[key] = value
+        return {"tags": tags}
+    return {"all": True}
+
+
+async def _job(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.job_command == "list":
+        answer = await api.get("/api/v1/jobs")
+        _out(args, answer["jobs"], cliformat.jobs_table(answer["jobs"]) if answer["jobs"] else "(no jobs)")
+        return 0
+    if args.job_command == "start":
+        body: dict[str, Any] = {"method": args.method, "params": _json_object(args.params, "params"),
+                                "selection": _selection(args), "concurrency": args.concurrency}
+        if args.window:
+            body["window_s"] = args.window
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+        job = await api.post("/api/v1/jobs", body)
+        print(f"job {job['id']} started on node {job.get('node') or '-'}: {job['method']} to {job['total']} "
+              f"gateway(s)", file=sys.stderr)
+        if args.no_wait:
+            _out(args, job, job["id"])
+            return 0
+        return await _follow(api, job["id"], args)
+    if args.job_command == "cancel":
+        job = await api.post(f"/api/v1/jobs/{args.job}/cancel")
+        _out(args, job, f"job {job['id']}: {job['state']} ({job['finished']}/{job['total']} finished)")
+        return 0
+    if args.follow:
+        return await _follow(api, args.job, args)
+    job = await api.get(f"/api/v1/jobs/{args.job}", [("outcome", args.outcome)])
+    _out(args, job, cliformat.job_summary(job))
+    return 0
+
+
+async def _follow(api: ApiClient, job_id: str, args: argparse.Namespace) -> int:
+    """A progress bar until the job ends (a line every few seconds when stderr is not a terminal), then its summary."""
+    terminal = sys.stderr.isatty()
+    loop = asyncio.get_running_loop()
+    last_line, last_time = "", 0.0
+    while True:
+        job = await api.get(f"/api/v1/jobs/{job_id}")
+        line = cliformat.progress_line(job)
+        final = job["state"] in ("done", "cancelled")
+        if terminal:
+            print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
+        elif line != last_line and (final or loop.time() - last_time >= PROGRESS_EVERY):
+            print(line, file=sys.stderr, flush=True)
+            last_line, last_time = line, loop.time()
+        if final:
+            break
+        await asyncio.sleep(JOB_POLL)
+    job = await api.get(f"/api/v1/jobs/{job_id}", [("outcome", "all")])
+    _out(args, job, cliformat.job_summary(job))
+    return 0 if job["state"] == "done" and job["counts"]["done"] == job["total"] else 1
+
+
+COMMANDS = {"gateways": _gateways, "expiring": _expiring, "call": _call, "trust-update": _trust,
+            "trust-retire": _trust, "update": _update, "revoke": _revoke, "events": _events, "tag": _tag,
+            "job": _job}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmgw-dso", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("dso.toml"), help="DSO configuration (TOML)")
+    parser.add_argument("--config", type=Path, help="the node's configuration (TOML; default dso.toml): serve "
+                                                    "runs it, the other commands reach its [api] by default")
+    parser.add_argument("--operator", type=Path, help="operator client settings: an [operator] table (TOML)")
+    parser.add_argument("--url", help="a node's operator API, https://host:port")
+    parser.add_argument("--ca", type=Path, help="CA file verifying the node's API certificate")
+    parser.add_argument("--cert", type=Path, help="operator certificate (lmgw-pki operator-cert)")
+    parser.add_argument("--key", type=Path, help="its private key")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the DSO server")
-    commands.add_parser("gateways", help="list connected gateways")
-    call = commands.add_parser("call", help="call a method on a connected gateway and print its answer")
+    commands.add_parser("serve", help="run the DSO node (gateway endpoint and operator API)")
+    gateways = commands.add_parser("gateways", help="the fleet as a table: status, node, firmware, last seen")
+    gateways.add_argument("--status", choices=("online", "offline"))
+    gateways.add_argument("--tag", action="append", help="key=value (repeatable: all must match)")
+    gateways.add_argument("--firmware", help="exact firmware version")
+    call = commands.add_parser("call", help="call a method on a gateway and print its answer")
     call.add_argument("gateway")
     call.add_argument("method")
     call.add_argument("params", nargs="?", default="{}", help="JSON object")
     call.add_argument("--timeout", type=float)
-    update = commands.add_parser("update", help="offer a gateway a firmware bundle from [updates] bundles_dir")
+    update = commands.add_parser("update", help="offer a gateway a firmware bundle from the node's [updates] bundles_dir")
     update.add_argument("gateway")
     update.add_argument("bundle", help="file name in bundles_dir")
     update.add_argument("--version", required=True, help="the bundle's firmware version")
@@ -118,65 +333,72 @@ def main(argv: list[str] | None = None) -> int:
     retire = commands.add_parser("trust-retire", help="CA rollover: a gateway stops trusting the old CA")
     retire.add_argument("gateway")
     retire.add_argument("--anchor", type=Path, required=True, help="the old CA's ca.crt")
-    expiring = commands.add_parser("expiring", help="gateways whose certificate in use ends within --days")
+    expiring = commands.add_parser("expiring", help="gateways whose certificate ends within --days")
     expiring.add_argument("--days", type=float, default=30)
-    events = commands.add_parser("events", help="events reported by gateways")
+    events = commands.add_parser("events", help="events reported by gateways (stored, or --follow the live feed)")
     events.add_argument("gateway", nargs="?")
-    args = parser.parse_args(argv)
+    events.add_argument("--kind", help="exact kind, or a prefix ending in * (security.*)")
+    events.add_argument("--since", help="ISO 8601 time with zone")
+    events.add_argument("--follow", action="store_true", help="print new events as they arrive, until Ctrl-C")
+    tag = commands.add_parser("tag", help="show or set a gateway's tags (region, feeder, customer_class, ...)")
+    tag.add_argument("gateway")
+    tag.add_argument("pairs", nargs="*", help="key=value sets a tag, key= removes it")
+    job = commands.add_parser("job", help="fleet jobs: one method sent to many gateways")
+    jobs = job.add_subparsers(dest="job_command", required=True)
+    start = jobs.add_parser("start", help="start a job and follow it to the end (progress bar, then a summary)")
+    start.add_argument("method", choices=("load.shed", "load.restore", "gw.update"))
+    start.add_argument("params", help="JSON object (gw.update: bundle and version, as the update command)")
+    start.add_argument("--ids", help="gateway IDs, comma-separated")
+    start.add_argument("--tag", action="append", help="key=value (repeatable: all must match)")
+    start.add_argument("--all", action="store_true", help="every gateway the head-end knows")
+    start.add_argument("--window", type=float, default=0.0, help="load.shed: seconds over which starts are spread")
+    start.add_argument("--concurrency", type=int, default=50, help="gateways called at once")
+    start.add_argument("--timeout", type=float, help="seconds each gateway has to answer")
+    start.add_argument("--no-wait", action="store_true", help="print the job's ID and return")
+    show = jobs.add_parser("show", help="a job's progress and outcomes")
+    show.add_argument("job")
+    show.add_argument("--outcome", default="all", help="list only gateways with this outcome (error, offline, ...)")
+    show.add_argument("--follow", action="store_true", help="progress bar until it ends")
+    cancel = jobs.add_parser("cancel", help="send nothing more; calls in flight finish")
+    cancel.add_argument("job")
+    jobs.add_parser("list", help="jobs, newest first")
+    return parser
+
+
+async def _operate(config: ClientConfig, args: argparse.Namespace) -> int:
+    async with ApiClient(config) as api:
+        return await COMMANDS[args.command](api, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     configure(args.verbose)
-    try:
-        config = DsoConfig.load(args.config)
-    except ConfigError as exc:
-        print(f"lmgw-dso: {exc}", file=sys.stderr)
-        return 2
+    config_file = args.config or DEFAULT_CONFIG
     if args.command == "serve":
         try:
-            with asyncio.Runner(loop_factory=loop_factory(config.cluster)) as runner:  # uvloop: docs/fleet.md
-                runner.run(_serve(config))
+            config = DsoConfig.load(config_file)
+            asyncio.run(_serve(config))
         except ConfigError as exc:  # e.g. lmgw.tls.TlsPolicyError
             print(f"lmgw-dso: {exc}", file=sys.stderr)
             return 2
         return 0
-    if args.command == "update":
-        try:
-            params = update_params(config, args.bundle, args.version, reboot_at=args.reboot_at,
-                                   allow_downgrade=args.allow_downgrade, commit_timeout=args.commit_timeout)
-        except ConfigError as exc:
-            print(f"lmgw-dso: {exc}", file=sys.stderr)
-            return 2
-        args.command, args.method, args.params, args.timeout = "call", "gw.update", json.dumps(params), None
-    if args.command in ("trust-update", "trust-retire"):
-        try:
-            if args.command == "trust-update":
-                method, params = "trust.update", trust_update_params(args.anchor, args.proof, args.crl, args.crl_url)
-            else:
-                anchor = x509.load_pem_x509_certificate(args.anchor.read_bytes())
-                method, params = "trust.retire", {"sha256": anchor.fingerprint(hashes.SHA256()).hex()}
-        except (OSError, ValueError) as exc:
-            print(f"lmgw-dso: {exc}", file=sys.stderr)
-            return 2
-        args.command, args.method, args.params, args.timeout = "call", method, json.dumps(params), None
-    message: dict[str, Any] = {"op": {"gateways": "list"}.get(args.command, args.command)}
-    if args.command in ("call", "revoke") or getattr(args, "gateway", None):
-        message["gateway"] = args.gateway
-    if args.command == "call":
-        try:
-            message["params"] = json.loads(args.params)
-        except ValueError as exc:
-            print(f"lmgw-dso: params are not valid JSON: {exc}", file=sys.stderr)
-            return 2
-        message["method"] = args.method
-        message["timeout"] = args.timeout
-    if args.command == "revoke":
-        message["reason"] = args.reason
-    if args.command == "expiring":
-        message["days"] = args.days
     try:
-        answer = asyncio.run(request(config.api_socket, message))
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"lmgw-dso: no DSO server answers on {config.api_socket} (is `lmgw-dso serve` running?)", file=sys.stderr)
+        dso_file = config_file if args.config is not None or DEFAULT_CONFIG.exists() else None
+        client = ClientConfig.resolve(operator_file=args.operator, dso_file=dso_file, url=args.url, ca_file=args.ca,
+                                      cert_file=args.cert, key_file=args.key)
+        return asyncio.run(_operate(client, args))
+    except (ConfigError, UsageError) as exc:
+        print(f"lmgw-dso: {exc}", file=sys.stderr)
         return 2
-    return _print(answer)
+    except Unreachable as exc:
+        print(f"lmgw-dso: {exc} (is `lmgw-dso serve` running with [api] enabled?)", file=sys.stderr)
+        return 2
+    except ApiFailure as exc:
+        code = f" ({exc.code})" if exc.code is not None else ""
+        print(f"error{code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
