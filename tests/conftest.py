@@ -58,7 +58,9 @@ async def running_dso(pki: Pki, tmp_path: Path, *, port: int = 0, bundles_dir: P
         "channel": {"call_timeout": 5, "ping_interval": 20, **channel},
         **({"updates": {"bundles_dir": bundles_dir}} if bundles_dir else {}),
         **({"events": events} if events else {}),
-        **({"enrol": enrol} if enrol else {}),
+        # The tests' gateways keep their factory identity unless a test turns renewal on (the defaults are
+        # renew_only on the DSO and renewal on at the gateway: tests/test_cert_lifecycle.py)
+        "enrol": {"factory_sessions": "full", **(enrol or {})},
     })
     server = DsoServer(DsoConfig.load(config_file))
     await server.start()
@@ -78,6 +80,7 @@ def gateway_config(pki: Pki, tmp_path: Path, gateway_id: str, dso_port: int, *, 
         "dso": {"url": f"wss://localhost:{dso_port}/", "ca_file": pki.ca_cert, "cert_file": cert, "key_file": key,
                 "proxy": "none", "call_timeout": 5, **dso},
         "reconnect": {"min_delay": 0.2, "max_delay": 1.0},
+        "identity": {"renew": False},  # on by default; the renewal tests turn it on again
     }
     if crl_url:
         config["crl"] = {"url": crl_url, "refresh_interval": 1.0}

@@ -34,6 +34,7 @@ def test_the_preset_enables_the_units_of_the_shared_overlay(tmp_path, update_pki
         "multi-user.target.wants/lmgw.service": f"{lib}/lmgw.service",
         "multi-user.target.wants/lmgw-slot-boot.service": f"{lib}/lmgw-slot-boot.service",
         "multi-user.target.wants/lmgw-reboot.path": f"{lib}/lmgw-reboot.path",
+        "multi-user.target.wants/lmgw-settime.path": f"{lib}/lmgw-settime.path",
         "timers.target.wants/lmgw-slot-deadline.timer": f"{lib}/lmgw-slot-deadline.timer",
     }
     # /etc/systemd/system is the administrator's: the image ships no unit there.
@@ -50,6 +51,25 @@ def test_the_units_and_slot_guard_use_the_paths_the_gateway_uses(tmp_path, updat
     # slot-guard reads the same file the gateway's package carries.
     assert (target / "usr/lib/lmgw/paths.env").read_bytes() == (TOP / "firmware/lmgw/paths.env").read_bytes()
     assert "\n. /usr/lib/lmgw/paths.env\n" in (target / "usr/libexec/lmgw/slot-guard").read_text()
+
+
+def test_only_the_time_helper_may_set_the_clock(tmp_path, update_pki):
+    """Trusted time on the image: lmgw-settime.path watches the request the agent writes (lmgw.gateway.timesync,
+    [time] set_by_unit) and starts lmgw-settime.service, root with CAP_SYS_TIME and nothing else, its floor out
+    of the agent's reach; the agent itself has no capability and cannot touch the clock."""
+    target = built_target(tmp_path, update_pki)
+    units = target / "usr" / "lib" / "systemd" / "system"
+    assert f"\nPathChanged={paths.TIME_REQUEST}\n" in (units / "lmgw-settime.path").read_text()
+    helper = (units / "lmgw-settime.service").read_text()
+    assert re.findall(r"^CapabilityBoundingSet=(.*)$", helper, re.M) == ["CAP_SYS_TIME"]
+    assert re.findall(r"^AmbientCapabilities=(.*)$", helper, re.M) == [""]
+    assert f" -m lmgw.settime {paths.TIME_REQUEST} " in helper and f" --state {paths.TIME_STATE}" in helper
+    assert f"\nReadWritePaths={paths.TIME_STATE.parent}\n" in helper and "\nNoNewPrivileges=yes\n" in helper
+    assert "\nd /data/lmgw-time 0700 root root -\n" in (target / "usr/lib/tmpfiles.d/lmgw.conf").read_text()
+    agent = (units / "lmgw.service").read_text()
+    assert "\nCapabilityBoundingSet=\n" in agent and "\nProtectClock=yes\n" in agent
+    # the request lies in the agent's runtime directory (writable by it, readable by root without DAC override)
+    assert paths.TIME_REQUEST.parent == paths.REBOOT_REQUEST.parent
 
 
 def test_a_placeholder_paths_env_does_not_define_stops_the_build(tmp_path, update_pki):

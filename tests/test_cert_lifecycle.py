@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from conftest import gateway_config, running_dso, running_gateway, wait_until
+from conftest import gateway_config, running_dso, running_gateway, wait_until, write_toml
 from lmgw.clock import ManualClock
 from lmgw.codes import RpcCode
 from lmgw.gateway.identity import Role
@@ -375,15 +375,24 @@ def test_operator_lists_gateways_whose_certificates_expire(pki, tmp_path):
     asyncio.run(scenario())
 
 
-def test_provisioned_configuration_turns_renewal_on(tmp_path):
+def test_strict_defaults_renewal_on_and_factory_sessions_renew_only(pki, tmp_path):
+    """Renewal is on unless a gateway's configuration turns it off; a DSO admits factory-identity sessions only to
+    renew unless its configuration says "full"."""
     import tomllib
 
+    from lmgw.dso.config import DsoConfig
     from lmgw.gateway.renewal import RenewalSettings
     from lmgw.provision.identity import gateway_toml
 
-    assert RenewalSettings.parse(tomllib.loads(gateway_toml("wss://dso/", None, None, renew=True))).enabled
+    assert RenewalSettings.parse({}).enabled
     settings = RenewalSettings.parse(tomllib.loads(gateway_toml("wss://dso/", None, None)))
-    assert not settings.enabled and settings.fraction == pytest.approx(1 / 3)
+    assert settings.enabled and settings.fraction == pytest.approx(1 / 3)
+    assert not RenewalSettings.parse(tomllib.loads(gateway_toml("wss://dso/", None, None, renew=False))).enabled
+    base = {"tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
+            "revocation": {"crl_file": pki.crl}}
+    assert DsoConfig.load(write_toml(tmp_path / "strict.toml", base)).enrol.factory_sessions == "renew_only"
+    full = DsoConfig.load(write_toml(tmp_path / "full.toml", {**base, "enrol": {"factory_sessions": "full"}}))
+    assert full.enrol.factory_sessions == "full"
 
 
 def test_renewal_round_trip_printed(pki, tmp_path):

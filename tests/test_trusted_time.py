@@ -184,3 +184,63 @@ def test_time_statement_checked_by_independent_tools(pki, tmp_path):
                 "--key", str(key), f"https://localhost:{dso.port}/time?nonce=xyz"], capture_output=True, timeout=60)
             assert bad.stdout == b"400"
     asyncio.run(scenario())
+
+
+def test_image_helper_unit_sets_the_clock_the_agent_waits_for(pki, tmp_path, monkeypatch):
+    """[time] set_by_unit (as lmgw-provision writes it): the agent, which has no capability at all, writes the
+    request where lmgw-settime.path watches it, readable by the helper (root with CAP_SYS_TIME alone, so without
+    DAC capabilities) whatever the agent's umask, and waits for the clock to move.  The unit's own ExecStart, with
+    the paths put in as the image builder does, runs here in --dry-run; its clock_settime is played by moving the
+    ManualClock to the time it printed (the host clock is never set)."""
+    import os
+    import re
+    import shlex
+    from pathlib import Path
+
+    from lmgw import paths
+    from lmgw.gateway import timesync
+
+    unit = (Path(__file__).resolve().parents[1] / "overlay/usr/lib/systemd/system/lmgw-settime.service").read_text()
+    command = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1)
+    for placeholder, value in (("@LMGW_TIME_REQUEST@", tmp_path / "run" / "time-request.json"),
+                               ("@LMGW_TIME_STATE@", tmp_path / "settime-state.json"),
+                               ("/identity/ca.crt", pki.ca_cert), ("/identity/crl.der", pki.crl),
+                               ("/usr/bin/python3", sys.executable)):
+        command = command.replace(placeholder, str(value))
+
+    async def unexpected(answer, nonce):
+        raise AssertionError("set_by_unit never runs a command")
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-U", dso.port)
+            clock = ManualClock(time.time() - YEAR)
+            sync = TimeSync(TimeSettings(from_dso=True, set_by_unit=True), f"wss://localhost:{dso.port}/",
+                            tmp_path / "data-GW-U", clock,
+                            tls=lambda: time_context(pki.ca_cert, config["dso"]["cert_file"], config["dso"]["key_file"]),
+                            proxy=lambda: None, anchors=lambda: [pki.ca.cert], revoked=lambda s: False,
+                            floor=lambda: None, emit=lambda kind, details: None, apply=unexpected)
+            assert sync.request_file == paths.TIME_REQUEST  # what the unit's PathChanged= watches on the image
+            sync.request_file = tmp_path / "run" / "time-request.json"
+            sync.request_file.parent.mkdir()
+            task = asyncio.create_task(sync.sync_once())
+            await wait_until(sync.request_file.exists, what="request written")
+            assert sync.request_file.stat().st_mode & 0o777 == 0o644
+            done = await asyncio.to_thread(subprocess.run, [*shlex.split(command), "--dry-run"],
+                                           capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            stated = datetime.fromisoformat(done.stdout.split("would set clock to ")[1].strip())
+            clock.advance(stated.timestamp() - clock.now())  # what clock_settime does on the image
+            when = await task
+            assert when == stated and not task.cancelled()
+            # a helper that never comes: the agent gives up with one clear error and keeps its clock
+            monkeypatch.setattr(timesync, "HELPER_TIMEOUT", 0.5)
+            clock.advance(-YEAR)
+            with pytest.raises(OSError, match="lmgw-settime.service did not set the clock"):
+                await sync.sync_once()
+
+    umask = os.umask(0o077)  # lmgw.service's UMask
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.umask(umask)

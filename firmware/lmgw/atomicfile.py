@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 
-def write_atomically(target: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomically(target: Path, data: bytes, mode: int = 0o644, *, exact_mode: bool = False) -> None:
     """Write to a temporary file, fsync it, rename it over ``target``, fsync the directory.
+
+    ``exact_mode``: ``mode`` whatever the umask (a file another account reads as soon as it appears).
 
     On any failure (a full partition: ``OSError`` ENOSPC) ``target`` is unchanged, the temporary
     file is gone and the caller gets the one ``OSError`` that stopped the write.
@@ -17,6 +19,8 @@ def write_atomically(target: Path, data: bytes, mode: int = 0o644) -> None:
         # Unbuffered: a buffered file that failed to flush fails again on close, chaining a second error.
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
+            if exact_mode:
+                os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

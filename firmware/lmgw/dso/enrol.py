@@ -21,8 +21,9 @@ factory certificate only to renew (``gw.hello``, ``gw.event``, ``gw.ping``,
 ``cert.sign``; the DSO may call ``gw.status``, ``gw.ping``, ``cert.renew``,
 ``trust.update``): any other call, such as an LM command, gets
 ``IDENTITY_RESTRICTED`` until the gateway reconnects with an operational
-certificate.  ``"full"`` (the
-default while a fleet has no operational certificates yet) serves it fully.
+certificate; it is the default (strict).  ``"full"`` serves such a session
+fully: a DSO whose fleet does not renew yet (gateways provisioned without
+renewal, or a DSO that holds no CA) must say so in its configuration.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class EnrolPolicy:
     lifetime: timedelta = timedelta(days=OPERATIONAL_DAYS)
     min_interval: float = 3600.0
     """Seconds between two certificates signed for one gateway."""
-    factory_sessions: str = "full"
+    factory_sessions: str = "renew_only"
     previous_ca_dir: Path | None = None
     """``[revocation] previous_ca_dir``, during a CA rollover: the old CA, where an old-CA certificate that a
     renewal from the new CA superseded is revoked."""
@@ -70,7 +71,7 @@ class EnrolPolicy:
             previous_ca_dir=previous_ca_dir,
             lifetime=timedelta(seconds=get(enrol, "lifetime", float, "enrol", OPERATIONAL_DAYS * 86400.0)),
             min_interval=get(enrol, "min_interval", float, "enrol", 3600.0),
-            factory_sessions=get(enrol, "factory_sessions", str, "enrol", "full"),
+            factory_sessions=get(enrol, "factory_sessions", str, "enrol", "renew_only"),
         )
         if policy.factory_sessions not in FACTORY_POLICIES:
             raise ConfigError(f"[enrol] factory_sessions must be one of {', '.join(FACTORY_POLICIES)}")

@@ -55,7 +55,7 @@ class RenewalFailed(Exception):
 
 @dataclass(frozen=True)
 class RenewalSettings:
-    enabled: bool = False
+    enabled: bool = True
     fraction: float = 1 / 3
     """Renew when this fraction of the lifetime remains (jittered into the following half of it)."""
     retry_min: float = 60.0
@@ -65,7 +65,7 @@ class RenewalSettings:
     def parse(cls, config: dict[str, Any]) -> RenewalSettings:
         identity = section(config, "identity")
         settings = cls(
-            enabled=get(identity, "renew", bool, "identity", False),
+            enabled=get(identity, "renew", bool, "identity", True),
             fraction=get(identity, "renew_fraction", float, "identity", 1 / 3),
             retry_min=get(identity, "retry_min", float, "identity", 60.0),
             retry_max=get(identity, "retry_max", float, "identity", 6 * 3600.0),

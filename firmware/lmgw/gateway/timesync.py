@@ -8,8 +8,12 @@ verifies the statement (``lmgw.timestatement``) against its trusted CAs, the
 cached CRLs' serials and its floor: the build date and the last time it
 accepted (``<data_dir>/time.json``).  When the clock is off by more than
 ``TOLERANCE`` it hands the answer to the privileged helper
-(``[time] set_command``, by default ``python3 -m lmgw.settime``), which
-verifies it again and sets the clock.  A fetch that fails is retried with
+``python3 -m lmgw.settime``, which verifies it again and sets the clock:
+either run as ``[time] set_command``, or, on the image (``[time] set_by_unit
+= true``, as ``lmgw-provision`` writes it), as ``lmgw-settime.service``, the
+only unit with ``CAP_SYS_TIME``, which ``lmgw-settime.path`` starts when the
+request file changes; the agent (no capabilities at all) then waits up to
+``HELPER_TIMEOUT`` for the clock to move.  A fetch that fails is retried with
 backoff; the channel does not wait for it unless the clock reads before the
 build date (then it waits for any trustworthy time, see ``connection``).
 """
@@ -20,6 +24,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +34,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from .. import paths
 from ..atomicfile import write_atomically
 from ..backoff import Backoff
 from ..clock import Clock
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 TOLERANCE = 2.0
 """Seconds the clock may be off before it is set."""
 FETCH_TIMEOUT = 30.0
+HELPER_TIMEOUT = 30.0
+"""Seconds ``lmgw-settime.service`` has to set the clock after the request was written."""
 REFUSED = "security.time_statement_refused"
 SET = "time.set"
 
@@ -51,6 +59,8 @@ class TimeSettings:
     from_dso: bool = False
     interval: float = 86400.0
     set_command: tuple[str, ...] = ()
+    set_by_unit: bool = False
+    """The clock is set by lmgw-settime.service (started by lmgw-settime.path on the request file)."""
 
     @classmethod
     def parse(cls, config: dict[str, Any]) -> TimeSettings:
@@ -59,9 +69,12 @@ class TimeSettings:
         if not all(isinstance(part, str) for part in command):
             raise ConfigError("[time] set_command must be a list of strings")
         settings = cls(from_dso=get(table, "from_dso", bool, "time", False),
-                       interval=get(table, "interval", float, "time", 86400.0), set_command=tuple(command))
+                       interval=get(table, "interval", float, "time", 86400.0), set_command=tuple(command),
+                       set_by_unit=get(table, "set_by_unit", bool, "time", False))
         if settings.interval <= 0:
             raise ConfigError("[time] interval must be above 0")
+        if settings.set_by_unit and settings.set_command:
+            raise ConfigError("[time] set_by_unit and set_command exclude each other: the helper runs one way")
         return settings
 
 
@@ -79,7 +92,8 @@ class TimeSync:
         self.settings = settings
         self.dso_url = dso_url
         self.state = data_dir / "time.json"
-        self.request_file = data_dir / "time-request.json"
+        # lmgw-settime.service (root with CAP_SYS_TIME alone) reads it in the agent's runtime directory
+        self.request_file = paths.TIME_REQUEST if settings.set_by_unit else data_dir / "time-request.json"
         self.clock = clock
         self.tls = tls
         self.proxy = proxy
@@ -113,15 +127,29 @@ class TimeSync:
         async with asyncio.timeout(FETCH_TIMEOUT):
             answer = await self.fetch(nonce)
         when = verify_statement(answer, nonce, self.anchors(), self.floor(), self.revoked)
+        received = time.monotonic()
         offset = when.timestamp() - self.clock.now()
         if abs(offset) > TOLERANCE:
-            write_atomically(self.request_file, json.dumps({"nonce": nonce, "answer": answer}).encode(), mode=0o600)
-            await self.apply(answer, nonce)
+            # Not secret (a signed statement and a nonce); readable by the helper, which has no DAC capability.
+            write_atomically(self.request_file, json.dumps({"nonce": nonce, "answer": answer}).encode(), mode=0o644,
+                             exact_mode=True)
+            if self.settings.set_by_unit:
+                await self.wait_for_unit(when, received)
+            else:
+                await self.apply(answer, nonce)
             log.warning("clock set from the DSO's signed time: %s (was off by %+.1f s)", when.isoformat(), offset)
             self.emit(SET, {"time": when.isoformat(), "offset_s": round(offset, 3)})
         save_last_good(self.state, when)
         self.last_result = f"ok at {when.isoformat()}, offset {offset:+.1f} s"
         return when
+
+    async def wait_for_unit(self, when: datetime, received: float) -> None:
+        """Wait until lmgw-settime.service moved the clock to ``when`` (plus the time since it was received)."""
+        while abs(when.timestamp() + time.monotonic() - received - self.clock.now()) > TOLERANCE:
+            if time.monotonic() - received > HELPER_TIMEOUT:
+                raise OSError(f"lmgw-settime.service did not set the clock within {HELPER_TIMEOUT:g} s "
+                              "(journalctl -u lmgw-settime)")
+            await asyncio.sleep(0.2)
 
     async def run(self) -> None:
         """Sync now, then every ``interval``; after a failure, retry with backoff."""

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..config import ConfigError
 from ..gateway.config import GatewayConfig
 from ..gateway.renewal import RenewalSettings
+from ..gateway.timesync import TimeSettings
 from ..modbus.config import parse_lm_sections
 from ..modbus.profile import load_profile
 from ..pki.ca import CertificateAuthority, Issued, PkiError, check_gateway_id
@@ -51,11 +52,12 @@ def _issue(ca: CertificateAuthority, gateway_id: str, csr_flow: bool) -> Issued:
 
 def _config(args: argparse.Namespace) -> bytes:
     extra = args.lm_config.read_text() if args.lm_config else ""
-    text = identity.gateway_toml(args.dso_url, args.crl_url, args.proxy, extra, args.ocsp_url, args.renew)
+    text = identity.gateway_toml(args.dso_url, args.crl_url, args.proxy, extra, args.ocsp_url)
     try:
         parsed = tomllib.loads(text)
         GatewayConfig.parse(parsed, Path("/identity"))
         RenewalSettings.parse(parsed)
+        TimeSettings.parse(parsed)
         for lm in parse_lm_sections(parsed).lms.values():
             load_profile(lm.profile)  # a typo in a profile name shows here, not on site
     except (ConfigError, tomllib.TOMLDecodeError) as exc:
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csr", action="store_true", help="make the key here and have the CA sign a CSR")
     parser.add_argument("--force", action="store_true", help="replace an existing identity")
     parser.add_argument("--renew", action="store_true",
-                        help="renew an operational certificate over the channel ([identity] renew = true)")
+                        help="renew an operational certificate over the channel: the default, accepted for old scripts")
     args = parser.parse_args(argv)
     try:
         print(provision(args))

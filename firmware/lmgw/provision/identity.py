@@ -20,7 +20,7 @@ LMGW_GID = 990
 
 
 def gateway_toml(dso_url: str, crl_url: str | None, proxy: str | None, extra: str = "",
-                 ocsp_url: str | None = None, renew: bool = False) -> str:
+                 ocsp_url: str | None = None, renew: bool = True) -> str:
     lines = ['data_dir = "/data/lmgw"', "", "[dso]", f'url = "{dso_url}"', 'ca_file = "ca.crt"',
              'cert_file = "device.crt"', 'key_file = "device.key"']
     if proxy:
@@ -28,8 +28,11 @@ def gateway_toml(dso_url: str, crl_url: str | None, proxy: str | None, extra: st
     if crl_url or ocsp_url:
         lines += ["", "[crl]"] + ([f'url = "{crl_url}"'] if crl_url else []) + \
             ([f'ocsp_url = "{ocsp_url}"'] if ocsp_url else [])
-    if renew:  # operational certificates renewed over the channel (lmgw.gateway.renewal)
-        lines += ["", "[identity]", "renew = true"]
+    if not renew:  # operational certificates renewed over the channel (lmgw.gateway.renewal) unless told not to
+        lines += ["", "[identity]", "renew = false"]
+    # Trusted time from the DSO (NTP may not pass the site's firewall), set by lmgw-settime.service: the one
+    # unit with CAP_SYS_TIME (lmgw.gateway.timesync)
+    lines += ["", "[time]", "from_dso = true", "set_by_unit = true"]
     return "\n".join(lines) + "\n" + (f"\n{extra.strip()}\n" if extra.strip() else "")
 
 
