@@ -98,8 +98,8 @@ class ApiContext:
 CONTEXT = web.AppKey("lmgw_context", ApiContext)
 ROUTES = web.AppKey("lmgw_routes", list)
 """``(method, path, role or None)`` of every route added, in order (None: public)."""
-_OPERATOR = "lmgw_operator"
-_AUDIT = "lmgw_audit"
+_OPERATOR = web.RequestKey("lmgw_operator", Operator)
+_AUDIT = web.RequestKey("lmgw_audit", dict)
 
 
 class ApiError(Exception):
@@ -130,8 +130,7 @@ def context(request: web.Request) -> ApiContext:
 
 def operator_of(request: web.Request) -> Operator:
     """The authenticated operator of a request served by an ``add_route`` handler."""
-    operator: Operator = request[_OPERATOR]
-    return operator
+    return request[_OPERATOR]
 
 
 def audit_detail(request: web.Request, **details: Any) -> None:
@@ -171,8 +170,11 @@ def _guarded(handler: Handler, role: Role) -> Handler:
             ctx.metrics.api_refused("role")
             log.warning("operator API refused %s %s to %s (role %s): needs role %s", request.method, request.path,
                         operator.subject, operator.role.value, role.value)
-            raise ApiError(403, f"role {operator.role.value} may not {request.method} {request.path}: "
-                                f"it needs role {role.value}")
+            message = f"role {operator.role.value} may not {request.method} {request.path}: it needs role {role.value}"
+            if request.method not in UNAUDITED_METHODS:  # an attempt to change state is audited, refused or not
+                ctx.audit.record(operator.to_json(), {"method": request.method, "path": request.path,
+                                                      **request.match_info}, {"status": 403, "error": message})
+            raise ApiError(403, message)
         request[_OPERATOR] = operator
         if request.method in UNAUDITED_METHODS:
             return await handler(request)

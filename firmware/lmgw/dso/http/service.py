@@ -57,6 +57,7 @@ class OperatorApi:
         self.route_modules = route_modules
         self.now = now
         self.context: ApiContext | None = None
+        self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,6 +97,7 @@ class OperatorApi:
         else:
             await self._follow_cluster_events(feed, metrics)
         app = build_app(ctx, self.route_modules)
+        self.app = app
 
         async def end_feeds(app: web.Application) -> None:
             feed.close()
@@ -103,8 +105,7 @@ class OperatorApi:
         app.on_shutdown.append(end_feeds)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.config.host, self.config.port, ssl_context=tls_context(self.config),
-                                 shutdown_timeout=SHUTDOWN_TIMEOUT)
+        self._site = web.TCPSite(self._runner, self.config.host, self.config.port, ssl_context=tls_context(self.config))
         await self._site.start()
         log.info("operator API on https://%s:%d/ (client certificates of %s)", self.config.host, self.port,
                  self.config.ca_file)
