@@ -126,6 +126,7 @@ class LocalFleet:
             "listen": {"host": "127.0.0.1", "port": self.node_ports[i - 1]},
             "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
             "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
+            "enrol": {"factory_sessions": "full"},  # simulated gateways keep their factory identity
             "api": {"socket": self.api_socket(i), "events_file": self.workdir / f"node{i}-events.jsonl"},
             "channel": {"call_timeout": self.call_timeout},
             "cluster": {"node": f"node{i}", "servers": self.nats_urls, "replicas": min(3, self.nats_count),

@@ -33,6 +33,9 @@ key_file = "$work/dso.key"
 [revocation]
 crl_file = "$ca/crl.der"
 ca_dir = "$ca"
+# The demo gateway keeps its factory identity (renewal: docs/pki.md); served fully, not only to renew
+[enrol]
+factory_sessions = "full"
 [api]
 socket = "$work/dso.sock"
 events_file = "$work/events.jsonl"
@@ -47,6 +50,8 @@ key_file = "device.key"
 proxy = "none"
 [crl]
 url = "http://127.0.0.1:$crl_port/crl.der"
+[identity]
+renew = false
 [[lm]]
 name = "lm1"
 profile = "simulated-lm"

@@ -43,6 +43,11 @@ transport = "rtu"
 bus = "rs485"
 unit = 7
 """
+FACTORY_IDENTITY_ONLY = """
+[identity]
+renew = false
+"""
+"""The rig's gateways keep their factory identity (the DSO serves it fully) unless a test provisions with renewal."""
 
 
 @dataclass
@@ -81,10 +86,11 @@ class Rig:
             journal = f"(guest journal unavailable: {exc})"
         raise AssertionError(f"{gateway} did not connect to the DSO within {timeout} s; gateway journal:\n{journal}")
 
-    def provision(self, name: str, gateway: str, dso_url: str, *extra: str, crl_url: str | None = None) -> Path:
+    def provision(self, name: str, gateway: str, dso_url: str, *extra: str, crl_url: str | None = None,
+                  renew: bool = False) -> Path:
         disk = copy_image(IMAGE_DIR / "lmgw.img", self.work / f"{name}.img")
         lm_config = self.work / "lm.toml"
-        lm_config.write_text(LM_CONFIG)
+        lm_config.write_text(LM_CONFIG + ("" if renew else FACTORY_IDENTITY_ONLY))
         result = subprocess.run([str(VENV_BIN / "lmgw-provision"), str(disk), "--gateway-id", gateway,
                                  "--ca-dir", str(self.pki.dir), "--dso-url", dso_url,
                                  "--crl-url", crl_url or f"http://{DSO_IP}:{CRL_PORT}/crl.der",
@@ -115,6 +121,7 @@ def running_rig(work: Path, bundles_dir: Path | None = None) -> Iterator[Rig]:
         "tls": {"ca_file": pki.ca_cert, "cert_file": work / "dso.crt", "key_file": work / "dso.key"},
         "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
         "api": {"socket": work / "dso.sock", "events_file": work / "events.jsonl"},
+        "enrol": {"factory_sessions": "full"},  # the strict default is renew_only: the rig's gateways rarely renew
         **({"updates": {"bundles_dir": bundles_dir, "base_url": f"https://{DSO_IP}:{DSO_PORT}/bundles/"}}
            if bundles_dir else {}),
     })

@@ -288,6 +288,7 @@ async def run(work: Path, idle_s: float | None = None, load_s: float | None = No
         "listen": {"host": "127.0.0.1", "port": dso_port},
         "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
         "revocation": {"crl_file": pki.crl},
+        "enrol": {"factory_sessions": "full"},  # gateways with their factory identity (no CA here to renew)
         "api": {"socket": api, "events_file": work / "wire-ip-events.jsonl"},
     })
     gateway = gateway_config(pki, work, GATEWAY, dso_port)

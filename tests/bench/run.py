@@ -289,6 +289,7 @@ async def bench_capacity(work: Path, n: int) -> list[str]:
         "listen": {"host": "127.0.0.1", "port": port},
         "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
         "revocation": {"crl_file": pki.crl},
+        "enrol": {"factory_sessions": "full"},  # gateways with their factory identity (no CA here to renew)
         "api": {"socket": work / "capacity.sock", "events_file": work / "capacity-events.jsonl"},
         # LMGW_BENCH_COMPRESSION='{"enabled": false}' (a [channel.compression] table as JSON) compares settings
         "channel.compression": json.loads(os.environ.get("LMGW_BENCH_COMPRESSION", "{}")),

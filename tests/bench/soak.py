@@ -315,6 +315,7 @@ class Soak:
             "listen": {"host": "127.0.0.1", "port": dso_port},
             "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
             "revocation": {"crl_file": pki.crl},
+            "enrol": {"factory_sessions": "full"},  # gateways with their factory identity (no CA here to renew)
             "api": {"socket": self.api, "events_file": self.work / "soak-events.jsonl"},
             # 2 sheds/s make 4 events/s (load.shed_started, load.restored): above the default 60/min,
             # the gateway's outbox would grow for the whole run
