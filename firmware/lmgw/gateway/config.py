@@ -10,6 +10,7 @@ from typing import Any, Literal
 from ..config import ConfigError, get, load_toml, path, section
 from ..deflate import Deflate
 from ..proxy import Proxy
+from ..tpm import TpmSettings
 
 ProxySetting = str | Literal[True] | None
 """A proxy URL, True for the environment's ``https_proxy``, None for direct."""
@@ -41,6 +42,8 @@ class GatewayConfig:
     crl_grace: timedelta
     min_delay: float
     max_delay: float
+    tpm: TpmSettings | None
+    """[tpm]: the keys are TSS2 key files of this TPM (lmgw.tpm); None: key files."""
     raw: dict[str, Any]
     """The whole file: the load manager sections are read by ``lmgw.modbus``."""
 
@@ -81,6 +84,7 @@ class GatewayConfig:
             crl_grace=timedelta(seconds=get(crl, "grace", float, "crl", 7 * 86400.0)),
             min_delay=get(reconnect, "min_delay", float, "reconnect", 1.0),
             max_delay=get(reconnect, "max_delay", float, "reconnect", 300.0),
+            tpm=TpmSettings.parse(config),
             raw=config,
         )
 

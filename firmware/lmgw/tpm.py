@@ -1,0 +1,275 @@
+"""The TPM 2.0 that holds the gateway's TLS keys (docs/tpm.md).
+
+When gateway.toml has a ``[tpm]`` section the gateway's keys are TSS2 key files (``lmgw.tpmkey``) and
+this process loads the tpm2-openssl provider into the OpenSSL its ``ssl`` module uses, through that
+OpenSSL's own ``OSSL_PROVIDER_load`` (ctypes).  Only this process, and only when configured, loads it: no
+OpenSSL configuration of the system changes, and a gateway without ``[tpm]`` never touches a TPM.  The
+provider reads its TCTI from ``TPM2OPENSSL_TCTI`` (its configuration line is ignored), set here from
+``[tpm] tcti``.
+
+Nothing falls back to a file key: a configured TPM that is absent or refuses the key is a ``TpmError``
+whose one line says what to check.  New keys (factory provisioning, renewal) are made inside the TPM
+with the CSR signed there; the private key never exists outside it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, get, section
+from .tpmkey import MAX_FILE, TpmKey, TpmKeyError, is_tpm_key
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+"""The kernel's resource manager: it flushes what a process left loaded, so a crash cannot fill the TPM."""
+PROVIDER_DIRS = (Path("/usr/lib/lmgw-tpm/ossl-modules"), Path("/usr/lib/ossl-modules"))
+"""Where tpm2.so is looked for: the Debian image's private copy (rootfs/tpm-provider.sh), then Buildroot's."""
+_MBSTRING_ASC = 0x1001
+_BIO_CTRL_INFO = 3
+
+
+class TpmError(ConfigError):
+    """A configured TPM cannot be used; the message is the one line for the journal and ``gw.status``."""
+
+
+@dataclass(frozen=True)
+class TpmSettings:
+    tcti: str
+    provider_dir: Path | None
+
+    @classmethod
+    def parse(cls, config: dict[str, Any]) -> TpmSettings | None:
+        """``[tpm]``: None without the section (keys are files)."""
+        if "tpm" not in config:
+            return None
+        table = section(config, "tpm")
+        tcti = get(table, "tcti", str, "tpm", DEFAULT_TCTI)
+        if ":" not in tcti and tcti not in ("device", "swtpm", "mssim", "tabrmd"):
+            raise ConfigError(f"[tpm] tcti {tcti!r} is not a TCTI such as {DEFAULT_TCTI!r}")
+        provider_dir = get(table, "provider_dir", str, "tpm", None)
+        return cls(tcti, Path(provider_dir) if provider_dir else None)
+
+
+def _device(tcti: str) -> Path | None:
+    """The device node a ``device:`` TCTI opens."""
+    kind, _, conf = tcti.partition(":")
+    return Path(conf or "/dev/tpmrm0") if kind == "device" else None
+
+
+class _Libcrypto:
+    """The OpenSSL functions used here, from the libcrypto that Python's ``ssl`` is linked with."""
+
+    def __init__(self) -> None:
+        # Through _ssl's handle: the libcrypto it is linked with, whatever its file name.
+        lib = ctypes.CDLL(getattr(importlib.import_module("_ssl"), "__file__", None) or "libcrypto.so.3")
+        p, s, i, u = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
+        signatures: dict[str, tuple[Any, list[Any]]] = {
+            "OSSL_PROVIDER_load": (p, [p, s]),
+            "OSSL_PROVIDER_set_default_search_path": (i, [p, s]),
+            "ERR_get_error_all": (u, [p, p, p, ctypes.POINTER(s), ctypes.POINTER(i)]),
+            "ERR_error_string_n": (None, [u, s, ctypes.c_size_t]),
+            "ERR_clear_error": (None, []),
+            "BIO_new": (p, [p]), "BIO_s_mem": (p, []), "BIO_new_mem_buf": (p, [s, i]), "BIO_free": (i, [p]),
+            "BIO_ctrl": (ctypes.c_long, [p, i, ctypes.c_long, p]),
+            "EVP_PKEY_CTX_new_from_name": (p, [p, s, s]), "EVP_PKEY_CTX_free": (None, [p]),
+            "EVP_PKEY_keygen_init": (i, [p]), "EVP_PKEY_CTX_set_group_name": (i, [p, s]),
+            "EVP_PKEY_generate": (i, [p, ctypes.POINTER(p)]), "EVP_PKEY_free": (None, [p]),
+            "PEM_write_bio_PrivateKey": (i, [p, p, p, p, i, p, p]),
+            "PEM_read_bio_PrivateKey": (p, [p, p, p, p]),
+            "X509_REQ_new": (p, []), "X509_REQ_free": (None, [p]), "X509_REQ_set_version": (i, [p, ctypes.c_long]),
+            "X509_REQ_get_subject_name": (p, [p]), "X509_REQ_set_pubkey": (i, [p, p]),
+            "X509_NAME_add_entry_by_txt": (i, [p, s, i, s, i, i, i]),
+            "EVP_sha256": (p, []), "X509_REQ_sign": (i, [p, p, p]), "PEM_write_bio_X509_REQ": (i, [p, p]),
+        }
+        for name, (restype, argtypes) in signatures.items():
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, argtypes
+        self.lib = lib
+
+    def errors(self) -> str:
+        """OpenSSL's error queue as one line (the provider puts the TPM's answer there), emptied."""
+        lines: list[str] = []
+        data, flags = ctypes.c_char_p(), ctypes.c_int()
+        buffer = ctypes.create_string_buffer(256)
+        while code := self.lib.ERR_get_error_all(None, None, None, ctypes.byref(data), ctypes.byref(flags)):
+            self.lib.ERR_error_string_n(code, buffer, len(buffer))
+            text = buffer.value.decode(errors="replace").split(":", 5)[-1]
+            detail = data.value.decode(errors="replace") if data.value and flags.value & 0x02 else ""
+            line = detail if detail and text.startswith("reason(") else f"{text} ({detail})" if detail else text
+            if line not in lines:
+                lines.append(line)
+        return "; ".join(lines) or "no detail from OpenSSL"
+
+    def bio_bytes(self, bio: int) -> bytes:
+        pointer = ctypes.c_void_p()
+        length = self.lib.BIO_ctrl(bio, _BIO_CTRL_INFO, 0, ctypes.byref(pointer))
+        return ctypes.string_at(pointer.value, length) if pointer.value and length > 0 else b""
+
+
+_lock = threading.Lock()
+_loaded: dict[str, Tpm] = {}
+
+
+class Tpm:
+    """The TPM this process's OpenSSL reaches through the tpm2 provider (one per process: one TCTI)."""
+
+    def __init__(self, settings: TpmSettings, provider: Path, libcrypto: _Libcrypto) -> None:
+        self.settings = settings
+        self.provider = provider
+        self._crypto = libcrypto
+        self.problem: str | None = None
+        """The last failure with a TPM key, for ``gw.status`` (None once a key loads again)."""
+
+    @classmethod
+    def open(cls, settings: TpmSettings) -> Tpm:
+        """Load the provider for ``settings.tcti``, or a TpmError saying why not."""
+        with _lock:
+            if _loaded:
+                tpm = next(iter(_loaded.values()))
+                if tpm.settings.tcti != settings.tcti:
+                    raise TpmError(f"this process already uses the TPM at {tpm.settings.tcti}, not {settings.tcti}")
+                return tpm
+            device = _device(settings.tcti)
+            if device is not None and not device.exists():
+                raise TpmError(f"TPM configured ([tpm] tcti = {settings.tcti!r}) but {device} does not exist: "
+                               "is the TPM fitted and its driver loaded (tpm_tis_spi, tpm_tis)?")
+            if device is not None and not os.access(device, os.R_OK | os.W_OK):
+                raise TpmError(f"TPM {device} is not readable and writable by this user (group tss?)")
+            provider = cls._find_provider(settings)
+            os.environ["TPM2OPENSSL_TCTI"] = settings.tcti
+            # The TPM's answer reaches our one log line through OpenSSL's error queue: tss2's own lines off.
+            os.environ.setdefault("TSS2_LOG", "all+none")
+            crypto = _Libcrypto()
+            crypto.lib.ERR_clear_error()
+            # Loading a provider by hand switches off OpenSSL's implicit default provider: load it first.
+            if not crypto.lib.OSSL_PROVIDER_load(None, b"default"):
+                raise TpmError(f"OpenSSL's default provider did not load: {crypto.errors()}")
+            crypto.lib.OSSL_PROVIDER_set_default_search_path(None, str(provider.parent).encode())
+            if not crypto.lib.OSSL_PROVIDER_load(None, b"tpm2"):
+                raise TpmError(f"TPM at {settings.tcti} did not answer (tpm2 provider {provider}): {crypto.errors()}")
+            tpm = _loaded[settings.tcti] = cls(settings, provider, crypto)
+            return tpm
+
+    @staticmethod
+    def _find_provider(settings: TpmSettings) -> Path:
+        dirs = [settings.provider_dir] if settings.provider_dir else list(PROVIDER_DIRS)
+        for directory in dirs:
+            if (directory / "tpm2.so").exists():
+                return directory / "tpm2.so"
+        raise TpmError(f"TPM configured but no tpm2-openssl provider (tpm2.so) in {', '.join(map(str, dirs))}")
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def check(self, cert_file: Path, key_file: Path, what: str) -> None:
+        """That ``key_file`` is a TSS2 key this TPM loads and that belongs to ``cert_file``; else TpmError."""
+        try:
+            data = key_file.read_bytes()
+        except OSError as exc:
+            raise self._fail(f"{what} key {key_file} unreadable: {exc.strerror}") from None
+        if not is_tpm_key(data):
+            raise self._fail(f"{what} key {key_file} is a plain key file, but [tpm] says keys are in the TPM "
+                             "(provision the gateway with --tpm, or remove [tpm])")
+        try:
+            TpmKey.from_pem(data)
+        except TpmKeyError as exc:
+            raise self._fail(f"{what} key {key_file}: {exc}") from None
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(cert_file), str(key_file))
+        except ssl.SSLError as exc:
+            raise self._fail(f"{what} key {key_file} does not work with the TPM at {self.settings.tcti}: "
+                             f"{self.load_problem(data) or exc} (made by another TPM, or this TPM was cleared?)") from None
+        self.problem = None
+
+    def load_problem(self, pem: bytes) -> str | None:
+        """What OpenSSL and the TPM say when the key is loaded (``ssl`` keeps only 'PEM lib'), or None."""
+        lib = self._crypto.lib
+        with _lock:
+            lib.ERR_clear_error()
+            bio = lib.BIO_new_mem_buf(pem, len(pem))
+            pkey = lib.PEM_read_bio_PrivateKey(bio, None, None, None)
+            lib.BIO_free(bio)
+            if pkey:
+                lib.EVP_PKEY_free(pkey)
+                return None
+            return self._crypto.errors()
+
+    def _fail(self, problem: str) -> TpmError:
+        self.problem = problem
+        return TpmError(problem)
+
+    def new_key(self, common_name: str) -> tuple[TpmKey, bytes]:
+        """A new P-256 key made inside the TPM, and a CSR for ``common_name`` signed by it (PEM)."""
+        lib = self._crypto.lib
+        with _lock:
+            lib.ERR_clear_error()
+            context = pkey = request = bio = None
+            try:
+                context = lib.EVP_PKEY_CTX_new_from_name(None, b"EC", b"provider=tpm2")
+                generated = ctypes.c_void_p()
+                if not (context and lib.EVP_PKEY_keygen_init(context) == 1
+                        and lib.EVP_PKEY_CTX_set_group_name(context, b"P-256") == 1
+                        and lib.EVP_PKEY_generate(context, ctypes.byref(generated)) == 1):
+                    raise self._fail(f"the TPM at {self.settings.tcti} did not make a key: {self._crypto.errors()}")
+                pkey = generated.value
+                bio = lib.BIO_new(lib.BIO_s_mem())
+                if lib.PEM_write_bio_PrivateKey(bio, pkey, None, None, 0, None, None) != 1:
+                    raise self._fail(f"the TPM key could not be written as TSS2 PEM: {self._crypto.errors()}")
+                key_pem = self._crypto.bio_bytes(bio)
+                lib.BIO_free(bio)
+                request = lib.X509_REQ_new()
+                name = common_name.encode()
+                bio = lib.BIO_new(lib.BIO_s_mem())
+                if not (lib.X509_REQ_set_version(request, 0) == 1
+                        and lib.X509_NAME_add_entry_by_txt(lib.X509_REQ_get_subject_name(request), b"CN",
+                                                           _MBSTRING_ASC, name, len(name), -1, 0) == 1
+                        and lib.X509_REQ_set_pubkey(request, pkey) == 1
+                        and lib.X509_REQ_sign(request, pkey, lib.EVP_sha256()) > 0
+                        and lib.PEM_write_bio_X509_REQ(bio, request) == 1):
+                    raise self._fail(f"the TPM did not sign the certificate request: {self._crypto.errors()}")
+                csr = self._crypto.bio_bytes(bio)
+            finally:
+                for free, handle in ((lib.BIO_free, bio), (lib.X509_REQ_free, request), (lib.EVP_PKEY_free, pkey),
+                                     (lib.EVP_PKEY_CTX_free, context)):
+                    if handle:
+                        free(handle)
+        self.problem = None
+        return TpmKey.from_pem(key_pem), csr
+
+    def describe(self) -> dict[str, Any]:
+        """For ``gw.status``."""
+        return {"tcti": self.settings.tcti, "provider": str(self.provider), "problem": self.problem}
+
+
+def open_for(settings: TpmSettings | None, cert_file: Path, key_file: Path) -> Tpm | None:
+    """At start: the TPM if configured, with the factory key checked in it; None for a file key.
+    A TPM key without ``[tpm]`` is an error too: nothing is guessed."""
+    if settings is None:
+        try:
+            tpm_key = is_tpm_key(key_file.read_bytes()[:MAX_FILE])
+        except OSError:
+            return None  # reported where the key is loaded
+        if tpm_key:
+            raise TpmError(f"{key_file} is a TPM key (TSS2) but gateway.toml has no [tpm] section")
+        return None
+    tpm = Tpm.open(settings)
+    tpm.check(cert_file, key_file, "factory")
+    return tpm
+
+
+def key_problem(tpm: Tpm | None, key: object, file: Path) -> str | None:
+    """Why a loaded key (a cryptography key or a ``TpmKey``) cannot be used with this configuration, or None."""
+    if tpm is None:
+        return "a TPM key (TSS2) but gateway.toml has no [tpm] section" if isinstance(key, TpmKey) else None
+    if not isinstance(key, TpmKey):
+        return "a plain key file, but [tpm] says keys are in the TPM"
+    try:
+        tpm.check(file, file, "operational")
+    except TpmError as exc:
+        return str(exc)
+    return None
