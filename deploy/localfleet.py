@@ -54,17 +54,24 @@ def node_toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 class LocalFleet:
-    def __init__(self, workdir: Path, *, nodes: int = 3, nats: int = 3, presence_ttl: float = 6.0,
-                 call_timeout: float = 5.0, dso_bin: Path | None = None, verbose: bool = False) -> None:
+    def __init__(self, workdir: Path, *, nodes: int = 3, nats: int = 3, balancers: int = 1, presence_ttl: float = 6.0,
+                 call_timeout: float = 5.0, event_loop: str = "asyncio", lb_rate: int | None = None,
+                 dso_bin: Path | None = None, verbose: bool = False) -> None:
         self.workdir = workdir
+        self.lb_rate = lb_rate
+        """New sessions/s each HAProxy accepts (LMGW_LB_RATE); None: the configuration's default."""
         self.node_count, self.nats_count = nodes, nats
+        self.event_loop = event_loop
         self.presence_ttl, self.call_timeout = presence_ttl, call_timeout
         self.dso_bin = dso_bin or Path(sys.executable).parent / "lmgw-dso"
         self.verbose = verbose
         self.nats_ports = [free_port() for _ in range(nats)]
         self.route_ports = [free_port() for _ in range(nats)]
         self.node_ports = [free_port() for _ in range(nodes)]
-        self.lb_port = free_port()
+        self.http_ports = [free_port() for _ in range(nodes)]
+        """Each node's operator HTTP API ([api] port; its default is one port for one node per machine)."""
+        # One HAProxy process per ~9,800 gateways (2 descriptors each, 20,000 open files per process here).
+        self.lb_ports = [free_port() for _ in range(balancers)]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pki: Any = None
 
@@ -127,10 +134,11 @@ class LocalFleet:
             "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
             "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
             "enrol": {"factory_sessions": "full"},  # simulated gateways keep their factory identity
-            "api": {"socket": self.api_socket(i), "events_file": self.workdir / f"node{i}-events.jsonl"},
+            "api": {"socket": self.api_socket(i), "events_file": self.workdir / f"node{i}-events.jsonl",
+                    "port": self.http_ports[i - 1]},
             "channel": {"call_timeout": self.call_timeout},
             "cluster": {"node": f"node{i}", "servers": self.nats_urls, "replicas": min(3, self.nats_count),
-                        "presence_ttl": self.presence_ttl},
+                        "presence_ttl": self.presence_ttl, "event_loop": self.event_loop},
             "balancer": {"addresses": [BALANCER_SOURCE]},
         }))
         return file
@@ -145,13 +153,22 @@ class LocalFleet:
     def kill_node(self, i: int) -> None:
         self._stop(f"node{i}", signal.SIGKILL)
 
-    def start_haproxy(self) -> None:
-        env = {"LMGW_LB_BIND": f"127.0.0.1:{self.lb_port}", "LMGW_LB_SOURCE": BALANCER_SOURCE}
+    @property
+    def lb_port(self) -> int:
+        """The first balancer's port (tests use one)."""
+        return self.lb_ports[0]
+
+    def start_haproxy(self, k: int) -> None:
+        """HAProxy process ``k`` (1-based): same configuration, its own port, in front of every node."""
+        env = {"LMGW_LB_BIND": f"127.0.0.1:{self.lb_ports[k - 1]}", "LMGW_LB_SOURCE": BALANCER_SOURCE}
+        if self.lb_rate is not None:
+            env["LMGW_LB_RATE"] = str(self.lb_rate)
         for n in range(3):
             port = self.node_ports[n] if n < self.node_count else self.node_ports[0]
             env[f"LMGW_NODE{n + 1}"] = f"127.0.0.1:{port}"
-        self._spawn("haproxy", ["haproxy", "-db", "-f", str(HERE / "haproxy/lmgw.cfg")], env)
-        _wait_port("127.0.0.1", self.lb_port)
+        name = "haproxy" if k == 1 else f"haproxy{k}"
+        self._spawn(name, ["haproxy", "-db", "-f", str(HERE / "haproxy/lmgw.cfg")], env)
+        _wait_port("127.0.0.1", self.lb_ports[k - 1])
 
     # -- the whole ------------------------------------------------------------
 
@@ -171,7 +188,8 @@ class LocalFleet:
             self.start_nats(i)
         for i in range(1, self.node_count + 1):
             self.start_node(i)
-        self.start_haproxy()
+        for k in range(1, len(self.lb_ports) + 1):
+            self.start_haproxy(k)
         return self
 
     def stop(self) -> None:
@@ -210,17 +228,22 @@ def _wait_port(host: str, port: int, timeout: float = READY_TIMEOUT) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the head-end cluster on this machine until Ctrl-C.")
     parser.add_argument("--workdir", type=Path, default=REPO / "build/fleet")
+    parser.add_argument("--balancers", type=int, default=2,
+                        help="HAProxy processes, each on its own port (one holds ~9,800 gateways here)")
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="uvloop",
+                        help="the nodes' [cluster] event_loop")
     args = parser.parse_args()
     for tool in ("nats-server", "haproxy"):
         if shutil.which(tool) is None:
             print(f"localfleet: {tool} is missing (make deps installs it)", file=sys.stderr)
             return 2
     shutil.rmtree(args.workdir, ignore_errors=True)
-    with LocalFleet(args.workdir) as fleet:
+    with LocalFleet(args.workdir, balancers=args.balancers, event_loop=args.event_loop) as fleet:
         print(f"NATS: {' '.join(fleet.nats_urls)}\nnodes: " + " ".join(
             f"node{i}=127.0.0.1:{p} (lmgw-dso --config {fleet.workdir}/node{i}.toml gateways)"
             for i, p in enumerate(fleet.node_ports, 1)))
-        print(f"gateways connect to wss://localhost:{fleet.lb_port}/ (HAProxy); CA and certificates in "
+        print("gateways connect to " + " or ".join(f"wss://localhost:{p}/" for p in fleet.lb_ports) +
+              f" (HAProxy, one process each: split the fleet); CA and certificates in "
               f"{fleet.workdir}/ca; logs in {fleet.workdir}/*.log. Ctrl-C stops everything.", flush=True)
         stop = False
 

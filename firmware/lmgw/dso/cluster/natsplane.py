@@ -58,6 +58,8 @@ STORE_RETRY_AFTER = 5.0
 STORAGE_WAIT = 60.0
 """Seconds a starting node waits for JetStream to accept the presence bucket and the event stream."""
 REFRESH_CONCURRENCY = 200
+REFRESH_BATCH = 50
+"""Presence entries refreshed together; the batches are spread over the second half of each period."""
 MAX_EVENTS_LISTED = 10_000
 MAX_LISTING_SECONDS = 10.0
 JETSTREAM_WAIT = 30.0
@@ -80,6 +82,9 @@ class NatsBackplane:
         self._kick: Kick | None = None
         self._routes: dict[str, Subscription] = {}
         self._revisions: dict[str, int] = {}
+        self._writing: set[str] = set()
+        """Gateways whose presence is being written (``_store_presence``); ``_dirty``: changed meanwhile."""
+        self._dirty: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresher: asyncio.Task[None] | None = None
 
@@ -168,7 +173,7 @@ class NatsBackplane:
                                                            cb=functools.partial(self._on_call, gateway_id))
         await self.nc.publish(wire.CLAIM_SUBJECT, wire.encode({
             "gateway_id": gateway_id, "node": self.config.node, "since": _iso(entry.connected_since)}))
-        await self._put_presence(entry)
+        self._store_presence(gateway_id)
 
     async def detached(self, entry: GatewayEntry) -> None:
         gateway_id = entry.gateway_id
@@ -185,7 +190,7 @@ class NatsBackplane:
                 log.debug("presence of %s not removed (%s): it expires by itself", gateway_id, exc)
 
     async def hello(self, entry: GatewayEntry) -> None:
-        await self._put_presence(entry)
+        self._store_presence(entry.gateway_id)
 
     async def _unsubscribe(self, subscription: Subscription) -> None:
         try:
@@ -193,14 +198,40 @@ class NatsBackplane:
         except nats.errors.Error as exc:
             log.debug("unsubscribe: %s", exc)
 
-    async def _put_presence(self, entry: GatewayEntry) -> None:
-        if self._kv is None:
+    def _store_presence(self, gateway_id: str) -> None:
+        """Write a gateway's presence in the background, its latest state last.
+
+        A session is served and its hello answered without waiting for JetStream: a replicated KV write
+        per connection in line made every handshake wait for the NATS cluster (the reconnect storm after
+        a node died queued behind them).  One writer per gateway; a change while it writes is written next.
+        """
+        if gateway_id in self._writing:
+            self._dirty.add(gateway_id)
             return
+        self._writing.add(gateway_id)
+        self._spawn(self._write_presence(gateway_id))
+
+    async def _write_presence(self, gateway_id: str) -> None:
         try:
-            self._revisions[entry.gateway_id] = await self._kv.put(wire.token(entry.gateway_id), self._presence(entry))
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
-            log.warning("presence of gateway %s not stored (%s): the next refresh tries again", entry.gateway_id,
-                        exc or type(exc).__name__)
+            while self._kv is not None:
+                self._dirty.discard(gateway_id)
+                entry = self.registry.get(gateway_id)
+                if entry is None:
+                    return  # left before its presence was written (detached removes what was)
+                key = wire.token(gateway_id)
+                try:
+                    self._revisions[gateway_id] = revision = await self._kv.put(key, self._presence(entry))
+                    if self.registry.get(gateway_id) is None:  # left while this was written: remove it
+                        self._revisions.pop(gateway_id, None)
+                        await self._kv.delete(key, last=revision)
+                        return
+                except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                    log.warning("presence of gateway %s not stored (%s): the next refresh tries again", gateway_id,
+                                exc or type(exc).__name__)
+                if gateway_id not in self._dirty:
+                    return
+        finally:
+            self._writing.discard(gateway_id)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -245,17 +276,22 @@ class NatsBackplane:
         period = self.config.presence_ttl / 3
         limit = asyncio.Semaphore(REFRESH_CONCURRENCY)
         while True:
-            await asyncio.sleep(period)
-            entries = self.registry.entries()
             started = time.monotonic()
-            await asyncio.gather(*(self._refresh_one(entry, limit) for entry in entries))
+            await asyncio.sleep(period / 2)  # a new node's first entries were just written
+            entries = self.registry.entries()
+            # Spread over the period: one burst of every entry at once delayed routed calls behind it.
+            batches = range(0, len(entries), REFRESH_BATCH)
+            pace = period / 2 / max(len(batches), 1)
+            for n, first in enumerate(batches):
+                await asyncio.gather(*(self._refresh_one(entry, limit) for entry in entries[first:first + REFRESH_BATCH]))
+                await asyncio.sleep(max(0.0, started + period / 2 + (n + 1) * pace - time.monotonic()))
             log.debug("presence of %d gateways refreshed in %.2f s", len(entries), time.monotonic() - started)
 
     async def _refresh_one(self, entry: GatewayEntry, limit: asyncio.Semaphore) -> None:
         assert self._kv is not None
         key = wire.token(entry.gateway_id)
         async with limit:
-            if self.registry.get(entry.gateway_id) is not entry:
+            if self.registry.get(entry.gateway_id) is not entry or entry.gateway_id in self._writing:
                 return
             try:
                 revision = self._revisions.get(entry.gateway_id)
