@@ -11,12 +11,13 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 free_port() { "$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.2; done; echo "timeout waiting for '$2' in $1" >&2; cat "$1" >&2; exit 1; }
 
-dso_port=$(free_port); lm_port=$(free_port); crl_port=$(free_port)
+dso_port=$(free_port); lm_port=$(free_port); crl_port=$(free_port); api_port=$(free_port)
 ca="$work/ca"
 say "1. The DSO's certificate authority (ECDSA P-256), DSO server certificate, factory-issued gateway identity"
 "$bin/lmgw-pki" --ca-dir "$ca" init --name "Demo DSO LMGW CA"
 "$bin/lmgw-pki" --ca-dir "$ca" server-cert --dns localhost --ip 127.0.0.1 --out-key "$work/dso.key" --out-cert "$work/dso.crt"
 "$bin/lmgw-pki" --ca-dir "$ca" gateway-cert --id GW-DEMO-0001 --out-dir "$work/identity"
+"$bin/lmgw-pki" --ca-dir "$ca" operator-cert --name demo-operator --role operator --out-key "$work/operator.key" --out-cert "$work/operator.crt"
 "$bin/lmgw-pki" --ca-dir "$ca" serve --port "$crl_port" >"$work/pki.log" 2>&1 & pids+=($!)
 
 say "2. A load manager simulator on Modbus TCP (4 relays, power readings)"
@@ -39,6 +40,11 @@ factory_sessions = "full"
 [api]
 socket = "$work/dso.sock"
 events_file = "$work/events.jsonl"
+port = $api_port
+# The operator's certificate for lmgw-dso on this node (any host: its own file, lmgw-dso --operator FILE)
+[operator]
+cert_file = "$work/operator.crt"
+key_file = "$work/operator.key"
 TOML
 cat >"$work/identity/gateway.toml" <<TOML
 data_dir = "$work/data"
