@@ -33,6 +33,7 @@ from ..clock import Clock, SystemClock, build_date
 from ..codes import CloseCode, RpcCode
 from ..jsonrpc import RpcError
 from ..tls import common_name, time_context
+from ..tpm import open_for
 from ..update import rauc
 from ..update.selfcheck import SelfCheck
 from ..update.updater import Updater
@@ -68,8 +69,10 @@ class GatewayAgent:
         seed_crl(self.crl, config.ca_file.parent / "crl.der")
         self.trust = TrustStore(config.data_dir / "trust", config.ca_file, self.crl, config.crl_grace)
         self.renewal = RenewalSettings.parse(config.raw)
+        # [tpm]: the TPM must be there and load the factory key, or the gateway does not start (no file-key fallback).
+        self.tpm = open_for(config.tpm, config.cert_file, config.key_file)
         self.identities = IdentityStore(config.data_dir / "identity", self.gateway_id, config.cert_file,
-                                        config.key_file, self.trust.bundle_file, self.trust.anchors)
+                                        config.key_file, self.trust.bundle_file, self.trust.anchors, self.tpm)
         self.identity: Identity = self.identities.select(self._now())
         self.ssl = self.identities.context(self.identity)
         self._attempt_connected = False
@@ -176,6 +179,7 @@ class GatewayAgent:
             "lms": self.lms.describe(),
             "storage_problem": self.lms.storage_problem,
             "identity": {**self.identities.describe(self._now(), self.identity), "renewal": self._renewal_status()},
+            "tpm": self.tpm.describe() if self.tpm else None,
             "trust_anchors": self.trust.describe(),
             "time_from_dso": self.time.last_result if self.time.settings.from_dso else "off",
         }

@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..atomicfile import write_atomically
 from ..tls import client_context, common_name, signed_by
+from ..tpm import Tpm, key_problem
+from ..tpmkey import TpmKey, load_key
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,9 @@ class Identity:
                 "not_after": self.cert.not_valid_after_utc.isoformat()}
 
 
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey | TpmKey) -> bytes:
+    if isinstance(key, TpmKey):
+        return key.pem  # the TPM-wrapped blob: the private key itself never leaves the TPM
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -96,7 +100,7 @@ def usable_problem(cert: x509.Certificate, key: Any, gateway_id: str, anchors: l
 def _load_pair(file: Path) -> tuple[x509.Certificate, Any] | None:
     try:
         data = file.read_bytes()
-        return x509.load_pem_x509_certificate(data), serialization.load_pem_private_key(data, password=None)
+        return x509.load_pem_x509_certificate(data), load_key(data)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as exc:
@@ -106,13 +110,15 @@ def _load_pair(file: Path) -> tuple[x509.Certificate, Any] | None:
 
 class IdentityStore:
     def __init__(self, directory: Path, gateway_id: str, factory_cert: Path, factory_key: Path, ca_file: Path,
-                 anchors: Callable[[], list[x509.Certificate]]) -> None:
+                 anchors: Callable[[], list[x509.Certificate]], tpm: Tpm | None = None) -> None:
         self.directory = directory
         self.gateway_id = gateway_id
         self.factory = Identity(Role.FACTORY, factory_cert, factory_key,
                                 x509.load_pem_x509_certificate(factory_cert.read_bytes()))
         self.ca_file = ca_file
         self.anchors = anchors
+        self.tpm = tpm
+        """Where the keys are when gateway.toml has [tpm] (lmgw.tpm): then a pair's key must load in it."""
         self.unconfirmed_failures = 0
         self._contexts: dict[tuple[Path, int], ssl.SSLContext] = {}
         self._warned: str | None = None
@@ -134,7 +140,8 @@ class IdentityStore:
         pair = _load_pair(file)
         if pair is None:
             return None
-        problem = usable_problem(pair[0], pair[1], self.gateway_id, self.anchors(), now)
+        problem = (usable_problem(pair[0], pair[1], self.gateway_id, self.anchors(), now)
+                   or key_problem(self.tpm, pair[1], file))
         if problem is not None:
             if self._warned != f"{file}:{problem}":  # one line per distinct problem, not per attempt
                 self._warned = f"{file}:{problem}"
@@ -182,7 +189,7 @@ class IdentityStore:
 
     # -- changes ------------------------------------------------------------------
 
-    def install(self, key: ec.EllipticCurvePrivateKey, chain_pem: bytes, replaced: Identity) -> None:
+    def install(self, key: ec.EllipticCurvePrivateKey | TpmKey, chain_pem: bytes, replaced: Identity) -> None:
         """Make a verified new pair the operational one; keep the one it replaces until it connected once."""
         cert = x509.load_pem_x509_certificate(chain_pem)
         if self.operational_file.exists() and replaced.role is Role.OPERATIONAL:

@@ -40,6 +40,8 @@ from ..clock import Clock
 from ..config import ConfigError, get, section
 from ..jsonrpc import RpcError
 from ..session import RpcSession
+from ..tpm import TpmError
+from ..tpmkey import TpmKey
 from .identity import Identity, IdentityStore, Role, usable_problem
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def make_csr(gateway_id: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     return key, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def verify_issued(answer: Any, key: ec.EllipticCurvePrivateKey, gateway_id: str, anchors: list[x509.Certificate],
+def verify_issued(answer: Any, key: ec.EllipticCurvePrivateKey | TpmKey, gateway_id: str, anchors: list[x509.Certificate],
                   now: datetime) -> bytes:
     """The certificate of a ``cert.sign`` answer as PEM, if it is for our new key, our gateway ID, signed
     by a trusted CA, for client authentication and valid now; otherwise ``RenewalFailed``."""
@@ -174,7 +176,14 @@ class Renewer:
             return
 
     async def renew_once(self, session: RpcSession, identity: Identity) -> None:
-        key, csr = make_csr(self.store.gateway_id)
+        key: ec.EllipticCurvePrivateKey | TpmKey
+        if self.store.tpm is not None:  # [tpm]: the new key is made inside the TPM, the CSR signed there
+            try:
+                key, csr = self.store.tpm.new_key(self.store.gateway_id)
+            except TpmError as exc:
+                raise RenewalFailed(str(exc)) from None
+        else:
+            key, csr = make_csr(self.store.gateway_id)
         try:
             answer = await session.call("cert.sign", {"csr": csr.decode()})
         except RpcError as exc:
