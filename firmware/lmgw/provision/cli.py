@@ -5,7 +5,8 @@
         --ocsp-url http://pki.example.net/ocsp
 
 Generates the device key (or, with ``--csr``, makes the key and a CSR on this
-station and has the CA sign the CSR, so the CA never sees the key), issues the
+station and has the CA sign the CSR, so the CA never sees the key; with ``--tpm``
+the key is made inside the board's TPM and only its TPM-wrapped blob is written), issues the
 certificate (recorded in the CA inventory), and writes key, certificate, CA
 bundle, gateway.toml and a machine-id into the image's identity partition
 without mounting anything.  An existing identity is never overwritten unless
@@ -30,6 +31,7 @@ from ..gateway.timesync import TimeSettings
 from ..modbus.config import parse_lm_sections
 from ..modbus.profile import load_profile
 from ..pki.ca import CertificateAuthority, Issued, PkiError, check_gateway_id
+from ..tpm import Tpm, TpmError, TpmSettings
 from . import gpt, identity
 
 
@@ -37,7 +39,11 @@ class ProvisionError(Exception):
     pass
 
 
-def _issue(ca: CertificateAuthority, gateway_id: str, csr_flow: bool) -> Issued:
+def _issue(ca: CertificateAuthority, gateway_id: str, csr_flow: bool, tpm: Tpm | None = None) -> Issued:
+    if tpm is not None:  # made in the board's TPM, CSR signed there: only the TPM-wrapped blob comes out
+        tpm_key, csr_pem = tpm.new_key(gateway_id)
+        issued = ca.sign_csr(csr_pem)
+        return Issued(issued.common_name, issued.serial, issued.cert_pem, tpm_key.pem)
     if not csr_flow:
         return ca.issue_gateway(gateway_id)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -52,7 +58,8 @@ def _issue(ca: CertificateAuthority, gateway_id: str, csr_flow: bool) -> Issued:
 
 def _config(args: argparse.Namespace) -> bytes:
     extra = args.lm_config.read_text() if args.lm_config else ""
-    text = identity.gateway_toml(args.dso_url, args.crl_url, args.proxy, extra, args.ocsp_url)
+    text = identity.gateway_toml(args.dso_url, args.crl_url, args.proxy, extra, args.ocsp_url,
+                                 tpm=args.tpm is not None)
     try:
         parsed = tomllib.loads(text)
         GatewayConfig.parse(parsed, Path("/identity"))
@@ -78,7 +85,8 @@ def provision(args: argparse.Namespace) -> str:
             holder = x509.load_pem_x509_certificate(existing).subject.rfc4514_string()
             raise ProvisionError(f"{args.target} already holds an identity ({holder}); use --force to replace it")
         ca = CertificateAuthority.open(args.ca_dir)
-        issued = _issue(ca, args.gateway_id, args.csr)
+        tpm = Tpm.open(TpmSettings(args.tpm, args.tpm_provider_dir)) if args.tpm else None
+        issued = _issue(ca, args.gateway_id, args.csr, tpm)
         assert issued.key_pem is not None
         crl = ca.publish_crl().public_bytes(serialization.Encoding.DER)
         files = {"device.key": issued.key_pem, "device.crt": issued.cert_pem, "ca.crt": ca.cert_pem,
@@ -100,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy", help="http://[user:password@]host:port, if the site needs one")
     parser.add_argument("--lm-config", type=Path, help="TOML with the site's [[lm]]/[[bus]] sections")
     parser.add_argument("--csr", action="store_true", help="make the key here and have the CA sign a CSR")
+    parser.add_argument("--tpm", metavar="TCTI", help="make the key inside the board's TPM, reached from this "
+                        "station by TCTI (device:/dev/tpmrm0, swtpm:port=2321); gateway.toml gets [tpm] (docs/tpm.md)")
+    parser.add_argument("--tpm-provider-dir", type=Path, help="directory of tpm2.so (rootfs/tpm-provider.sh output)")
     parser.add_argument("--force", action="store_true", help="replace an existing identity")
     parser.add_argument("--renew", action="store_true",
                         help="renew an operational certificate over the channel: the default, accepted for old scripts")
     args = parser.parse_args(argv)
     try:
         print(provision(args))
-    except (ProvisionError, PkiError, gpt.PartitionError, OSError) as exc:
+    except (ProvisionError, PkiError, gpt.PartitionError, OSError, TpmError) as exc:
         print(f"lmgw-provision: {exc}", file=sys.stderr)
         return 2
     return 0

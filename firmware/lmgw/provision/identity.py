@@ -20,7 +20,7 @@ LMGW_GID = 990
 
 
 def gateway_toml(dso_url: str, crl_url: str | None, proxy: str | None, extra: str = "",
-                 ocsp_url: str | None = None, renew: bool = True) -> str:
+                 ocsp_url: str | None = None, renew: bool = True, tpm: bool = False) -> str:
     lines = ['data_dir = "/data/lmgw"', "", "[dso]", f'url = "{dso_url}"', 'ca_file = "ca.crt"',
              'cert_file = "device.crt"', 'key_file = "device.key"']
     if proxy:
@@ -30,6 +30,8 @@ def gateway_toml(dso_url: str, crl_url: str | None, proxy: str | None, extra: st
             ([f'ocsp_url = "{ocsp_url}"'] if ocsp_url else [])
     if not renew:  # operational certificates renewed over the channel (lmgw.gateway.renewal) unless told not to
         lines += ["", "[identity]", "renew = false"]
+    if tpm:  # device.key is a TSS2 key of the device's TPM, reached through the kernel's resource manager
+        lines += ["", "[tpm]", 'tcti = "device:/dev/tpmrm0"']
     # Trusted time from the DSO (NTP may not pass the site's firewall), set by lmgw-settime.service: the one
     # unit with CAP_SYS_TIME (lmgw.gateway.timesync)
     lines += ["", "[time]", "from_dso = true", "set_by_unit = true"]
