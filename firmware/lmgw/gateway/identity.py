@@ -184,6 +184,8 @@ class IdentityStore:
         """The TLS client context presenting ``identity`` (built once per pair)."""
         key = (identity.cert_file, identity.serial)
         if key not in self._contexts:
+            if self.tpm is not None:  # a TPM without a resource manager holds a key per context: 3 slots in all
+                self._contexts.clear()
             self._contexts[key] = client_context(self.ca_file, identity.cert_file, identity.key_file)
         return self._contexts[key]
 
