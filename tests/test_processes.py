@@ -24,20 +24,27 @@ def wait_for(predicate, timeout=20.0, what="condition"):
 
 
 def test_operator_cli_and_clean_shutdown_on_sigterm(tmp_path):
+    from lmgw.pki.operator import Role
+
     pki = make_pki(tmp_path / "ca")
     port = free_port()
+    operator = pki.ca.issue_operator("ops", Role.OPERATOR)  # lmgw-dso talks to the node's operator API with it
+    (tmp_path / "ops.key").write_bytes(operator.key_pem)
+    (tmp_path / "ops.crt").write_bytes(operator.cert_pem)
     dso_config = write_toml(tmp_path / "dso.toml", {
         "listen": {"host": "127.0.0.1", "port": port},
         "tls": {"ca_file": pki.ca_cert, "cert_file": pki.dso_cert, "key_file": pki.dso_key},
         "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
-        "api": {"socket": tmp_path / "api.sock", "events_file": tmp_path / "events.jsonl"},
+        "api": {"socket": tmp_path / "api.sock", "events_file": tmp_path / "events.jsonl", "port": free_port()},
+        "operator": {"cert_file": tmp_path / "ops.crt", "key_file": tmp_path / "ops.key"},
+        "enrol": {"factory_sessions": "full"},  # the gateway keeps its factory identity here
     })
     gw_config = write_toml(tmp_path / "gateway.toml", gateway_config(pki, tmp_path, "GW-CLI", port))
     with process([str(VENV_BIN / "lmgw-dso"), "--config", str(dso_config), "serve"], tmp_path / "dso.log",
                  ready=lambda log: "operator API" in log):
         with process([str(VENV_BIN / "lmgw-gateway"), "--config", str(gw_config)], tmp_path / "gateway.log",
                      ready=lambda log: "connected to DSO" in log) as gateway:
-            listing = json.loads(dso_cli(dso_config, "gateways").stdout)
+            listing = json.loads(dso_cli(dso_config, "--json", "gateways").stdout)
             assert [g["gateway_id"] for g in listing] == ["GW-CLI"] and listing[0]["firmware_version"]
             answer = dso_cli(dso_config, "call", "GW-CLI", "gw.ping", '{"payload": "hi"}')
             assert answer.returncode == 0 and json.loads(answer.stdout)["payload"] == "hi"
@@ -58,7 +65,7 @@ def test_operator_cli_and_clean_shutdown_on_sigterm(tmp_path):
             revoked = dso_cli(dso_config, "revoke", "GW-CLI", "--reason", "keyCompromise")
             assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked_serials"]
             wait_for(lambda: "403" in (tmp_path / "gateway2.log").read_text(), what="refused reconnect")
-            assert json.loads(dso_cli(dso_config, "gateways").stdout) == []
+            assert not [g for g in json.loads(dso_cli(dso_config, "--json", "gateways").stdout) if g["online"]]
     assert dso_cli(dso_config, "gateways").returncode == 2  # server gone: a clear message, not a traceback
 
 
