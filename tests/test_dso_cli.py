@@ -169,21 +169,16 @@ def test_operator_cli_over_the_http_api(pki, tmp_path):
 
 
 class ApiFleet(LocalFleet):
-    """The local cluster with each node's operator API on a port of its own and the operator's table."""
+    """The local cluster with the operator's [operator] table in each node's configuration (for lmgw-dso)."""
 
     def __init__(self, workdir: Path, operator: tuple[Path, Path], **kwargs: Any) -> None:
         super().__init__(workdir, **kwargs)
         self.operator = operator
-        self.api_ports = {i: free_port() for i in range(1, self.node_count + 1)}
 
     def node_config(self, i: int) -> Path:
         file = super().node_config(i)
-        port = self.api_ports[i]
-        text = file.read_text().replace("[api]\n", f"[api]\nport = {port}\n"
-                                                   f"audit_file = \"{self.workdir}/audit{i}.jsonl\"\n", 1)
-        text += ('[enrol]\nfactory_sessions = "full"\n\n'
-                 f'[operator]\ncert_file = "{self.operator[0]}"\nkey_file = "{self.operator[1]}"\n')
-        file.write_text(text)
+        with open(file, "a") as out:
+            out.write(f'[operator]\ncert_file = "{self.operator[0]}"\nkey_file = "{self.operator[1]}"\n')
         return file
 
 
