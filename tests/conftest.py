@@ -72,6 +72,27 @@ async def running_dso(pki: Pki, tmp_path: Path, *, port: int = 0, bundles_dir: P
         await server.stop()
 
 
+@contextlib.asynccontextmanager
+async def operator_cli(pki: Pki, tmp_path: Path, server: Any) -> AsyncIterator[list[str]]:
+    """The node's operator HTTP API (a free port) and the ``lmgw-dso`` options that reach it with an operator
+    certificate: ``[lmgw-dso, *options, "gateways"]``."""
+    import dataclasses
+
+    from lmgw.dso.http.service import OperatorApi
+    from lmgw.pki.operator import Role
+
+    issued = pki.ca.issue_operator("test-operator", Role.OPERATOR)
+    (tmp_path / "operator.key").write_bytes(issued.key_pem)
+    (tmp_path / "operator.crt").write_bytes(issued.cert_pem)
+    api = OperatorApi(server, dataclasses.replace(server.config.http, port=0))
+    await api.start()
+    try:
+        yield ["--url", f"https://127.0.0.1:{api.port}", "--ca", str(pki.ca_cert),
+               "--cert", str(tmp_path / "operator.crt"), "--key", str(tmp_path / "operator.key")]
+    finally:
+        await api.stop()
+
+
 def gateway_config(pki: Pki, tmp_path: Path, gateway_id: str, dso_port: int, *, key_cert: tuple[Path, Path] | None = None,
                    crl_url: str | None = None, **dso: Any) -> dict[str, Any]:
     key, cert = key_cert or pki.gateway(gateway_id)

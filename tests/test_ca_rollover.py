@@ -15,7 +15,8 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import VENV_BIN, free_port, gateway_config, running_dso, running_gateway, wait_until, write_toml
+from conftest import (VENV_BIN, free_port, gateway_config, operator_cli, running_dso, running_gateway, wait_until,
+                      write_toml)
 from lmgw.clock import ManualClock
 from lmgw.codes import RpcCode
 from lmgw.gateway.anchors import AnchorRefused, fingerprint, verify_anchor
@@ -136,10 +137,11 @@ def test_ca_rollover_end_to_end_with_a_connected_gateway(pki, other_pki, success
                 await wait_until(lambda: [r for r in dso.events.read("GW-ROLL")
                                           if r["event"]["kind"] == "security.trust_anchor_refused"], what="security event")
                 # 2. the operator pushes the new root with its proof (CLI, a real process)
-                pushed = await asyncio.to_thread(subprocess.run, [
-                    str(VENV_BIN / "lmgw-dso"), "--config", str(tmp_path / f"dso-{port}.toml"), "trust-update", "GW-ROLL",
-                    "--anchor", str(tmp_path / "ca2" / "ca.crt"), "--proof", str(tmp_path / "ca2" / "cross.crt"),
-                    "--crl", str(tmp_path / "ca2" / "crl.der")], capture_output=True, text=True, timeout=60)
+                async with operator_cli(pki, tmp_path, dso) as options:
+                    pushed = await asyncio.to_thread(subprocess.run, [
+                        str(VENV_BIN / "lmgw-dso"), *options, "trust-update", "GW-ROLL",
+                        "--anchor", str(tmp_path / "ca2" / "ca.crt"), "--proof", str(tmp_path / "ca2" / "cross.crt"),
+                        "--crl", str(tmp_path / "ca2" / "crl.der")], capture_output=True, text=True, timeout=60)
                 assert pushed.returncode == 0, pushed.stderr
                 await wait_until(lambda: events(dso, "trust.updated"), what="trust.updated")
                 status = await dso.call("GW-ROLL", "gw.status", {})
