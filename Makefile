@@ -22,6 +22,9 @@ APT_PACKAGES += squid
 APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools systemd
 # Head-end cluster (docs/fleet.md): NATS for routing, presence and events, HAProxy in front (make fleet, tests).
 APT_PACKAGES += nats-server haproxy
+# TPM 2.0 keys (docs/tpm.md): a software TPM for the tests, tpm2-tools, the swtpm TCTI the tests reach it by;
+# patchelf for the private copy of tpm2-openssl (rootfs/tpm-provider.sh).
+APT_PACKAGES += swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 patchelf openssl
 
 IMAGE := build/image/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader -type f \
