@@ -358,18 +358,18 @@ def test_previous_pair_kept_until_the_new_one_connected(pki, tmp_path):
 def test_operator_lists_gateways_whose_certificates_expire(pki, tmp_path):
     import subprocess
 
-    from conftest import VENV_BIN
+    from conftest import VENV_BIN, operator_cli
 
     async def scenario():
         async with running_dso(pki, tmp_path) as dso:
             pki.gateway("GW-SOON", days=5)
             pki.gateway("GW-LATER", days=365)
-            config = tmp_path / f"dso-{0}.toml"
-            listing = await asyncio.to_thread(subprocess.run, [str(VENV_BIN / "lmgw-dso"), "--config", str(config),
-                                                               "expiring", "--days", "10"],
-                                              capture_output=True, text=True, timeout=60)
+            async with operator_cli(pki, tmp_path, dso) as options:
+                listing = await asyncio.to_thread(subprocess.run, [str(VENV_BIN / "lmgw-dso"), *options, "--json",
+                                                                   "expiring", "--days", "10"],
+                                                  capture_output=True, text=True, timeout=60)
             assert listing.returncode == 0, listing.stderr
-            names = [row["common_name"] for row in json.loads(listing.stdout)]
+            names = [row["gateway_id"] for row in json.loads(listing.stdout)]
             assert names == ["GW-SOON"]
             assert [r["common_name"] for r in dso.enrol.expiring(400)] == ["GW-SOON", "GW-LATER"]
     asyncio.run(scenario())
