@@ -70,7 +70,8 @@ class Rig:
         return json.loads(result.stdout)
 
     def gateways(self) -> dict[str, dict[str, Any]]:
-        result = self.dso("gateways")
+        """The gateways connected now (the operator API also lists known offline ones)."""
+        result = self.dso("--json", "gateways", "--status", "online")
         return {g["gateway_id"]: g for g in json.loads(result.stdout)} if result.returncode == 0 else {}
 
     def wait_connected(self, gateway: str, guest: Guest, timeout: float = 240, since: str | None = None) -> dict[str, Any]:
@@ -116,11 +117,17 @@ def running_rig(work: Path, bundles_dir: Path | None = None) -> Iterator[Rig]:
     (work / "dso.key").write_bytes(dso.key_pem)
     (work / "dso.crt").write_bytes(dso.cert_pem)
     dso_port, crl_port, lm_port = free_port(), free_port(), free_port()
+    from lmgw.pki.operator import Role
+
+    operator = pki.ca.issue_operator("rig-operator", Role.OPERATOR)  # lmgw-dso reaches the node's operator API with it
+    (work / "operator.key").write_bytes(operator.key_pem)
+    (work / "operator.crt").write_bytes(operator.cert_pem)
     dso_config = write_toml(work / "dso.toml", {
         "listen": {"host": "127.0.0.1", "port": dso_port},
         "tls": {"ca_file": pki.ca_cert, "cert_file": work / "dso.crt", "key_file": work / "dso.key"},
         "revocation": {"crl_file": pki.crl, "ca_dir": pki.dir},
-        "api": {"socket": work / "dso.sock", "events_file": work / "events.jsonl"},
+        "api": {"socket": work / "dso.sock", "events_file": work / "events.jsonl", "port": free_port()},
+        "operator": {"cert_file": work / "operator.crt", "key_file": work / "operator.key"},
         "enrol": {"factory_sessions": "full"},  # the strict default is renew_only: the rig's gateways rarely renew
         **({"updates": {"bundles_dir": bundles_dir, "base_url": f"https://{DSO_IP}:{DSO_PORT}/bundles/"}}
            if bundles_dir else {}),
