@@ -289,6 +289,26 @@ def test_failed_renewal_reported_retried_and_the_current_pair_kept(pki, tmp_path
     asyncio.run(scenario())
 
 
+def test_retry_not_put_off_by_a_clock_set_back(pki, tmp_path):
+    """A gateway whose clock ran a year ahead fails to renew (the new certificate looks expired) until trusted
+    time sets its clock back: the retry, scheduled on the wall clock, then waited a year (found for the QEMU
+    test with -rtc base= a year ahead).  Now it comes within its own delay of the corrected clock."""
+    async def scenario():
+        clock = ManualClock(time.time())
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 3600}) as dso:
+            async with running_gateway(renewing(pki, tmp_path, "GW-J", dso.port, retry_min=60, retry_max=120),
+                                       tmp_path, clock=clock) as gw:
+                await wait_until(lambda: connected_with(dso, "GW-J", operational=True), 20, "operational")
+                await dso.call("GW-J", "cert.renew", {})  # refused: over the DSO's rate limit
+                await wait_until(lambda: events_of(dso, "GW-J", "cert.renewal_failed"), what="first failure")
+                await wait_until(lambda: gw.renewer.retry_at is not None, what="retry scheduled")
+                clock.set(clock.now() - 365 * 86400)  # trusted time sets the clock back a year
+                clock.advance(61)  # the retry's own delay passes
+                await wait_until(lambda: len(events_of(dso, "GW-J", "cert.renewal_failed")) >= 2, 20,
+                                 "retry after the clock was set back")
+    asyncio.run(scenario())
+
+
 def test_dso_server_certificate_rotation_with_the_same_ca_needs_no_gateway_change(pki, tmp_path):
     async def scenario():
         first = running_dso(pki, tmp_path)

@@ -230,12 +230,12 @@ def test_image_helper_unit_sets_the_clock_the_agent_waits_for(pki, tmp_path, mon
                                            capture_output=True, text=True, timeout=60)
             assert done.returncode == 0, done.stderr
             stated = datetime.fromisoformat(done.stdout.split("would set clock to ")[1].strip())
-            clock.advance(stated.timestamp() - clock.now())  # what clock_settime does on the image
+            clock.set(stated.timestamp())  # what clock_settime does on the image
             when = await task
             assert when == stated and not task.cancelled()
             # a helper that never comes: the agent gives up with one clear error and keeps its clock
             monkeypatch.setattr(timesync, "HELPER_TIMEOUT", 0.5)
-            clock.advance(-YEAR)
+            clock.set(clock.now() - YEAR)
             with pytest.raises(OSError, match="lmgw-settime.service did not set the clock"):
                 await sync.sync_once()
 

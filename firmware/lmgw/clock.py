@@ -67,6 +67,8 @@ class ManualClock:
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._now = start
+        self._elapsed = 0.0
+        """Seconds passed (what a real wait counts: monotonic, unlike the wall clock ``set`` moves)."""
         self._ticked = asyncio.Event()
         self.waiting = 0
         self.sleeps = 0
@@ -76,15 +78,24 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self._now += seconds
+        self._elapsed += seconds
+        self._tick()
+
+    def set(self, now: float) -> None:
+        """The wall clock set (``clock_settime``, e.g. by trusted time): no time passes for those waiting."""
+        self._now = now
+        self._tick()
+
+    def _tick(self) -> None:
         self._ticked.set()
         self._ticked = asyncio.Event()
 
     async def wait(self, wake: asyncio.Event, timeout: float | None) -> None:
-        deadline = None if timeout is None else self._now + timeout
+        deadline = None if timeout is None else self._elapsed + timeout
         self.waiting += 1
         try:
             await asyncio.sleep(0)  # like any real wait, let the other tasks run even when the time is up
-            while not wake.is_set() and (deadline is None or self._now < deadline):
+            while not wake.is_set() and (deadline is None or self._elapsed < deadline):
                 self.sleeps += 1
                 ticked = asyncio.ensure_future(self._ticked.wait())
                 woken = asyncio.ensure_future(wake.wait())

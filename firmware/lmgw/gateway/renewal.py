@@ -134,6 +134,7 @@ class Renewer:
         self.emit = emit
         self.backoff = Backoff(settings.retry_min, settings.retry_max, rng=rng or random.Random())
         self.retry_at: float | None = None
+        self.retry_delay = 0.0
         self.last_error: str | None = None
         self._asked = asyncio.Event()
 
@@ -146,24 +147,30 @@ class Renewer:
 
     def due(self, identity: Identity) -> float:
         """Unix time of the next attempt for the identity in use."""
+        now = self.clock.now()
         if self.retry_at is not None:
-            return self.retry_at
+            # A clock set back since (trusted time correcting a clock that ran a year ahead) must not put the
+            # retry off by that much: never later than its own delay from now.
+            return self.retry_at if self.retry_at - now <= self.retry_delay else now
         if identity.role is Role.FACTORY:
-            return self.clock.now()
+            return now
         return renewal_time(identity.cert, self.settings.fraction).timestamp()
 
     async def run(self, session: RpcSession, identity: Identity, reconnect: Callable[[], Awaitable[None]]) -> None:
         """On one connection: renew when due or asked; after a success, reconnect with the new pair."""
         while True:
-            due = self.due(identity)  # once: "now" for a factory identity would otherwise recede forever
+            due = self.due(identity)
             while not self._asked.is_set() and self.clock.now() < due:
                 await self.clock.wait(self._asked, due - self.clock.now())
+                # Never later than first computed ("now" for a factory identity would otherwise recede forever),
+                # but earlier if the clock was set back meanwhile.
+                due = min(due, self.due(identity))
             self._asked.clear()
             try:
                 await self.renew_once(session, identity)
             except RenewalFailed as exc:
                 delay = max(self.settings.retry_min, self.backoff.next_delay())
-                self.retry_at = self.clock.now() + delay
+                self.retry_at, self.retry_delay = self.clock.now() + delay, delay
                 self.last_error = str(exc)
                 log.error("certificate renewal failed, retrying in %.0f s with certificate %x still in use: %s",
                           delay, identity.serial, exc)
