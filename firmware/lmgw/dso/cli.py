@@ -65,14 +65,14 @@ async def _start_operator_api(server: DsoServer, config: DsoConfig) -> Any:
     try:
         from .http.service import OperatorApi
     except ImportError as exc:
-        log.error("operator API not started: %s (install the head-end extra: pip install 'lmgw[dso]'), "
+        log.error("operator HTTP API not started: %s (install the head-end extra: pip install 'lmgw[dso]'), "
                   "or set [api] enabled = false", exc)
         return None
     api = OperatorApi(server, config.http)
     try:
         await api.start()
     except OSError as exc:
-        log.error("operator API not started: cannot listen on %s:%d (%s): set [api] port, or [api] enabled = false",
+        log.error("operator HTTP API not started: cannot listen on %s:%d (%s): set [api] port, or [api] enabled = false",
                   config.http.host, config.http.port, exc.strerror or exc)
         await api.stop()
         return None
@@ -82,8 +82,9 @@ async def _start_operator_api(server: DsoServer, config: DsoConfig) -> Any:
 async def _serve(config: DsoConfig) -> None:
     server = DsoServer(config)
     await server.start()
-    api = await start_api(server, config.api_socket)
+    # The HTTP API first: the Unix socket's "operator API on" line then says the node is fully up (tests wait for it).
     operator_api = await _start_operator_api(server, config)
+    api = await start_api(server, config.api_socket)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
