@@ -509,7 +509,7 @@ def test_serve_starts_the_api_beside_the_gateway_listener(pki, tmp_path):
     })
     assert DsoConfig.load(config).http.host == "127.0.0.1"
     with process([str(VENV_BIN / "lmgw-dso"), "--config", str(config), "serve"], tmp_path / "dso.log",
-                 ready=lambda log: "operator API on https" in log):
+                 ready=lambda log: "operator HTTP API on https" in log):
         status, text = curl("--cacert", str(pki.ca_cert), "--cert", str(cert), "--key", str(key),
                             f"https://localhost:{api_port}/api/v1/gateways")
         assert status == 200 and json.loads(text.split("\n")[0])["count"] == 0
@@ -520,7 +520,7 @@ def test_serve_starts_the_api_beside_the_gateway_listener(pki, tmp_path):
             "api": {"socket": tmp_path / "api2.sock", "events_file": tmp_path / "events2.jsonl", "port": api_port},
         })
         with process([str(VENV_BIN / "lmgw-dso"), "--config", str(second), "serve"], tmp_path / "dso2.log",
-                     ready=lambda log: "operator API not started" in log):
+                     ready=lambda log: "operator HTTP API not started" in log):
             log = (tmp_path / "dso2.log").read_text()
             assert "set [api] port" in log and "Traceback" not in log
 

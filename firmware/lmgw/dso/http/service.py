@@ -107,7 +107,7 @@ class OperatorApi:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port, ssl_context=tls_context(self.config))
         await self._site.start()
-        log.info("operator API on https://%s:%d/ (client certificates of %s)", self.config.host, self.port,
+        log.info("operator HTTP API on https://%s:%d/ (client certificates of %s)", self.config.host, self.port,
                  self.config.ca_file)
 
     async def _follow_cluster_events(self, feed: EventFeed, metrics: ApiMetrics) -> None:
