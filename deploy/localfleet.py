@@ -140,8 +140,18 @@ class LocalFleet:
             "cluster": {"node": f"node{i}", "servers": self.nats_urls, "replicas": min(3, self.nats_count),
                         "presence_ttl": self.presence_ttl, "event_loop": self.event_loop},
             "balancer": {"addresses": [BALANCER_SOURCE]},
+            # lmgw-dso --config nodeN.toml: the operator certificate of this fleet (operator API of node N)
+            "operator": {"cert_file": self.workdir / "operator.crt", "key_file": self.workdir / "operator.key"},
         }))
         return file
+
+    def issue_operator(self) -> None:
+        """An operator certificate (role operator) for ``lmgw-dso``, the benchmarks and the tests."""
+        from lmgw.pki.operator import Role
+
+        issued = self.pki.ca.issue_operator("localfleet", Role.OPERATOR)
+        (self.workdir / "operator.key").write_bytes(issued.key_pem)
+        (self.workdir / "operator.crt").write_bytes(issued.cert_pem)
 
     def api_socket(self, i: int) -> Path:
         return self.workdir / f"node{i}.sock"
@@ -184,6 +194,7 @@ class LocalFleet:
             self.pki = Pki(ca_dir, CertificateAuthority.open(ca_dir), ca_dir / "dso.key", ca_dir / "dso.crt")
         if self.pki is None:
             self.pki = make_pki(ca_dir)
+        self.issue_operator()
         for i in range(1, self.nats_count + 1):
             self.start_nats(i)
         for i in range(1, self.node_count + 1):

@@ -168,27 +168,12 @@ def test_operator_cli_over_the_http_api(pki, tmp_path):
 # -- the cluster: a job survives the node that started it -------------------------------------------
 
 
-class ApiFleet(LocalFleet):
-    """The local cluster with the operator's [operator] table in each node's configuration (for lmgw-dso)."""
-
-    def __init__(self, workdir: Path, operator: tuple[Path, Path], **kwargs: Any) -> None:
-        super().__init__(workdir, **kwargs)
-        self.operator = operator
-
-    def node_config(self, i: int) -> Path:
-        file = super().node_config(i)
-        with open(file, "a") as out:
-            out.write(f'[operator]\ncert_file = "{self.operator[0]}"\nkey_file = "{self.operator[1]}"\n')
-        return file
-
-
 @pytest.mark.skipif(shutil.which("nats-server") is None or shutil.which("haproxy") is None,
                     reason="nats-server and haproxy are needed (make deps installs them)")
 def test_a_job_goes_on_after_the_node_that_started_it_is_killed(pki, tmp_path):
     online = [f"SIM-{n:06d}" for n in range(12)]
     mute = "GW-MUTE"
-    fleet = ApiFleet(tmp_path / "fleet", operator_files(pki, tmp_path / "ops", "alice", Role.OPERATOR),
-                     nodes=3, nats=3, presence_ttl=4.0)
+    fleet = LocalFleet(tmp_path / "fleet", nodes=3, nats=3, presence_ttl=4.0)  # its nodes' [operator]: lmgw-dso
     fleet.pki = pki
 
     async def scenario() -> None:
