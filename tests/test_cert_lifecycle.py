@@ -228,6 +228,26 @@ def test_cert_renewed_arriving_on_a_later_session_revokes_every_superseded_certi
     assert enrol.supersede("GW-CH", third) == []  # a duplicate report revokes nothing more
 
 
+def test_renewal_from_the_factory_identity_supersedes_the_operational_certificate_it_wrote_over(pki):
+    """A gateway whose clock ran a year ahead saw its operational pair as expired, renewed with its factory identity
+    and wrote the new pair over the old one; the old certificate, valid by the CA's clock, stayed unrevoked."""
+    from lmgw.dso.enrol import Enrolment, EnrolPolicy
+
+    def operational(gateway_id, replaces):
+        return pki.ca.sign_csr(make_csr(gateway_id)[1], lifetime=timedelta(days=1), operational=True,
+                               replaces=replaces).serial
+
+    factory = pki.ca.issue_gateway("GW-AB").serial
+    abandoned = operational("GW-AB", factory)
+    time.sleep(0.01)  # issued later
+    fresh = operational("GW-AB", factory)
+    neighbour = operational("GW-ZZ", pki.ca.issue_gateway("GW-ZZ").serial)
+    assert Enrolment(EnrolPolicy(), pki.dir, time.time).supersede("GW-AB", fresh) == [abandoned]
+    crl = load_crl(pki.crl.read_bytes(), pki.ca.cert)
+    assert revoked_reason(crl, abandoned) == "superseded"
+    assert all(revoked_reason(crl, s) is None for s in (fresh, factory, neighbour))
+
+
 def test_expired_operational_factory_restricted_renews_then_lm_commands_work(pki, tmp_path):
     async def scenario():
         clock = ManualClock(time.time() + 2 * 86400)  # the operational pair below ended a day ago by this clock

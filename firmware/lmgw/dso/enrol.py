@@ -167,24 +167,33 @@ class Enrolment:
         gateway whose next renewal is due at once (a schedule that fell due while it was off) renews again
         before its report left, so ``cert.renewed`` of pair 2 (which replaced pair 1) arrives on the session of
         pair 3.  A session with pair N proves that every ancestor of N is superseded.  During a CA rollover
-        the chain crosses into the old CA (``previous_ca_dir``) and is revoked on that CA's CRL.  A factory
-        certificate is never revoked this way: the walk stops at the first certificate that is not an
-        operational one of this gateway."""
+        the chain crosses into the old CA (``previous_ca_dir``) and is revoked on that CA's CRL.  A chain that
+        starts at the factory certificate (the gateway renewed with its factory identity: its operational pair
+        was unusable, or looked so to a clock that ran ahead) also supersedes every operational certificate of
+        the gateway issued before the session's: the gateway wrote its new pair over it.  A factory
+        certificate is never revoked this way."""
         cas = [CertificateAuthority.open(d) for d in (self.ca_dir, self.policy.previous_ca_dir) if d is not None]
-        found = _find(cas, session_serial)
-        revoked: list[int] = []
-        seen: set[str] = set()
-        while found is not None and len(seen) < MAX_CHAIN:
-            row = found[1]
-            if row["kind"] != "operational" or row["common_name"] != gateway_id or not row["replaces"]:
-                break
-            seen.add(row["serial"])
+        session = _find(cas, session_serial)
+        if session is None or not _operational_of(session[1], gateway_id):
+            return []
+        stale: list[tuple[CertificateAuthority, dict[str, Any]]] = []
+        row, seen = session[1], {session[1]["serial"]}
+        while row["replaces"] and len(seen) < MAX_CHAIN:
             found = _find(cas, int(row["replaces"], 16))
             if found is None or found[1]["serial"] in seen:
                 break
-            ca, replaced = found
-            if replaced["kind"] == "operational" and replaced["common_name"] == gateway_id and not replaced["revoked_at"]:
-                serial = int(replaced["serial"], 16)
+            if not _operational_of(found[1], gateway_id):
+                if found[1]["kind"] == "gateway" and found[1]["common_name"] == gateway_id:  # the factory one
+                    stale += [(ca, r) for ca in cas for r in ca.inventory.find(common_name=gateway_id)
+                              if _operational_of(r, gateway_id) and r["issued_at"] < session[1]["issued_at"]]
+                break
+            stale.append(found)
+            row = found[1]
+            seen.add(row["serial"])
+        revoked: list[int] = []
+        for ca, replaced in stale:
+            serial = int(replaced["serial"], 16)
+            if replaced["revoked_at"] is None and serial not in revoked:
                 ca.revoke(serial=serial, reason="superseded")
                 log.info("gateway %s: superseded certificate %x revoked (CA %s)", gateway_id, serial,
                          ca.cert.subject.rfc4514_string())
@@ -195,6 +204,10 @@ class Enrolment:
         if self.ca_dir is None:
             raise PermissionError("this DSO holds no CA ([revocation] ca_dir): use lmgw-pki expiring on the CA host")
         return CertificateAuthority.open(self.ca_dir).expiring(timedelta(days=days))
+
+
+def _operational_of(row: dict[str, Any], gateway_id: str) -> bool:
+    return bool(row["kind"] == "operational" and row["common_name"] == gateway_id)
 
 
 def _find(cas: list[CertificateAuthority], serial: int) -> tuple[CertificateAuthority, dict[str, Any]] | None:
