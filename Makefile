@@ -22,6 +22,9 @@ APT_PACKAGES += squid
 APT_PACKAGES += build-essential bc cpio rsync file unzip wget shellcheck flake8 python3-magic u-boot-tools systemd
 # Head-end cluster (docs/fleet.md): NATS for routing, presence and events, HAProxy in front (make fleet, tests).
 APT_PACKAGES += nats-server haproxy
+# Operator dashboard test: a real headless Chromium with the operator's certificate in its NSS database
+# (certutil, pk12util); tests/test_dashboard.py.
+APT_PACKAGES += chromium libnss3-tools
 # TPM 2.0 keys (docs/tpm.md): a software TPM for the tests, tpm2-tools, the swtpm TCTI the tests reach it by;
 # patchelf for the private copy of tpm2-openssl (rootfs/tpm-provider.sh).
 APT_PACKAGES += swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 patchelf openssl

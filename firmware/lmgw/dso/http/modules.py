@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from . import jobs_routes, routes
+from . import dashboard_routes, jobs_routes, routes
 from .app import RouteModule
 
 ROUTE_MODULES: tuple[RouteModule, ...] = (
     routes.add_routes,
     jobs_routes.add_routes,
+    dashboard_routes.add_routes,
 )
