@@ -68,7 +68,7 @@ async def running_dso(pki: Pki, tmp_path: Path, *, port: int = 0, bundles_dir: P
     try:
         yield server
     finally:
-        api.close()
+        await api.stop()
         await server.stop()
 
 

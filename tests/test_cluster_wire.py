@@ -50,12 +50,14 @@ def test_cluster_configuration_is_checked():
 
 def test_the_operator_client_reads_an_answer_larger_than_a_request(tmp_path):
     """A cluster's listing of 4,000+ gateways is over 1 MiB: the client refused it before (limit = request's)."""
-    big = {"ok": True, "result": [{"gateway_id": f"GW-{n:05d}", "pad": "x" * 300} for n in range(6000)]}
+    big = {"gateways": [{"gateway_id": f"GW-{n:05d}", "pad": "x" * 300} for n in range(6000)]}
 
     async def scenario():
-        async def answer(reader, writer):
-            await reader.readline()
-            writer.write(json.dumps(big).encode() + b"\n")
+        async def answer(reader, writer):  # the local socket speaks HTTP/1.1 (lmgw.dso.api)
+            await reader.readuntil(b"\r\n\r\n")
+            body = json.dumps(big).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             await writer.drain()
             writer.close()
 

@@ -19,7 +19,8 @@ How a route module plugs in (``jobs_routes.py`` does exactly this)::
 and is listed in ``modules.ROUTE_MODULES`` (``build_app`` calls each ``add_routes(app, ctx)``).
 
 ``add_route`` is the only way to add a route: it wraps the handler with the client-certificate
-check (an operator certificate of the operator CA, not revoked, ``lmgw.pki.operator``), the role
+check (an operator certificate of the operator CA, not revoked, ``lmgw.pki.operator``; on the local
+Unix socket of ``lmgw.dso.api``, mode 0600, the peer is the operator account: role operator), the role
 check, and, for every method but GET/HEAD, one audit line once the request ended (who: subject and
 serial; what: method, path, gateway and the handler's ``audit_detail``; outcome: HTTP status and
 error message).  ``add_public_route`` is for health only.  ``app[ROUTES]`` lists every route with
@@ -49,7 +50,7 @@ from ..apiconfig import ApiConfig
 from ..audit import AuditLog
 from ..inventory import TagStore
 from ..server import DsoServer
-from .auth import AuthError, Operator, OperatorAuth
+from .auth import AuthError, Operator, OperatorAuth, local_operator
 from .feed import EventFeed
 from .fleet import Selector, fleet_view, select
 from .metrics import ApiMetrics
@@ -158,9 +159,10 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 def _guarded(handler: Handler, role: Role) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         ctx = request.app[CONTEXT]
+        transport = request.transport
         try:
-            operator = ctx.auth.identify(request.transport.get_extra_info("ssl_object") if request.transport
-                                         else None, ctx.now())
+            operator = (local_operator(transport.get_extra_info("socket") if transport else None)
+                        or ctx.auth.identify(transport.get_extra_info("ssl_object") if transport else None, ctx.now()))
         except AuthError as exc:
             ctx.metrics.api_refused(exc.reason)
             log.warning("operator API refused %s %s from %s: %s", request.method, request.path, request.remote,

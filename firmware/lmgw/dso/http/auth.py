@@ -9,7 +9,9 @@ endpoint (``DsoServer._check_client``).
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -47,6 +49,18 @@ class AuthError(Exception):
         self.reason = reason
         """For the refusal metric: ``no_certificate``, ``not_operator``, ``no_role``, ``revoked``."""
         self.message = message
+
+
+def local_operator(sock: socket.socket | None) -> Operator | None:
+    """The peer of the local Unix socket (mode 0600: the operator account or root): role operator, named by its
+    uid for the audit log.  None for any other transport."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        uid = -1
+    return Operator(f"local:uid={uid}", "local", "", Role.OPERATOR)
 
 
 class OperatorAuth:

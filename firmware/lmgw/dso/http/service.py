@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 
 from aiohttp import web
 from cryptography import x509
@@ -50,16 +52,22 @@ def tls_context(config: ApiConfig) -> ssl.SSLContext:
 
 
 class OperatorApi:
+    """One application per node, served over HTTPS (``[api]``, unless ``tcp`` is False) and, with
+    ``local_socket``, over a Unix socket of mode 0600 (``lmgw.dso.api``): the same handlers both ways."""
+
     def __init__(self, server: DsoServer, config: ApiConfig, route_modules: Sequence[RouteModule] = ROUTE_MODULES,
-                 now: Callable[[], datetime] = _now) -> None:
+                 now: Callable[[], datetime] = _now, *, local_socket: Path | None = None, tcp: bool = True) -> None:
         self.server = server
         self.config = config
+        self.local_socket = local_socket
+        self.tcp = tcp
         self.route_modules = route_modules
         self.now = now
         self.context: ApiContext | None = None
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self._port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def _revocation(self) -> tuple[Revocation, bool]:
@@ -105,9 +113,30 @@ class OperatorApi:
         app.on_shutdown.append(end_feeds)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.config.host, self.config.port, ssl_context=tls_context(self.config))
-        await self._site.start()
-        log.info("operator HTTP API on https://%s:%d/ (client certificates of %s)", self.config.host, self.port,
+        if self.tcp:
+            await self._listen_tcp(self._runner)
+        if self.local_socket is not None:
+            self.local_socket.unlink(missing_ok=True)
+            old_umask = os.umask(0o177)  # the socket is born 0600: only the operator account reaches it
+            try:
+                await web.UnixSite(self._runner, str(self.local_socket)).start()
+            finally:
+                os.umask(old_umask)
+            log.info("operator API on %s (local socket, same API)", self.local_socket)
+
+    async def _listen_tcp(self, runner: web.AppRunner) -> None:
+        """HTTPS on ``[api] host:port``.  Gateways come first: a port that cannot be had is one error line, the
+        node goes on serving its gateways (and its local socket)."""
+        site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=tls_context(self.config))
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("operator HTTP API not started: cannot listen on %s:%d (%s): set [api] port, or "
+                      "[api] enabled = false", self.config.host, self.config.port, exc.strerror or exc)
+            return
+        self._site = site
+        self._port = int(next(iter(runner.addresses))[1])
+        log.info("operator HTTP API on https://%s:%d/ (client certificates of %s)", self.config.host, self._port,
                  self.config.ca_file)
 
     async def _follow_cluster_events(self, feed: EventFeed, metrics: ApiMetrics) -> None:
@@ -134,10 +163,10 @@ class OperatorApi:
 
     @property
     def port(self) -> int:
-        assert self._runner is not None
-        for address in self._runner.addresses:
-            return int(address[1])
-        raise RuntimeError("operator API not listening")
+        """The HTTPS port (``[api] port`` 0: the one the system chose)."""
+        if self._port is None:
+            raise RuntimeError("operator HTTP API not listening")
+        return self._port
 
     async def stop(self) -> None:
         for task in self._tasks:
