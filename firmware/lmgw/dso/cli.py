@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives import hashes
 from ..config import ConfigError
 from ..logsetup import configure
 from . import cliformat
-from .api import start_api
 from .client import ApiClient, ApiFailure, ClientConfig, Unreachable
 from .config import DsoConfig
 from .rollover import trust_update_params
@@ -58,41 +57,30 @@ class UsageError(Exception):
 
 
 async def _start_operator_api(server: DsoServer, config: DsoConfig) -> Any:
-    """The operator HTTP API beside the gateway listener ([api], docs/operator-api.md).  Gateways come first:
-    an API that cannot start is one error line, the node goes on serving its gateways."""
-    if config.http is None or not config.http.enabled:
-        return None
+    """The operator API: HTTPS (``[api]``, docs/operator-api.md) and the local socket (``[api] socket``), one
+    application.  Gateways come first: an API that cannot start is one error line, the node goes on serving them."""
     try:
         from .http.service import OperatorApi
     except ImportError as exc:
-        log.error("operator HTTP API not started: %s (install the head-end extra: pip install 'lmgw[dso]'), "
-                  "or set [api] enabled = false", exc)
+        log.error("operator API not started: %s (install the head-end extra: pip install 'lmgw[dso]')", exc)
         return None
-    api = OperatorApi(server, config.http)
-    try:
-        await api.start()
-    except OSError as exc:
-        log.error("operator HTTP API not started: cannot listen on %s:%d (%s): set [api] port, or [api] enabled = false",
-                  config.http.host, config.http.port, exc.strerror or exc)
-        await api.stop()
-        return None
+    assert config.http is not None
+    api = OperatorApi(server, config.http, local_socket=config.api_socket, tcp=config.http.enabled)
+    await api.start()  # its local socket's "operator API on" line comes last: the node is up (tests wait for it)
     return api
 
 
 async def _serve(config: DsoConfig) -> None:
     server = DsoServer(config)
     await server.start()
-    # The HTTP API first: the Unix socket's "operator API on" line then says the node is fully up (tests wait for it).
-    operator_api = await _start_operator_api(server, config)
-    api = await start_api(server, config.api_socket)
+    api = await _start_operator_api(server, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    api.close()
-    if operator_api is not None:
-        await operator_api.stop()
+    if api is not None:
+        await api.stop()
     await server.stop()
 
 
