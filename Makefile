@@ -92,6 +92,7 @@ bundle: image
 
 bench: deps
 	$(PY) tests/bench/run.py
+	$(PY) tests/bench/bench_operator_api.py
 	$(PY) tests/bench/bench_tpm.py
 
 # The IP-level part of `make bench` alone (windows: LMGW_BENCH_IDLE_S, LMGW_BENCH_LOAD_S; see tests/bench/bench_wire.py).

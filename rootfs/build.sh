@@ -105,6 +105,9 @@ install_kernel() {
 		kernel/drivers/block/loop.ko kernel/drivers/md/dm-mod.ko kernel/drivers/md/dm-verity.ko \
 		kernel/drivers/md/dm-bufio.ko kernel/drivers/md/dm-bio-prison.ko kernel/lib/reed_solomon \
 		kernel/lib/crc16.ko kernel/crypto/crc32c_generic.ko -name '*.ko' 2>/dev/null | cpio -pdm --quiet "$dst")
+	# QEMU's TPM (-device tpm-tis-device): the TIS core from the package, tpm_tis built for this kernel (docs/tpm.md).
+	(cd "$src" && find kernel/drivers/char/tpm/tpm_tis_core.ko | cpio -pdm --quiet "$dst")
+	"$top/rootfs/tpm-kernel-module.sh" "$(ls "$cache"/debs/linux-image-[0-9]*-armmp_*.deb | head -1)" "$dst/updates"
 	chroot "$out/rootfs" /sbin/depmod "$kver"
 }
 
@@ -116,6 +119,16 @@ install_python() {
 	# A read-only root cannot write .pyc later; unchecked-hash keeps them reproducible.
 	chroot "$out/rootfs" python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /usr/lib/python3/dist-packages
 	chroot "$out/rootfs" python3 -c 'import cryptography.x509, websockets, pymodbus, serial, sdnotify, lmgw.gateway.agent'
+}
+
+# TPM 2.0 keys (docs/tpm.md): tpm2-openssl 1.3.0 and its tss2 libraries, pinned, in a directory only the
+# gateway loads them from ([tpm] in gateway.toml); checked to link against this root's glibc and libcrypto.
+install_tpm() {
+	log "TPM provider (tpm2-openssl, private copy)"
+	"$top/rootfs/tpm-provider.sh" armhf "$out/rootfs/usr/lib/lmgw-tpm"
+	chroot "$out/rootfs" python3 -c 'import ctypes, os, ssl
+for lib in ("lib/libtss2-tcti-device.so.0", "ossl-modules/tpm2.so"):
+    ctypes.CDLL("/usr/lib/lmgw-tpm/" + lib, os.RTLD_NOW)'
 }
 
 update_keyring() {
@@ -195,6 +208,7 @@ fetch_wheels
 build_rootfs
 install_kernel
 install_python
+install_tpm
 configure_system
 write_manifest
 build_initramfs

@@ -84,7 +84,8 @@ def test_a_placeholder_paths_env_does_not_define_stops_the_build(tmp_path, updat
 
 def test_the_production_service_allows_serial_adapters_only():
     allowed = re.findall(r"^DeviceAllow=(.*)$", (UNITS / "lmgw.service").read_text(), re.M)
-    assert allowed == ["char-ttyAMA rw", "char-ttyS rw", "char-ttyUSB rw"]
+    # and the TPM resource manager, for keys in the TPM (docs/tpm.md)
+    assert allowed == ["char-ttyAMA rw", "char-ttyS rw", "char-ttyUSB rw", "char-tpm rw"]
     # The QEMU rig's RS-485 bus is a virtio console: allowed by the test image's own drop-in.
     dropin = QEMU_LAYER / "etc/systemd/system/lmgw.service.d/qemu-rs485.conf"
     assert re.findall(r"^DeviceAllow=(.*)$", dropin.read_text(), re.M) == ["char-hvc rw"]
