@@ -318,15 +318,23 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="lmgw-bench-") as tmp:
         work = Path(tmp)
         lines: list[str] = []
-        lines += await bench_wire(work, args.seconds * 2)
-        if not args.skip_wire_ip:
+        only = set(args.only.split(",")) if args.only else None
+
+        def part(name: str) -> bool:
+            return only is None or name in only
+        if part("wire"):
+            lines += await bench_wire(work, args.seconds * 2)
+        if part("wire") and not args.skip_wire_ip:
             sys.path.insert(0, str(HERE))
             lines += await importlib.import_module("bench_wire").run(work)
-        lines += await bench_throughput(work, args.gateways, args.seconds)
-        lines += await bench_handshakes(work, args.seconds)
-        lines += await bench_capacity(work, args.capacity)
+        if part("throughput"):
+            lines += await bench_throughput(work, args.gateways, args.seconds)
+        if part("handshakes"):
+            lines += await bench_handshakes(work, args.seconds)
+        if part("capacity"):
+            lines += await bench_capacity(work, args.capacity)
         modbus = HERE / "bench_modbus.py"
-        if modbus.exists():
+        if part("modbus") and modbus.exists():
             sys.path.insert(0, str(HERE))
             lines += importlib.import_module("bench_modbus").run()
         print("\n== LMGW benchmark (%s, Python %s, %d cores) ==" % (time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count() or 0))
@@ -339,6 +347,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--gateways", type=int, default=100)
     parser.add_argument("--capacity", type=int, default=2000)
+    parser.add_argument("--only", help="comma-separated parts: wire, throughput, handshakes, capacity, modbus")
     parser.add_argument("--skip-wire-ip", action="store_true", help="skip the packet capture (minutes: LMGW_BENCH_IDLE_S)")
     parser.add_argument("--role", choices=["gateways", "echo", "idle"])
     parser.add_argument("--work")

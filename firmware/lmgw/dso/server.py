@@ -28,12 +28,14 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from .. import SUBPROTOCOL, __version__
 from ..codes import CloseCode, RpcCode
+from ..deflate import release_idle_compressors
 from ..jsonrpc import RpcError
 from ..methods import MethodTable, Param
 from ..pki.operator import is_operator_certificate
@@ -268,6 +270,9 @@ class DsoServer:
     # -- sessions -----------------------------------------------------------
 
     async def _handle(self, connection: ServerConnection) -> None:
+        # The opening handshake's headers (~5 KiB) are not used after it; websockets needs a request there.
+        if connection.request is not None:
+            connection.request, connection.response = Request(connection.request.path, Headers()), None
         certificate = peer_certificate(connection.transport.get_extra_info("ssl_object"))
         assert certificate is not None  # _check_client refused it otherwise
         gateway_id = common_name(certificate) or ""
@@ -419,6 +424,8 @@ class DsoServer:
             assert self._server is not None
             now = time.monotonic()
             for connection in self._server.connections:
+                # The same sweep gives back the compressor of a connection that sent nothing since the last one.
+                release_idle_compressors(connection.protocol.extensions)
                 silent = now - getattr(connection, "last_heard", now)
                 if silent > limit:
                     who = getattr(connection, "_who", lambda: "unknown peer")()
