@@ -34,6 +34,10 @@ class TagError(ValueError):
     """Tags refused; the message says which and why."""
 
 
+class InventoryUnavailable(Exception):
+    """The store cannot be reached now (in a cluster: JetStream for longer than a leader election)."""
+
+
 def check_gateway_id(gateway_id: str) -> str:
     if not GATEWAY_ID.match(gateway_id):
         raise TagError(f"gateway ID {gateway_id[:80]!r} must be 1 to 64 characters of A-Z a-z 0-9 . _ -")

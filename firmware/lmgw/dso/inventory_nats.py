@@ -8,9 +8,12 @@ NATS server); keys are the gateways' subject tokens (``cluster.wire.token``), va
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -19,12 +22,17 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from .cluster import wire
-from .inventory import MAX_TAGGED_GATEWAYS, TagError, check_tags
+from .inventory import MAX_TAGGED_GATEWAYS, InventoryUnavailable, TagError, check_tags
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 BUCKET = "lmgw_inventory"
 JS_TIMEOUT = 5.0
 STORAGE_WAIT = 60.0
 MAX_LISTING_SECONDS = 10.0
+JETSTREAM_WAIT = 30.0
+"""Seconds an operation waits for JetStream (a leader election after a NATS server died takes a few)."""
 MAX_BUCKET_BYTES = 64 * 1024 * 1024
 """The bucket refuses writes past this (JetStream enforces it): bounded like the single-node file."""
 
@@ -49,6 +57,21 @@ class KvTagStore:
                     raise
                 await asyncio.sleep(0.5)
 
+    async def _retrying(self, operation: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """A JetStream operation, tried again while the cluster elects a new leader (a NATS server died)."""
+        deadline = time.monotonic() + JETSTREAM_WAIT
+        while True:
+            try:
+                return await operation()
+            except (nats.errors.Error, TimeoutError) as exc:
+                if isinstance(exc, nats.js.errors.KeyNotFoundError):
+                    raise
+                if time.monotonic() > deadline:
+                    raise InventoryUnavailable(f"{what}: JetStream unavailable for {JETSTREAM_WAIT:g} s "
+                                               f"({exc or type(exc).__name__})") from None
+                log.info("%s: JetStream busy (%s), trying again", what, exc or type(exc).__name__)
+                await asyncio.sleep(0.5)
+
     @property
     def kv(self) -> KeyValue:
         assert self._kv is not None, "KvTagStore.start() first"
@@ -56,7 +79,7 @@ class KvTagStore:
 
     async def get(self, gateway_id: str) -> dict[str, str]:
         try:
-            entry = await self.kv.get(wire.token(gateway_id))
+            entry = await self._retrying(functools.partial(self.kv.get, wire.token(gateway_id)), "reading tags")
         except nats.js.errors.KeyNotFoundError:
             return {}
         return self._tags(entry.value)
@@ -65,13 +88,17 @@ class KvTagStore:
         key = wire.token(gateway_id)
         if not tags:
             try:
-                await self.kv.delete(key)
+                await self._retrying(functools.partial(self.kv.delete, key), "removing tags")
             except nats.js.errors.KeyNotFoundError:
                 pass
             return
-        await self.kv.put(key, json.dumps({"gateway_id": gateway_id, "tags": tags}).encode())
+        value = json.dumps({"gateway_id": gateway_id, "tags": tags}).encode()
+        await self._retrying(functools.partial(self.kv.put, key, value), "storing tags")
 
     async def all(self) -> dict[str, dict[str, str]]:
+        return await self._retrying(self._all, "listing tags")
+
+    async def _all(self) -> dict[str, dict[str, str]]:
         found: dict[str, dict[str, str]] = {}
         watcher = await self.kv.watchall(ignore_deletes=True)
         try:

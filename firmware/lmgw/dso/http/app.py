@@ -48,7 +48,7 @@ from ...jsonrpc import RpcError
 from ...pki.operator import Role
 from ..apiconfig import ApiConfig
 from ..audit import AuditLog
-from ..inventory import TagStore
+from ..inventory import InventoryUnavailable, TagStore
 from ..server import DsoServer
 from .auth import AuthError, Operator, OperatorAuth, local_operator
 from .feed import EventFeed
@@ -194,6 +194,9 @@ def _guarded(handler: Handler, role: Role) -> Handler:
         except LookupError as exc:
             status, message = 404, str(exc)
             raise
+        except InventoryUnavailable as exc:
+            status, message = 503, str(exc)
+            raise
         except web.HTTPException as exc:
             status, message = exc.status, exc.reason
             raise
@@ -234,6 +237,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(_rpc_status(exc), exc.message, int(exc.code), exc.data)
     except LookupError as exc:
         return error_response(404, str(exc), int(RpcCode.NOT_CONNECTED))
+    except InventoryUnavailable as exc:
+        return error_response(503, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -248,6 +253,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except TimeoutError:
+        log.warning("operator API %s %s: timed out", request.method, request.path)
+        return error_response(504, f"{request.method} {request.path} timed out on node-side storage: try again")
+    except Exception:  # a defect: logged with its traceback, answered in the one shape
+        log.exception("operator API %s %s failed", request.method, request.path)
+        return error_response(500, "internal error (logged on the node)")
 
 
 def build_app(ctx: ApiContext, route_modules: Sequence[RouteModule]) -> web.Application:
