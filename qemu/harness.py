@@ -18,20 +18,27 @@ stays inside the same QEMU process (and console log), as on a real board.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGE_DIR = REPO / "build" / "image"
+# LMGW_IMAGE_DIR boots another build of the image (rootfs/build.sh OUT).
+IMAGE_DIR = Path(os.environ.get("LMGW_IMAGE_DIR", REPO / "build" / "image"))
 DSO_IP, LM_IP, PROXY_IP = "10.0.2.100", "10.0.2.101", "10.0.2.102"
 DSO_PORT, CRL_PORT, LM_PORT, PROXY_PORT = 8443, 8080, 502, 3128
 BOOT_TIMEOUT = 180.0
 UBOOT = Path("/usr/lib/u-boot/qemu_arm/u-boot.bin")
+UBOOT_ENV = REPO / "board" / "qemu-arm-offline" / "u-boot.env"
+# Debian's qemu_arm U-Boot keeps its environment at the start of the second flash bank (CONFIG_ENV_ADDR
+# 0x4000000, CONFIG_ENV_SIZE 0x40000); QEMU's virt flash banks are 64 MiB each.
+UBOOT_ENV_SIZE, FLASH_BANK_SIZE = 0x40000, 64 << 20
 
 
 class GuestError(RuntimeError):
@@ -49,6 +56,10 @@ class Guest:
     process: subprocess.Popen[bytes] | None = None
     rtu_pty: str | None = None
     boots: int = 0
+    powered_on: float = 0.0
+    """Host wall clock when QEMU was started (power-on), for qemu/boottime.py."""
+    kernel_started: float | None = None
+    """Host wall clock when U-Boot's ``Starting kernel`` reached the console (first one of this run)."""
 
     @property
     def console_log(self) -> Path:
@@ -68,21 +79,40 @@ class Guest:
             "-chardev", "pty,id=rtu", "-device", "virtconsole,chardev=rtu,name=rtu",
             "-chardev", f"socket,id=shell,path={self.workdir / (self.name + '-shell.sock')},server=on,wait=off",
             "-device", "virtconsole,chardev=shell,name=shell",
+            # LMGW_UBOOT_DEFAULT_ENV=1: U-Boot's built-in environment, to compare (2 s delay, USB/SCSI probes).
+            *([] if os.environ.get("LMGW_UBOOT_DEFAULT_ENV") else
+              ["-drive", f"if=pflash,unit=1,format=raw,file={self.workdir / (self.name + '-uboot-env.img')}"]),
         ]
 
     def run_interactive(self) -> int:
         """Boot with the console on this terminal (Ctrl-A X quits QEMU); return QEMU's exit status."""
         self.boots += 1
+        write_uboot_env(self.workdir / (self.name + "-uboot-env.img"))
         return subprocess.call(self.command())
 
     def start(self) -> None:
         self.boots += 1
         (self.workdir / (self.name + "-shell.sock")).unlink(missing_ok=True)
+        write_uboot_env(self.workdir / (self.name + "-uboot-env.img"))
         log = open(self.console_log, "wb")
+        self.powered_on, self.kernel_started = time.time(), None
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        threading.Thread(target=self._watch_kernel_start, args=(self.process, self.console_log), daemon=True).start()
         # Each QEMU process gets a new pseudo-terminal for the RS-485 console.
         self.rtu_pty = self.wait_for_console(r"char device redirected to /dev/pts/\d+ \(label rtu\)", 20).split()[4]
+
+    def _watch_kernel_start(self, process: subprocess.Popen[bytes], log: Path) -> None:
+        # Polled often enough for a phase measured in seconds; reads only the log's new bytes.
+        tail = b""
+        with open(log, "rb") as console:
+            while process.poll() is None:
+                chunk = console.read()
+                if b"Starting kernel" in tail + chunk:
+                    self.kernel_started = time.time()
+                    return
+                tail = (tail + chunk)[-32:]
+                time.sleep(0.05)
 
     def console_mark(self) -> int:
         """A position in this run's console log, for ``wait_for_console(since=...)``."""
@@ -164,3 +194,24 @@ def copy_image(source: Path, target: Path) -> Path:
     subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
     return target
 
+
+
+def uboot_environment(binary: Path = UBOOT, board: Path = UBOOT_ENV) -> list[str]:
+    """U-Boot's built-in default environment (``name=value`` strings in its binary, from ``bootcmd=``
+    to the empty string that ends them) with the board's lines over it: an environment U-Boot loads
+    replaces its defaults whole."""
+    data = binary.read_bytes()
+    start = data.index(b"\0bootcmd=") + 1
+    defaults = data[start:data.index(b"\0\0", start)].decode().split("\0")
+    overrides = [line for line in board.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    names = {line.split("=", 1)[0] for line in overrides}
+    return [line for line in defaults if line.split("=", 1)[0] not in names] + overrides
+
+
+def write_uboot_env(path: Path) -> None:
+    """QEMU's second flash bank holding the board's U-Boot environment (mkenvimage: CRC and layout)."""
+    text = path.with_suffix(".txt")
+    text.write_text("\n".join(uboot_environment()) + "\n")
+    subprocess.run(["mkenvimage", "-s", str(UBOOT_ENV_SIZE), "-o", str(path), str(text)], check=True)
+    with open(path, "r+b") as flash:
+        flash.truncate(FLASH_BANK_SIZE)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from boottime import BootTime, measure
 from dso_side import Pki, free_port, make_pki, process, write_toml
 from harness import CRL_PORT, DSO_IP, DSO_PORT, IMAGE_DIR, LM_IP, LM_PORT, PROXY_IP, PROXY_PORT, Guest, copy_image
 
@@ -86,6 +87,12 @@ class Rig:
         except Exception as exc:  # the diagnosis must not hide the failure
             journal = f"(guest journal unavailable: {exc})"
         raise AssertionError(f"{gateway} did not connect to the DSO within {timeout} s; gateway journal:\n{journal}")
+
+    def boot_time(self, guest: Guest, gateway: str = GATEWAY) -> BootTime:
+        """Power-on to the DSO's first accepted gw.hello of the boot ``guest`` just made, phase by phase
+        (qemu/boottime.py); call it once the gateway is connected."""
+        guest.wait_for_shell()
+        return measure(guest, guest.powered_on, guest.kernel_started, self.work / "dso.log", gateway)
 
     def provision(self, name: str, gateway: str, dso_url: str, *extra: str, crl_url: str | None = None,
                   renew: bool = False) -> Path:
