@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -22,17 +20,13 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from .cluster import wire
+from .cluster.jetstream import current_values, retrying
 from .inventory import MAX_TAGGED_GATEWAYS, InventoryUnavailable, TagError, check_tags
-
-log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 BUCKET = "lmgw_inventory"
 JS_TIMEOUT = 5.0
 STORAGE_WAIT = 60.0
 MAX_LISTING_SECONDS = 10.0
-JETSTREAM_WAIT = 30.0
-"""Seconds an operation waits for JetStream (a leader election after a NATS server died takes a few)."""
 MAX_BUCKET_BYTES = 64 * 1024 * 1024
 """The bucket refuses writes past this (JetStream enforces it): bounded like the single-node file."""
 
@@ -57,21 +51,6 @@ class KvTagStore:
                     raise
                 await asyncio.sleep(0.5)
 
-    async def _retrying(self, operation: Callable[[], Awaitable[_T]], what: str) -> _T:
-        """A JetStream operation, tried again while the cluster elects a new leader (a NATS server died)."""
-        deadline = time.monotonic() + JETSTREAM_WAIT
-        while True:
-            try:
-                return await operation()
-            except (nats.errors.Error, TimeoutError) as exc:
-                if isinstance(exc, nats.js.errors.KeyNotFoundError):
-                    raise
-                if time.monotonic() > deadline:
-                    raise InventoryUnavailable(f"{what}: JetStream unavailable for {JETSTREAM_WAIT:g} s "
-                                               f"({exc or type(exc).__name__})") from None
-                log.info("%s: JetStream busy (%s), trying again", what, exc or type(exc).__name__)
-                await asyncio.sleep(0.5)
-
     @property
     def kv(self) -> KeyValue:
         assert self._kv is not None, "KvTagStore.start() first"
@@ -79,7 +58,8 @@ class KvTagStore:
 
     async def get(self, gateway_id: str) -> dict[str, str]:
         try:
-            entry = await self._retrying(functools.partial(self.kv.get, wire.token(gateway_id)), "reading tags")
+            entry = await retrying(functools.partial(self.kv.get, wire.token(gateway_id)), "reading tags",
+                                   InventoryUnavailable, keep=(nats.js.errors.KeyNotFoundError,))
         except nats.js.errors.KeyNotFoundError:
             return {}
         return self._tags(entry.value)
@@ -88,32 +68,24 @@ class KvTagStore:
         key = wire.token(gateway_id)
         if not tags:
             try:
-                await self._retrying(functools.partial(self.kv.delete, key), "removing tags")
+                await retrying(functools.partial(self.kv.delete, key), "removing tags", InventoryUnavailable,
+                               keep=(nats.js.errors.KeyNotFoundError,))
             except nats.js.errors.KeyNotFoundError:
                 pass
             return
         value = json.dumps({"gateway_id": gateway_id, "tags": tags}).encode()
-        await self._retrying(functools.partial(self.kv.put, key, value), "storing tags")
+        await retrying(functools.partial(self.kv.put, key, value), "storing tags", InventoryUnavailable)
 
     async def all(self) -> dict[str, dict[str, str]]:
-        return await self._retrying(self._all, "listing tags")
-
-    async def _all(self) -> dict[str, dict[str, str]]:
+        values = await retrying(functools.partial(current_values, self.kv, MAX_LISTING_SECONDS), "listing tags",
+                                InventoryUnavailable)
         found: dict[str, dict[str, str]] = {}
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        try:
-            async with asyncio.timeout(MAX_LISTING_SECONDS):
-                async for update in watcher:
-                    if update is None:  # initial values done
-                        break
-                    if update.value and len(found) < MAX_TAGGED_GATEWAYS:
-                        value: Any = json.loads(update.value)
-                        try:
-                            found[str(value["gateway_id"])] = check_tags(value["tags"])
-                        except (TagError, KeyError, TypeError):
-                            continue
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for raw in values[:MAX_TAGGED_GATEWAYS]:
+            try:
+                value: Any = json.loads(raw)
+                found[str(value["gateway_id"])] = check_tags(value["tags"])
+            except (TagError, ValueError, KeyError, TypeError):
+                continue
         return found
 
     @staticmethod
