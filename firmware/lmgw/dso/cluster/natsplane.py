@@ -43,6 +43,7 @@ from ..registry import GatewayEntry, GatewayRegistry
 from . import wire
 from .backplane import Kick
 from .config import ClusterConfig
+from .jetstream import current_values, retrying
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ REFRESH_BATCH = 50
 """Presence entries refreshed together; the batches are spread over the second half of each period."""
 MAX_EVENTS_LISTED = 10_000
 MAX_LISTING_SECONDS = 10.0
-JETSTREAM_WAIT = 30.0
-"""Seconds an operator's listing waits for JetStream (a leader election after a server died takes a few)."""
 _T = TypeVar("_T")
 
 
@@ -363,16 +362,7 @@ class NatsBackplane:
 
     async def _retrying(self, operation: Callable[[], Awaitable[_T]], what: str) -> _T:
         """A JetStream read, tried again while the cluster elects a new leader (a NATS server died)."""
-        deadline = time.monotonic() + JETSTREAM_WAIT
-        while True:
-            try:
-                return await operation()
-            except (nats.errors.Error, TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise RpcError(RpcCode.INTERNAL_ERROR, f"{what}: JetStream unavailable for {JETSTREAM_WAIT:g} s "
-                                                           f"({exc or type(exc).__name__})") from None
-                log.info("%s: JetStream busy (%s), trying again", what, exc or type(exc).__name__)
-                await asyncio.sleep(0.5)
+        return await retrying(operation, what, lambda message: RpcError(RpcCode.INTERNAL_ERROR, message))
 
     async def _held_elsewhere(self, gateway_id: str) -> bool:
         """True when a presence entry says another node holds the gateway (it may be re-subscribing)."""
@@ -390,17 +380,9 @@ class NatsBackplane:
     async def _gateways(self) -> list[dict[str, Any]]:
         assert self._kv is not None
         found: dict[str, dict[str, Any]] = {}
-        watcher = await self._kv.watchall(ignore_deletes=True)
-        try:
-            async with asyncio.timeout(MAX_LISTING_SECONDS):
-                async for update in watcher:
-                    if update is None:  # initial values done
-                        break
-                    if update.value:
-                        value = wire.decode(update.value)
-                        found[str(value.get("gateway_id"))] = value
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for raw in await current_values(self._kv, MAX_LISTING_SECONDS):
+            value = wire.decode(raw)
+            found[str(value.get("gateway_id"))] = value
         return [found[key] for key in sorted(found)]
 
     # -- events -------------------------------------------------------------
