@@ -159,6 +159,12 @@ class LocalFleet:
     def start_node(self, i: int) -> None:
         args = [str(self.dso_bin), "--config", str(self.node_config(i))] + (["-v"] if self.verbose else []) + ["serve"]
         self._spawn(f"node{i}", args, ready="DSO listening on")
+        # The operator API starts after the gateway listener (its socket is how tests and benchmarks drive a node).
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.api_socket(i).exists():
+            if self.procs[f"node{i}"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node{i}: no operator API on {self.api_socket(i)}:\n{self.tail(f'node{i}')}")
+            time.sleep(0.1)
 
     def kill_node(self, i: int) -> None:
         self._stop(f"node{i}", signal.SIGKILL)

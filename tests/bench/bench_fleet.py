@@ -61,7 +61,7 @@ PRESENCE_TTL = float(os.environ.get("LMGW_FLEET_PRESENCE_TTL", "60"))
 LB_RATE = os.environ.get("LMGW_FLEET_LB_RATE")
 """New sessions/s per HAProxy process (LMGW_LB_RATE of deploy/haproxy/lmgw.cfg); unset: its default."""
 PHASE_LIMIT = 120.0
-RECOVERY_LIMIT = 300.0
+RECOVERY_LIMIT = float(os.environ.get("LMGW_FLEET_RECOVERY_S", "300"))
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -216,15 +216,30 @@ def line(what: str, figure: str, goal: str = "", limit: str = "") -> None:
     print(f"{what:<48} {figure:<34} {('[' + goal + ']') if goal else '':<18} {limit}", flush=True)
 
 
-def profile(fleet: LocalFleet, pids: dict[str, int], seconds: float) -> list[subprocess.Popen[bytes]]:
-    """py-spy records each process for ``seconds`` (raw collapsed stacks in the work directory)."""
+def profile(fleet: LocalFleet, pids: dict[str, int], seconds: float, native: bool = False) -> list[subprocess.Popen[bytes]]:
+    """py-spy records each process for ``seconds`` (raw collapsed stacks in the work directory); ``native``: C frames
+    too (OpenSSL, uvloop) instead of the GIL holder only."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         print("bench-fleet: LMGW_FLEET_PROFILE needs py-spy (pip install py-spy)", flush=True)
         return []
-    return [subprocess.Popen([spy, "record", "--gil", "--format", "raw", "--rate", "50", "--duration", str(int(seconds)),
+    mode = ["--native"] if native else ["--gil"]
+    return [subprocess.Popen([spy, "record", *mode, "--format", "raw", "--rate", "50", "--duration", str(int(seconds)),
                               "--pid", str(pid), "--output", str(fleet.workdir / f"profile-{name}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+
+
+def show_profiles(fleet: LocalFleet, spies: list[subprocess.Popen[bytes]], names: tuple[str, ...]) -> None:
+    for spy in spies:
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+    for name in names if spies else ():
+        file = fleet.workdir / f"profile-{name}.txt"
+        if file.exists():
+            print(f"  py-spy, {name}: self time by function\n{top_functions(file)}", flush=True)
 
 
 def top_functions(path: Path, count: int = 12) -> str:
@@ -248,6 +263,7 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
              "haproxy": [p.pid for n, p in fleet.procs.items() if n.startswith("haproxy")],
              "fleetsim": [s.pid for s in sims], "client": [os.getpid()]}
     connect_cpu = CpuMeter(kinds)
+    connect_spies = profile(fleet, {"node1-connect": nodes[1], "fleetsim-connect": sims[0].pid}, 8) if PROFILE else []
     deadline = connect_started + CONNECT_LIMIT
     gateways: dict[str, dict[str, Any]] = {}
     nc = await nats.connect(fleet.nats_urls)
@@ -270,6 +286,7 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
     line("  node CPU per connected gateway", f"{node_cpu / max(len(gateways), 1) * 1000:.1f} ms",
          "", "TLS handshake, WebSocket upgrade, hello, claim, presence (all nodes' CPU / gateways)")
     connect_cpu.report("the fleet start", (len(gateways), "connected gateway"))
+    show_profiles(fleet, connect_spies, ("node1-connect", "fleetsim-connect"))
     for i, pid in nodes.items():
         kib = rss_kib(pid)
         line(f"memory, node{i}", f"{kib / 1024:.0f} MiB RSS, "
@@ -291,12 +308,7 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
                     c.wait()
         meter.extra["client"] = sum(r.get("cpu", 0.0) for r in results)
         meter.report("the routed calls", (sum(len(r.get("latencies", [])) for r in results), "routed call"))
-        for spy in spies:
-            spy.wait(60)
-        for name in ("node1", "fleetsim", "client") if spies else ():
-            file = fleet.workdir / f"profile-{name}.txt"
-            if file.exists():
-                print(f"  py-spy, {name}: self time by function\n{top_functions(file)}", flush=True)
+        show_profiles(fleet, spies, ("node1", "fleetsim", "client"))
         latencies = [x for r in results for x in r.get("latencies", [])]
         failures = sum(r.get("failures", 0) for r in results)
         seconds = max((r.get("seconds", 0.0) for r in results), default=0.0)
@@ -336,6 +348,8 @@ async def recovery(fleet: LocalFleet, nc: Any, gateways: dict[str, dict[str, Any
     fleet.kill_node(victim)
     kinds["nodes"].remove(victim_pid)
     meter = CpuMeter(kinds)
+    survivor = next(i for i in (1, 2, 3) if i != victim)
+    spies = profile(fleet, {"survivor-recovery": fleet.procs[f"node{survivor}"].pid}, 15, native=True) if PROFILE else []
     killed = time.monotonic()
     pending = set(moved)
     next_report = 10.0
@@ -366,6 +380,7 @@ async def recovery(fleet: LocalFleet, nc: Any, gateways: dict[str, dict[str, Any
          f"x {BALANCERS}")
     line("  handshakes/s per surviving node (recovery)", f"{(len(moved) - len(pending)) / recovered / 2:.0f}")
     meter.report("the recovery", (len(moved) - len(pending), "reconnected gateway"))
+    show_profiles(fleet, spies, ("survivor-recovery",))
 
 
 def main() -> int:

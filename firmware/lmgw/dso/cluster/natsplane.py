@@ -172,7 +172,8 @@ class NatsBackplane:
                                                            cb=functools.partial(self._on_call, gateway_id))
         await self.nc.publish(wire.CLAIM_SUBJECT, wire.encode({
             "gateway_id": gateway_id, "node": self.config.node, "since": _iso(entry.connected_since)}))
-        self._store_presence(gateway_id)
+        # Presence is written at its hello (a moment later, with the firmware): one replicated KV write per
+        # connection instead of two.  A session that never says hello is written by the next refresh.
 
     async def detached(self, entry: GatewayEntry) -> None:
         gateway_id = entry.gateway_id

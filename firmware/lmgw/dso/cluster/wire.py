@@ -41,8 +41,12 @@ def event_subject(gateway_id: str) -> str:
     return EVENT_PREFIX + token(gateway_id)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""One encoder for every message (json.dumps with options builds one per call: each routed call has two)."""
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(message).encode()
 
 
 def decode(data: bytes) -> dict[str, Any]:
