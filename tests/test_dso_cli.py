@@ -147,6 +147,15 @@ def test_operator_cli_over_the_http_api(pki, tmp_path):
                 follow.terminate()
                 await follow.wait()
 
+            # On the node without an operator certificate: its local socket, the same API as the local account.
+            local = write_toml(tmp_path / "local.toml", {"tls": {"ca_file": pki.ca_cert},
+                                                         "api": {"socket": tmp_path / "api.sock"}})
+            mine = await cli("--config", str(local), "--json", "gateways", "--status", "online")
+            assert mine.returncode == 0, mine.stderr
+            assert [g["gateway_id"] for g in json.loads(mine.stdout)] == online[:3]
+            assert (await cli("--config", str(local), "tag", online[0], "class=c1")).returncode == 0
+            assert '"local:uid=' in (tmp_path / "audit.jsonl").read_text()
+
             # The old commands on the HTTP API: expiring, update (the node has no [updates]), revoke.
             expiring = await cli(*node, "--json", "expiring", "--days", "4000")
             assert online[0] in [g["gateway_id"] for g in json.loads(expiring.stdout)]

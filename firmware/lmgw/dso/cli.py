@@ -30,19 +30,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError
 from ..logsetup import configure
 from . import cliformat
 from .client import ApiClient, ApiFailure, ClientConfig, Unreachable
-from .config import DsoConfig
-from .rollover import trust_update_params
-from .server import DsoServer
-from .updates import update_params
 
-__all__ = ["main", "update_params"]  # update_params: its home was here (tests import it from here)
+if TYPE_CHECKING:  # the node's modules are imported by `serve` only: an operator command starts faster
+    from .config import DsoConfig
+    from .server import DsoServer
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("dso.toml")
@@ -71,6 +69,8 @@ async def _start_operator_api(server: DsoServer, config: DsoConfig) -> Any:
 
 
 async def _serve(config: DsoConfig) -> None:
+    from .server import DsoServer
+
     server = DsoServer(config)
     await server.start()
     api = await _start_operator_api(server, config)
@@ -133,6 +133,11 @@ async def _call(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 async def _trust(api: ApiClient, args: argparse.Namespace) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from .rollover import trust_update_params
+
     try:
         if args.command == "trust-update":
             method, params = "trust.update", trust_update_params(args.anchor, args.proof, args.crl, args.crl_url)
@@ -364,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.verbose)
     config_file = args.config or DEFAULT_CONFIG
     if args.command == "serve":
+        from .cluster.config import loop_factory
+        from .config import DsoConfig
+
         try:
             config = DsoConfig.load(config_file)
-            asyncio.run(_serve(config))
+            with asyncio.Runner(loop_factory=loop_factory(config.cluster)) as runner:  # uvloop: docs/fleet.md
+                runner.run(_serve(config))
         except ConfigError as exc:  # e.g. lmgw.tls.TlsPolicyError
             print(f"lmgw-dso: {exc}", file=sys.stderr)
             return 2

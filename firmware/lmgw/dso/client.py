@@ -11,6 +11,10 @@ URL and CA default to that ``dso.toml``'s ``[api]`` address and ``[tls] ca_file`
     cert_file = "alice.crt"                  # lmgw-pki operator-cert alice --role operator
     key_file = "alice.key"
 
+On the node itself, without an operator certificate, the client uses the node's local socket
+(``[api] socket`` of its ``dso.toml``, mode 0600): the same API, as role operator, audited as the
+local account (docs/operator-api.md).
+
 ``SseParser`` reads a server-sent event stream without I/O (the live feed of ``events --follow``).
 """
 
@@ -32,12 +36,18 @@ DEFAULT_TIMEOUT = 120.0
 MAX_SSE_LINE = 1024 * 1024
 
 
+LOCAL_URL = "http://localhost"
+"""Requests over the local socket: HTTP without TLS, the socket's permissions are the access check."""
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     url: str
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    socket: Path | None = None
+    """The node's local socket, used instead of HTTPS (no certificate then)."""
 
     @classmethod
     def resolve(cls, *, operator_file: Path | None, dso_file: Path | None, url: str | None = None,
@@ -52,23 +62,30 @@ class ClientConfig:
             table, base = section(load_toml(operator_file), "operator", required=True), operator_file.parent
         elif dso_file is not None:
             table, base = section(dso, "operator"), dso_file.parent
-        url = url or get(table, "url", str, "operator", None) or _node_url(dso)
-        ca_file = ca_file or path(table, "ca_file", "operator", base, None) or \
-            (path(section(dso, "tls"), "ca_file", "tls", dso_file.parent, None) if dso_file is not None else None)
+        url = url or get(table, "url", str, "operator", None)
         cert_file = cert_file or path(table, "cert_file", "operator", base, None)
         key_file = key_file or path(table, "key_file", "operator", base, None)
+        if cert_file is None and key_file is None and url is None and dso_file is not None:
+            local = path(section(dso, "api"), "socket", "api", dso_file.parent, "dso-api.sock")
+            if local.exists():  # on the node, no certificate: its local socket
+                return cls(LOCAL_URL, None, None, None, local)
+        url = url or _node_url(dso)
+        ca_file = ca_file or path(table, "ca_file", "operator", base, None) or \
+            (path(section(dso, "tls"), "ca_file", "tls", dso_file.parent, None) if dso_file is not None else None)
         if url is None or ca_file is None:
             raise ConfigError("which node? give --url and --ca, an [operator] table (url, ca_file) in --operator FILE, "
                               "or --config with the node's dso.toml")
         if cert_file is None or key_file is None:
             raise ConfigError("an operator certificate is needed (lmgw-pki operator-cert NAME --role operator): "
                               "--cert and --key, or cert_file and key_file in the [operator] table of --operator "
-                              "FILE or of the --config file")
+                              "FILE or of the --config file (on the node itself: its [api] socket, when it runs)")
         if not url.startswith("https://"):
             raise ConfigError(f"the node's URL must be https://..., not {url!r}")
         return cls(url.rstrip("/"), ca_file, cert_file, key_file)
 
     def ssl_context(self) -> ssl.SSLContext:
+        if self.ca_file is None or self.cert_file is None or self.key_file is None:
+            raise ConfigError("an operator certificate, its key and the node's CA are needed for HTTPS")
         try:
             context = ssl.create_default_context(cafile=str(self.ca_file))
             context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -113,7 +130,11 @@ class ApiClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ApiClient:
-        connector = aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=self.connections)
+        connector: aiohttp.BaseConnector
+        if self.config.socket is not None:
+            connector = aiohttp.UnixConnector(path=str(self.config.socket), limit=self.connections)
+        else:
+            connector = aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=self.connections)
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout),
                                               headers={"Accept": "application/json"})
         return self
