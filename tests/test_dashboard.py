@@ -33,7 +33,7 @@ from cryptography import x509
 from conftest import REPO, VENV_BIN, free_port, process, wait_until
 from lmgw.pki.operator import Role
 from test_dso_cli import node_toml, operator_files
-from test_fleet_jobs import SHED, simulated_gateways
+from test_fleet_jobs import SHED, raw_gateway, send_event, simulated_gateways
 
 POLICY_DIR = Path("/etc/chromium/policies/managed")
 ARTEFACTS = REPO / "build" / "test-artefacts"
@@ -146,21 +146,8 @@ def test_dashboard_in_headless_chromium_with_the_operator_certificate(pki, tmp_p
         pki.gateway("GW-OFFLINE")  # known to the node's CA, never connected
         async with simulated_gateways(pki, tmp_path, port, online):
             # A running job: the mute gateway (connected, never answers) holds it open while the page loads.
-            from websockets.asyncio.client import connect
-            import ssl as ssl_module
-            from lmgw import SUBPROTOCOL
-
-            key, cert = pki.gateway("GW-MUTE")
-            context = ssl_module.create_default_context(cafile=str(pki.ca_cert))
-            context.load_cert_chain(str(cert), str(key))
-            async with connect(f"wss://localhost:{port}/", ssl=context, subprotocols=[SUBPROTOCOL]) as mute:
-                hello = {"gateway_id": "GW-MUTE", "firmware_version": "test", "lms": []}
-                await mute.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "gw.hello", "params": hello}))
-                await mute.recv()
-                event = {"id": "s1", "kind": "security.tamper", "time": "2026-12-02T08:00:00+00:00",
-                         "details": {"door": "open"}}
-                await mute.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "gw.event", "params": event}))
-                await mute.recv()
+            async with raw_gateway(pki, port, "GW-MUTE") as mute:
+                await send_event(mute, 1, "security.tamper", {"door": "open"})
                 started = await asyncio.to_thread(subprocess.run, [
                     str(VENV_BIN / "lmgw-dso"), "--config", str(config), "--json", "job", "start", "load.shed",
                     json.dumps(SHED), "--ids", ",".join(["GW-MUTE"] + online), "--concurrency", "1", "--timeout", "60",

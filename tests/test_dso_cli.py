@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, VENV_BIN, free_port, process, write_toml
 from lmgw.pki.operator import Role
-from test_fleet_jobs import SHED, SHED_W, simulated_gateways
+from test_fleet_jobs import SHED, SHED_W, raw_gateway, send_event, simulated_gateways
 
 sys.path.insert(0, str(REPO / "deploy"))
 from localfleet import LocalFleet  # noqa: E402
@@ -118,24 +118,10 @@ def test_operator_cli_over_the_http_api(pki, tmp_path):
                 str(VENV_BIN / "lmgw-dso"), *node, "events", "--follow", "--kind", "test.*",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
             try:
-                from websockets.asyncio.client import connect  # the event's sender: a gateway session of its own
-                import ssl as ssl_module
-                from lmgw import SUBPROTOCOL
-
-                key, cert = pki.gateway("GW-EVENTS")
-                context = ssl_module.create_default_context(cafile=str(pki.ca_cert))
-                context.load_cert_chain(str(cert), str(key))
-                async with connect(f"wss://localhost:{port}/", ssl=context, subprotocols=[SUBPROTOCOL]) as ws:
-                    hello = {"gateway_id": "GW-EVENTS", "firmware_version": "test", "lms": []}
-                    await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "gw.hello", "params": hello}))
-                    await ws.recv()
+                async with raw_gateway(pki, port, "GW-EVENTS") as ws:
                     line = b""
                     for attempt in range(20):  # the follower may subscribe after our first event: send until seen
-                        event = {"id": f"e{attempt}", "kind": "test.followed", "time": "2026-12-02T08:00:00+00:00",
-                                 "details": {"n": attempt}}
-                        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 2 + attempt, "method": "gw.event",
-                                                  "params": event}))
-                        await ws.recv()
+                        await send_event(ws, attempt, "test.followed", {"n": attempt})
                         try:
                             assert follow.stdout is not None
                             line = await asyncio.wait_for(follow.stdout.readline(), 1.0)
@@ -188,14 +174,7 @@ def test_a_job_goes_on_after_the_node_that_started_it_is_killed(pki, tmp_path):
     async def scenario() -> None:
         # The gateways on node 3; one mute gateway on node 2 keeps the job busy (concurrency 1) while node 1 dies.
         async with simulated_gateways(pki, tmp_path, fleet.node_ports[2], online):
-            from websockets.asyncio.client import connect
-            import ssl as ssl_module
-            from lmgw import SUBPROTOCOL
-
-            key, cert = pki.gateway(mute)
-            context = ssl_module.create_default_context(cafile=str(pki.ca_cert))
-            context.load_cert_chain(str(cert), str(key))
-            async with connect(f"wss://localhost:{fleet.node_ports[1]}/", ssl=context, subprotocols=[SUBPROTOCOL]):
+            async with raw_gateway(pki, fleet.node_ports[1], mute, hello=False):
                 node1 = ["--config", str(fleet.workdir / "node1.toml")]
                 node2 = ["--config", str(fleet.workdir / "node2.toml")]
 

@@ -172,6 +172,33 @@ async def simulated_gateways(pki: Any, tmp_path: Path, port: int, ids: list[str]
         await asyncio.gather(*(g.channel.stop(t) for g, t in zip(gateways.values(), tasks)), return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def raw_gateway(pki: Any, port: int, gateway_id: str, hello: bool = True) -> AsyncIterator[Any]:
+    """A gateway that is only a WebSocket with a gateway certificate: it says hello (or not) and answers
+    no call (a mute gateway holds a job's call until its timeout); ``send_event`` stores an event."""
+    import ssl
+
+    from websockets.asyncio.client import connect
+
+    from lmgw import SUBPROTOCOL
+
+    key, cert = pki.gateway(gateway_id)
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.load_cert_chain(str(cert), str(key))
+    async with connect(f"wss://localhost:{port}/", ssl=context, subprotocols=[SUBPROTOCOL]) as ws:
+        if hello:
+            params = {"gateway_id": gateway_id, "firmware_version": "test", "lms": []}
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "gw.hello", "params": params}))
+            await ws.recv()
+        yield ws
+
+
+async def send_event(ws: Any, number: int, kind: str, details: dict[str, Any]) -> None:
+    event = {"id": f"e{number}", "kind": kind, "time": "2026-12-02T08:00:00+00:00", "details": details}
+    await ws.send(json.dumps({"jsonrpc": "2.0", "id": number + 1, "method": "gw.event", "params": event}))
+    await ws.recv()
+
+
 def fleet_ids() -> tuple[list[str], list[str], str]:
     online = [f"SIM-{n:06d}" for n in range(GATEWAYS - OFFLINE)]
     offline = [f"OFF-{n:06d}" for n in range(OFFLINE)]

@@ -127,7 +127,12 @@ async def _call(api: ApiClient, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"method": args.method, "params": _json_object(args.params, "params")}
     if args.timeout is not None:
         body["timeout"] = args.timeout
-    answer = await api.post(f"/api/v1/gateways/{args.gateway}/call", body)
+    return await _result(api, f"/api/v1/gateways/{args.gateway}/call", body)
+
+
+async def _result(api: ApiClient, path: str, body: dict[str, Any]) -> int:
+    """POST, then print the gateway's answer (``result``) as JSON."""
+    answer = await api.post(path, body)
     print(json.dumps(answer["result"], indent=2, ensure_ascii=False))
     return 0
 
@@ -146,9 +151,7 @@ async def _trust(api: ApiClient, args: argparse.Namespace) -> int:
             method, params = "trust.retire", {"sha256": anchor.fingerprint(hashes.SHA256()).hex()}
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    answer = await api.post(f"/api/v1/gateways/{args.gateway}/call", {"method": method, "params": params})
-    print(json.dumps(answer["result"], indent=2, ensure_ascii=False))
-    return 0
+    return await _result(api, f"/api/v1/gateways/{args.gateway}/call", {"method": method, "params": params})
 
 
 async def _update(api: ApiClient, args: argparse.Namespace) -> int:
@@ -157,9 +160,7 @@ async def _update(api: ApiClient, args: argparse.Namespace) -> int:
         body["reboot_at"] = args.reboot_at
     if args.commit_timeout is not None:
         body["commit_timeout"] = args.commit_timeout
-    answer = await api.post(f"/api/v1/gateways/{args.gateway}/update", body)
-    print(json.dumps(answer["result"], indent=2, ensure_ascii=False))
-    return 0
+    return await _result(api, f"/api/v1/gateways/{args.gateway}/update", body)
 
 
 async def _revoke(api: ApiClient, args: argparse.Namespace) -> int:
