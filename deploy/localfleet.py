@@ -179,12 +179,22 @@ class LocalFleet:
         env = {"LMGW_LB_BIND": f"127.0.0.1:{self.lb_ports[k - 1]}", "LMGW_LB_SOURCE": BALANCER_SOURCE}
         if self.lb_rate is not None:
             env["LMGW_LB_RATE"] = str(self.lb_rate)
-        for n in range(3):
-            port = self.node_ports[n] if n < self.node_count else self.node_ports[0]
-            env[f"LMGW_NODE{n + 1}"] = f"127.0.0.1:{port}"
+        for n in range(self.node_count):
+            env[f"LMGW_NODE{n + 1}"] = f"127.0.0.1:{self.node_ports[n]}"
         name = "haproxy" if k == 1 else f"haproxy{k}"
-        self._spawn(name, ["haproxy", "-db", "-f", str(HERE / "haproxy/lmgw.cfg")], env)
+        self._spawn(name, ["haproxy", "-db", "-f", str(self.haproxy_config())], env)
         _wait_port("127.0.0.1", self.lb_ports[k - 1])
+
+    def haproxy_config(self) -> Path:
+        """deploy/haproxy/lmgw.cfg as it is for 3 nodes; for another count, a copy with one server line per node."""
+        config = HERE / "haproxy/lmgw.cfg"
+        if self.node_count == 3:
+            return config
+        lines = [line for line in config.read_text().splitlines() if not line.strip().startswith("server node")]
+        lines += [f'    server node{n} "${{LMGW_NODE{n}}}"' for n in range(1, self.node_count + 1)]
+        copy = self.workdir / "haproxy.cfg"
+        copy.write_text("\n".join(lines) + "\n")
+        return copy
 
     # -- the whole ------------------------------------------------------------
 
@@ -245,6 +255,7 @@ def _wait_port(host: str, port: int, timeout: float = READY_TIMEOUT) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the head-end cluster on this machine until Ctrl-C.")
     parser.add_argument("--workdir", type=Path, default=REPO / "build/fleet")
+    parser.add_argument("--nodes", type=int, default=3, help="head-end node processes")
     parser.add_argument("--balancers", type=int, default=2,
                         help="HAProxy processes, each on its own port (one holds ~9,800 gateways here)")
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="uvloop",
@@ -255,7 +266,7 @@ def main() -> int:
             print(f"localfleet: {tool} is missing (make deps installs it)", file=sys.stderr)
             return 2
     shutil.rmtree(args.workdir, ignore_errors=True)
-    with LocalFleet(args.workdir, balancers=args.balancers, event_loop=args.event_loop) as fleet:
+    with LocalFleet(args.workdir, nodes=args.nodes, balancers=args.balancers, event_loop=args.event_loop) as fleet:
         print(f"NATS: {' '.join(fleet.nats_urls)}\nnodes: " + " ".join(
             f"node{i}=127.0.0.1:{p} (lmgw-dso --config {fleet.workdir}/node{i}.toml gateways)"
             for i, p in enumerate(fleet.node_ports, 1)))

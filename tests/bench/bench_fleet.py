@@ -47,6 +47,8 @@ PER_PROCESS = int(os.environ.get("LMGW_FLEET_PER_PROCESS", "2500"))
 BALANCER_CAPACITY = 9000
 """Gateways per HAProxy process: 2 descriptors each within 20,000 open files (maxconn 9,800), some margin."""
 BALANCERS = int(os.environ.get("LMGW_FLEET_BALANCERS", str(-(-GATEWAYS // BALANCER_CAPACITY))))
+NODES = int(os.environ.get("LMGW_FLEET_NODES", "3"))
+"""Head-end node processes: a killed node's gateways are 1/NODES of the fleet (docs/fleet.md, kill recovery)."""
 INFLIGHT = int(os.environ.get("LMGW_FLEET_INFLIGHT", "100"))
 CLIENTS = int(os.environ.get("LMGW_FLEET_CLIENTS", "1"))
 RATE = float(os.environ.get("LMGW_FLEET_RATE", "20"))
@@ -58,8 +60,9 @@ SIM_LOOP = os.environ.get("LMGW_FLEET_SIM_LOOP", "uvloop")
 MAX_DELAY = os.environ.get("LMGW_FLEET_MAX_DELAY", "30")
 PROFILE = os.environ.get("LMGW_FLEET_PROFILE") == "1"
 PRESENCE_TTL = float(os.environ.get("LMGW_FLEET_PRESENCE_TTL", "60"))
-LB_RATE = os.environ.get("LMGW_FLEET_LB_RATE")
-"""New sessions/s per HAProxy process (LMGW_LB_RATE of deploy/haproxy/lmgw.cfg); unset: its default."""
+LB_RATE = os.environ.get("LMGW_FLEET_LB_RATE", str(max(1, 60 // BALANCERS)))
+"""New sessions/s per HAProxy process (LMGW_LB_RATE of deploy/haproxy/lmgw.cfg): 60/s in all, what the nodes
+of this shared 2-core machine handshake during a reconnect storm (docs/fleet.md); 0 = no limit."""
 PHASE_LIMIT = 120.0
 RECOVERY_LIMIT = float(os.environ.get("LMGW_FLEET_RECOVERY_S", "300"))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -257,7 +260,7 @@ def top_functions(path: Path, count: int = 12) -> str:
 
 async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: float,
                 sims: list[subprocess.Popen[bytes]]) -> None:
-    nodes = {i: fleet.procs[f"node{i}"].pid for i in (1, 2, 3)}
+    nodes = {i: fleet.procs[f"node{i}"].pid for i in range(1, NODES + 1)}
     kinds = {"nodes": list(nodes.values()),
              "nats": [p.pid for n, p in fleet.procs.items() if n.startswith("nats")],
              "haproxy": [p.pid for n, p in fleet.procs.items() if n.startswith("haproxy")],
@@ -280,7 +283,7 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
     line("gateways connected across the cluster", f"{len(gateways)} of {GATEWAYS} in {connect_s:.0f} s",
          ">= 10,000", f"per node {per_node}; {BALANCERS} HAProxy process(es), maxconn 9,800 each "
          "(2 fds per connection, 20,000 fds/process)")
-    line("handshakes/s per node (fleet start)", f"{len(gateways) / connect_s / 3:.0f}", "",
+    line("handshakes/s per node (fleet start)", f"{len(gateways) / connect_s / NODES:.0f}", "",
          f"fleetsim --rate {RATE:g} x {len(sims)} processes")
     node_cpu = connect_cpu.used()["nodes"]
     line("  node CPU per connected gateway", f"{node_cpu / max(len(gateways), 1) * 1000:.1f} ms",
@@ -318,7 +321,7 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
              "p99 < 50 ms")
         local = [g for g, e in gateways.items() if e["node"] == "node1"]
         remote = [g for g, e in gateways.items() if e["node"] != "node1"]
-        calls = min(CALLS, 3000)
+        calls = min(CALLS, 1000)  # the operator API costs more than the call: 1,000 give a stable rate
         local_s, local_lat = await api_calls(fleet, 1, local, calls)
         remote_s, remote_lat = await api_calls(fleet, 1, remote, calls)
         local_rate, remote_rate = len(local_lat) / local_s, len(remote_lat) / remote_s
@@ -334,13 +337,13 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
              f"{INFLIGHT} in flight")
         meter.report("the fleet-wide shed", (len(shed_lat), "load.shed"))
 
-        await recovery(fleet, nc, gateways, per_node, kinds)
+        await recovery(fleet, nc, gateways, per_node, kinds, sims)
     finally:
         await nc.close()
 
 
 async def recovery(fleet: LocalFleet, nc: Any, gateways: dict[str, dict[str, Any]], per_node: dict[int, int],
-                   kinds: dict[str, list[int]]) -> None:
+                   kinds: dict[str, list[int]], sims: list[subprocess.Popen[bytes]]) -> None:
     """kill -9 the node holding most gateways; probe its gateways until every one answers a call again."""
     victim = max(per_node, key=lambda i: per_node[i])
     victim_pid = fleet.procs[f"node{victim}"].pid
@@ -348,8 +351,9 @@ async def recovery(fleet: LocalFleet, nc: Any, gateways: dict[str, dict[str, Any
     fleet.kill_node(victim)
     kinds["nodes"].remove(victim_pid)
     meter = CpuMeter(kinds)
-    survivor = next(i for i in (1, 2, 3) if i != victim)
-    spies = profile(fleet, {"survivor-recovery": fleet.procs[f"node{survivor}"].pid}, 15, native=True) if PROFILE else []
+    survivor = next(i for i in range(1, NODES + 1) if i != victim)
+    spies = [*profile(fleet, {"survivor-recovery": fleet.procs[f"node{survivor}"].pid}, 15, native=True),
+             *profile(fleet, {"fleetsim-recovery": sims[0].pid}, 15)] if PROFILE else []
     killed = time.monotonic()
     pending = set(moved)
     next_report = 10.0
@@ -378,9 +382,10 @@ async def recovery(fleet: LocalFleet, nc: Any, gateways: dict[str, dict[str, Any
          f"{len(moved) - len(pending)} of {len(moved)}", "< 60 s",
          f"backoff min 1 s max {MAX_DELAY} s, full jitter; HAProxy rate-limit sessions {LB_RATE or 'default'} "
          f"x {BALANCERS}")
-    line("  handshakes/s per surviving node (recovery)", f"{(len(moved) - len(pending)) / recovered / 2:.0f}")
+    line("  handshakes/s per surviving node (recovery)",
+         f"{(len(moved) - len(pending)) / recovered / (NODES - 1):.0f}")
     meter.report("the recovery", (len(moved) - len(pending), "reconnected gateway"))
-    show_profiles(fleet, spies, ("survivor-recovery",))
+    show_profiles(fleet, spies, ("survivor-recovery", "fleetsim-recovery"))
 
 
 def main() -> int:
@@ -397,12 +402,12 @@ def main() -> int:
     for store in workdir.glob("nats*"):
         shutil.rmtree(store, ignore_errors=True)
     # Presence refreshed every 20 s: at 15 s (every 5 s) the KV writes alone took 1,800/s of this machine.
-    fleet = LocalFleet(workdir, call_timeout=10.0, presence_ttl=PRESENCE_TTL, balancers=BALANCERS,
+    fleet = LocalFleet(workdir, nodes=NODES, call_timeout=10.0, presence_ttl=PRESENCE_TTL, balancers=BALANCERS,
                        event_loop=NODE_LOOP, lb_rate=int(LB_RATE) if LB_RATE else None)
     fleet.pki = None
     sims: list[subprocess.Popen[bytes]] = []
     with fleet:
-        baseline = {i: rss_kib(fleet.procs[f"node{i}"].pid) for i in (1, 2, 3)}
+        baseline = {i: rss_kib(fleet.procs[f"node{i}"].pid) for i in range(1, NODES + 1)}
         connect_started = time.monotonic()
         for n, first in enumerate(range(0, GATEWAYS, PER_PROCESS)):
             count = min(PER_PROCESS, GATEWAYS - first)
@@ -415,7 +420,7 @@ def main() -> int:
                  "--max-delay", MAX_DELAY, "--event-loop", SIM_LOOP],
                 stdout=log, stderr=subprocess.STDOUT))
         print(f"bench-fleet: {GATEWAYS} simulated gateways in {len(sims)} processes through {BALANCERS} HAProxy "
-              f"process(es) to 3 nodes (nodes on {NODE_LOOP}, simulators on {SIM_LOOP})", flush=True)
+              f"process(es) to {NODES} nodes (nodes on {NODE_LOOP}, simulators on {SIM_LOOP})", flush=True)
         try:
             asyncio.run(bench(fleet, baseline, connect_started, sims))
         finally:
