@@ -10,6 +10,8 @@ APT_PACKAGES := tinyproxy
 # The offline ARMv7 image and its QEMU harness.
 APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test mmdebstrap apt-utils e2fsprogs \
 	squashfs-tools genimage dosfstools mtools fdisk cpio u-boot-qemu u-boot-tools
+# Raspberry Pi SD-card images: the .bmap beside the image (bmaptool create; docs/flashing.md).
+APT_PACKAGES += bmap-tools
 # Field updates: RAUC on the host builds and signs bundles (make bundle).
 APT_PACKAGES += rauc
 APT_PACKAGES += socat
@@ -31,7 +33,11 @@ APT_PACKAGES += swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 patchelf openss
 # tpm_tis.ko for the QEMU image's kernel (rootfs/tpm-kernel-module.sh): the kernel's own compiler, gcc 12.
 APT_PACKAGES += gcc-arm-linux-gnueabihf
 
-IMAGE := build/image/lmgw.img
+# `make image`: the QEMU virt test image in build/image; `make image BOARD=raspberrypi2|raspberrypi3|raspberrypi4`:
+# a Raspberry Pi SD-card image in build/image-<board> (rootfs/board.sh, docs/flashing.md), same root.
+IMAGE_BOARD := $(or $(BOARD),qemu-arm-offline)
+IMAGE_DIR := $(if $(filter-out qemu-arm-offline,$(IMAGE_BOARD)),build/image-$(IMAGE_BOARD),build/image)
+IMAGE := $(IMAGE_DIR)/lmgw.img
 IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader -type f \
 	-not -name '*.pyc' 2>/dev/null)
 
@@ -83,14 +89,19 @@ lint: deps
 # Rebuilt when the package, overlay, layout or builder change; downloads are cached in build/cache.
 image: deps $(IMAGE)
 
-$(IMAGE): $(IMAGE_INPUTS)
+build/image/lmgw.img: $(IMAGE_INPUTS)
 	rootfs/build.sh
+
+build/image-%/lmgw.img: $(IMAGE_INPUTS)
+	LMGW_BOARD=$* rootfs/build.sh
 
 # A signed field-update bundle of the image: build/lmgw-<version>.raucb.
 # VERSION=1.2.0 stamps another version; LMGW_UPDATE_KEY/CERT sign with the
 # real update signer (default: the development one in build/update-pki).
+# With BOARD=<board>: build/lmgw-<board>-<version>.raucb, for that board's RAUC compatible.
 bundle: image
-	rootfs/bundle.sh build/lmgw-$${VERSION:-$$(cat build/image/rootfs/etc/lmgw-version)}.raucb $(VERSION)
+	LMGW_BOARD=$(IMAGE_BOARD) rootfs/bundle.sh \
+	  build/lmgw-$(if $(BOARD),$(BOARD)-)$${VERSION:-$$(cat $(IMAGE_DIR)/rootfs/etc/lmgw-version)}.raucb $(VERSION)
 
 bench: deps
 	$(PY) tests/bench/run.py
@@ -125,11 +136,11 @@ clean:
 BUILDROOT_VERSION := 2026.02.3
 # As published in buildroot-2026.02.3.tar.xz.sign (the release's PGP-signed manifest).
 BUILDROOT_SHA256 := 5a59e7501b0b4ec52c41f4bfa79412320e0b37eae5f719605a258e8d0c6fc7fb
-BOARD ?= raspberrypi3
+BUILDROOT_BOARD := $(or $(BOARD),raspberrypi3)
 .PHONY: buildroot buildroot-check
 
 buildroot: host-packages
-	buildroot-external/scripts/build.sh $(BOARD) $(BUILDROOT_VERSION) $(BUILDROOT_SHA256) build/buildroot
+	buildroot-external/scripts/build.sh $(BUILDROOT_BOARD) $(BUILDROOT_VERSION) $(BUILDROOT_SHA256) build/buildroot
 
 buildroot-check: host-packages
 	@test -n "$(BUILDROOT_SRC)" || { echo "make buildroot-check: give BUILDROOT_SRC=<Buildroot $(BUILDROOT_VERSION) source tree>" >&2; exit 2; }

@@ -203,7 +203,9 @@ lmgw_stage_partitions() {
 	# overlay/etc/fstab mounts LABEL=identity and LABEL=data; lmgw-provision
 	# fills identity at the factory.
 	mke2fs -q -t ext4 -L identity -E root_owner=0:0 -d "$stage/identity" "$stage/identity.ext4" "${LMGW_IDENTITY_SIZE_MB}M"
-	mke2fs -q -t ext4 -L data -E root_owner=0:0 -d "$stage/data" "$stage/data.ext4" "${LMGW_DATA_SIZE_MB}M"
+	# data grows to the card's end on first boot (lmgw-grow-data.service):
+	# 4 KiB blocks, and an inode per 8 KiB for the outbox's one file per event.
+	mke2fs -q -t ext4 -L data -b 4096 -i 8192 -E root_owner=0:0 -d "$stage/data" "$stage/data.ext4" "${LMGW_DATA_SIZE_MB}M"
 }
 
 # lmgw_genimage STAGE OUT: OUT/lmgw.img from the staged partitions (STAGE

@@ -2,12 +2,18 @@
 # Offline LMGW image: a Debian bookworm armhf root with the shared overlay/,
 # the same partition layout (board/genimage.cfg) and units as the Buildroot
 # image, the pinned Python packages and the lmgw package from firmware/.
-# What both builders share is in board/lib.sh; this board is
-# board/qemu-arm-offline/meta. The QEMU test layer (qemu/guest/: a root shell
-# for the harness, RS-485 on a virtio console) is added on top: a Buildroot
-# image never has it.
+# What both builders share is in board/lib.sh; the board is
+# board/$LMGW_BOARD/meta (rootfs/board.sh), default qemu-arm-offline, whose
+# QEMU test layer (qemu/guest/: a root shell for the harness, RS-485 on a
+# virtio console) is added on top: a Buildroot image never has it.
 #
-#   rootfs/build.sh [OUT]      (default build/image; downloads cached in build/cache)
+#   [LMGW_BOARD=raspberrypi3] rootfs/build.sh [OUT]
+#
+# OUT is build/image for the default board, build/image-<board> for the
+# others (`make image BOARD=...`; the Raspberry Pi boards add their boot files
+# with rootfs/raspi.sh). Downloads are cached in build/cache, and so is the
+# root every board starts from (Debian packages and pinned wheels): a second
+# board costs only its assembly.
 #
 # LMGW_VERSION (default: the lmgw package's version) is the firmware version
 # the image reports and RAUC bundles carry. LMGW_UPDATE_CA is the CA
@@ -20,9 +26,11 @@ set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=../board/lib.sh
 . "$(dirname "$0")/../board/lib.sh"
-lmgw_read_meta "$LMGW_TOP/board/qemu-arm-offline"
+# shellcheck source-path=SCRIPTDIR source=board.sh
+. "$(dirname "$0")/board.sh"
+lmgw_offline_board
 top=$LMGW_TOP
-out=${1:-$top/build/image}
+out=${1:-$OFFLINE_IMAGE_DIR}
 cache=${LMGW_CACHE:-$top/build/cache}
 venv=$top/.venv
 mirror=http://deb.debian.org/debian
@@ -78,14 +86,44 @@ fetch_wheels() {
 }
 
 build_rootfs() {
+	local root=$1
 	log "building the root filesystem from the local repository"
-	rm -rf "$out/rootfs"
+	rm -rf "$root"
 	mmdebstrap --arch=armhf --variant=minbase --mode=root \
 		--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr --aptopt='Apt::Install-Recommends "false"' \
 		--dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
 		--dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
 		--include="$packages" \
-		"$suite" "$out/rootfs" "deb [trusted=yes] copy://$cache/debs ./"
+		"$suite" "$root" "deb [trusted=yes] copy://$cache/debs ./"
+}
+
+# third_party_python ROOT: the pinned wheels, compiled.
+third_party_python() {
+	local root=$1
+	log "Python packages (pinned wheels)"
+	"$venv/bin/python" "$top/rootfs/install_wheels.py" "$root" "$cache"/wheels/*.whl >/dev/null
+	# A read-only root cannot write .pyc later; unchecked-hash keeps them reproducible.
+	chroot "$root" python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /usr/lib/python3/dist-packages
+}
+
+# The root every board starts from, kept in the cache ($cache/rootfs) until
+# what makes it changes: the packages, the wheels and the code that installs them.
+base_root() {
+	local base=$cache/rootfs key lock
+	key=$( { echo "$packages $wheels $sdist_wheels"; cat "$cache/debs/Release"; ls "$cache/wheels"
+		declare -f build_rootfs third_party_python; cat "$top/rootfs/install_wheels.py"; } | sha256sum | cut -d' ' -f1)
+	exec {lock}> "$cache/rootfs.lock"
+	flock "$lock"  # two boards built at once share one base
+	if [ "$(cat "$cache/rootfs.key" 2>/dev/null)" != "$key" ]; then
+		rm -f "$cache/rootfs.key"
+		build_rootfs "$base"
+		third_party_python "$base"
+		echo "$key" > "$cache/rootfs.key"
+	fi
+	log "root filesystem: the cached base, for $BOARD_NAME"
+	rm -rf "$out/rootfs"
+	cp -a "$base" "$out/rootfs"
+	exec {lock}>&-
 }
 
 install_kernel() {
@@ -94,30 +132,41 @@ install_kernel() {
 	dpkg-deb -x "$(ls "$cache"/debs/linux-image-[0-9]*-armmp_*.deb | head -1)" "$out/kernel"
 	kver=$(ls "$out/kernel/lib/modules")
 	cp "$out/kernel/boot/vmlinuz-$kver" "$out/$KERNEL_FILE"
-	# Only what a QEMU 'virt' board and the root/identity/data filesystems need.
+	# Only what a QEMU 'virt' board and the root/identity/data filesystems
+	# need, and the board's own (OFFLINE_MODULES).
 	local src=$out/kernel/lib/modules/$kver dst=$out/rootfs/usr/lib/modules/$kver
 	mkdir -p "$dst"
 	cp "$src"/modules.{order,builtin,builtin.modinfo} "$dst/"
+	# shellcheck disable=SC2086 # OFFLINE_MODULES is a list of paths
 	(cd "$src" && find kernel/drivers/virtio kernel/drivers/block/virtio_blk.ko kernel/drivers/net/virtio_net.ko \
 		kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/char/hw_random kernel/drivers/char/virtio_console.ko \
 		kernel/fs/ext4 kernel/fs/jbd2 kernel/fs/mbcache.ko kernel/fs/squashfs \
 		kernel/fs/fat kernel/fs/nls/nls_cp437.ko kernel/fs/nls/nls_ascii.ko kernel/fs/nls/nls_utf8.ko \
 		kernel/drivers/block/loop.ko kernel/drivers/md/dm-mod.ko kernel/drivers/md/dm-verity.ko \
 		kernel/drivers/md/dm-bufio.ko kernel/drivers/md/dm-bio-prison.ko kernel/lib/reed_solomon \
-		kernel/lib/crc16.ko kernel/crypto/crc32c_generic.ko -name '*.ko' 2>/dev/null | cpio -pdm --quiet "$dst")
+		kernel/lib/crc16.ko kernel/crypto/crc32c_generic.ko $OFFLINE_MODULES -name '*.ko' 2>/dev/null | cpio -pdm --quiet "$dst")
+	check_module_deps "$dst"
 	# QEMU's TPM (-device tpm-tis-device): the TIS core from the package, tpm_tis built for this kernel (docs/tpm.md).
 	(cd "$src" && find kernel/drivers/char/tpm/tpm_tis_core.ko | cpio -pdm --quiet "$dst")
 	"$top/rootfs/tpm-kernel-module.sh" "$(ls "$cache"/debs/linux-image-[0-9]*-armmp_*.deb | head -1)" "$dst/updates"
 	chroot "$out/rootfs" /sbin/depmod "$kver"
 }
 
+# check_module_deps DIR: every module a module of DIR depends on is there too.
+check_module_deps() {
+	local missing
+	missing=$(cd "$1" && comm -23 \
+		<(find kernel -name '*.ko' -exec strings {} + | sed -n 's/^depends=//p' | tr ',' '\n' | sed '/^$/d' | tr - _ | sort -u) \
+		<(find kernel -name '*.ko' -printf '%f\n' | sed 's/\.ko$//' | tr - _ | sort -u))
+	[ -z "$missing" ] || lmgw_die "modules the image's modules need are missing (OFFLINE_MODULES of $LMGW_META): $missing"
+}
+
 install_python() {
-	log "Python packages (pinned wheels + lmgw from firmware/)"
+	log "Python package lmgw from firmware/ (the pinned wheels are in the base)"
 	rm -rf "$out/wheels" && mkdir -p "$out/wheels"
 	"$venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$out/wheels" "$top/firmware"
-	"$venv/bin/python" "$top/rootfs/install_wheels.py" "$out/rootfs" "$cache"/wheels/*.whl "$out"/wheels/lmgw-*.whl >/dev/null
-	# A read-only root cannot write .pyc later; unchecked-hash keeps them reproducible.
-	chroot "$out/rootfs" python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /usr/lib/python3/dist-packages
+	"$venv/bin/python" "$top/rootfs/install_wheels.py" "$out/rootfs" "$out"/wheels/lmgw-*.whl >/dev/null
+	chroot "$out/rootfs" python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /usr/lib/python3/dist-packages/lmgw
 	chroot "$out/rootfs" python3 -c 'import cryptography.x509, websockets, pymodbus, serial, sdnotify, lmgw.gateway.agent'
 }
 
@@ -148,9 +197,13 @@ update_keyring() {
 configure_system() {
 	log "overlay, account, image facts, RAUC, units, read-only root"
 	cp -a "$top/overlay/." "$out/rootfs/"
-	# QEMU test image only: the harness's root shell on the second virtio
-	# console, the RS-485 bus on the first (qemu/guest/rootfs/).
-	cp -a "$top/qemu/guest/rootfs/." "$out/rootfs/"
+	# The board's layers: the QEMU test image's is qemu/guest/rootfs/ (the
+	# harness's root shell on the second virtio console, the RS-485 bus on the first).
+	local layer
+	for layer in $OFFLINE_ROOT_LAYERS; do
+		cp -a "$top/$layer/." "$out/rootfs/"
+	done
+	[ -z "$OFFLINE_HOOK" ] || offline_board_root "$out/rootfs"
 	chroot "$out/rootfs" systemd-sysusers
 	# Debian's own: no package updates on an appliance (Buildroot has none).
 	ln -sfn /dev/null "$out/rootfs/etc/systemd/system/apt-daily.timer"
@@ -177,7 +230,7 @@ build_initramfs() {
 	install -m 0755 "$top/rootfs/initramfs-init" "$dir/init"
 	# Load order: dependencies first.
 	local modules="lib/crc16.ko crypto/crc32c_generic.ko fs/mbcache.ko fs/jbd2/jbd2.ko fs/ext4/ext4.ko
-		fs/squashfs/squashfs.ko drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko"
+		fs/squashfs/squashfs.ko drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko $OFFLINE_INITRD_MODULES"
 	: > "$dir/etc/modules.order"
 	for m in $modules; do
 		[ -f "$out/kernel/lib/modules/$kver/kernel/$m" ] || continue
@@ -190,14 +243,18 @@ build_initramfs() {
 build_images() {
 	log "partition images and disk image"
 	local stage=$out/stage
-	# The boot partition's A/B boot script (QEMU loads U-Boot itself, -bios).
-	mkimage -q -A arm -T script -C none -n "LMGW A/B boot" \
-		-d "$top/buildroot-external/bootloader/boot.ush" "$out/boot.scr"
+	# The boot partition's A/B boot script (QEMU loads U-Boot itself, -bios),
+	# with the board's console; a Pi's firmware, U-Boot and device trees.
+	{ lmgw_offline_boot_env; cat "$top/buildroot-external/bootloader/boot.ush"; } > "$out/boot.ush"
+	mkimage -q -A arm -T script -C none -n "LMGW A/B boot" -d "$out/boot.ush" "$out/boot.scr"
+	[ -z "$OFFLINE_HOOK" ] || offline_board_boot "$out" "$cache"
 	lmgw_stage_partitions "$stage" "$out"
 	lmgw_mksquashfs "$out/rootfs" "$stage/rootfs.squashfs"
 	lmgw_genimage "$stage" "$out"
 	# What rootfs/bundle.sh puts into a bundle.
 	cp "$stage/rootfs.squashfs" "$stage/kernel.vfat" "$out/"
+	# Block map for bmaptool: flashing writes only the used blocks, and checks them.
+	bmaptool -q create -o "$out/lmgw.img.bmap" "$out/lmgw.img"
 }
 
 mkdir -p "$out" "$cache"
@@ -205,7 +262,7 @@ start=$(date +%s)
 ensure_binfmt
 fetch_debs
 fetch_wheels
-build_rootfs
+base_root
 install_kernel
 install_python
 install_tpm

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A signed RAUC bundle (field update) from the offline image in build/image.
+# A signed RAUC bundle (field update) from the offline image in build/image
+# (or build/image-<board> for LMGW_BOARD=<board>: rootfs/board.sh), for that
+# board's RAUC compatible.
 #
-#   rootfs/bundle.sh OUT.raucb [VERSION [EXTRA_OVERLAY]]
+#   [LMGW_BOARD=raspberrypi3] rootfs/bundle.sh OUT.raucb [VERSION [EXTRA_OVERLAY]]
 #
 # VERSION (default: the image's) is written to /etc/lmgw-version of the
 # bundled root; EXTRA_OVERLAY, a directory, is copied over that root (a
@@ -14,10 +16,12 @@ set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=../board/lib.sh
 . "$(dirname "$0")/../board/lib.sh"
-lmgw_read_meta "$LMGW_TOP/board/qemu-arm-offline"
-image=$LMGW_TOP/build/image
+# shellcheck source-path=SCRIPTDIR source=board.sh
+. "$(dirname "$0")/board.sh"
+lmgw_offline_board
+image=$OFFLINE_IMAGE_DIR
 out=${1:?usage: bundle.sh OUT.raucb [VERSION [EXTRA_OVERLAY]]}
-[ -f "$image/rootfs.squashfs" ] || lmgw_die "no image in $image: run 'make image' first"
+[ -f "$image/rootfs.squashfs" ] || lmgw_die "no image in $image: run 'make image${LMGW_BOARD:+ BOARD=$LMGW_BOARD}' first"
 built=$(cat "$image/rootfs$LMGW_VERSION_FILE")
 version=${2:-$built}
 extra=${3:-}

@@ -17,8 +17,20 @@ def test_every_board_has_a_complete_meta_file_and_a_compatible_of_its_own():
         result = library(f'lmgw_read_meta "{meta.parent}"; echo "$COMPATIBLE"')
         assert result.returncode == 0, meta
         compatibles[meta.parent.name] = result.stdout.strip()
-    assert compatibles == BOARDS | {"qemu-arm-offline": "lmgw-qemu-arm-offline"}
+    assert compatibles == BOARDS | {"qemu-arm-offline": "lmgw-qemu-arm-offline", "raspberrypi2": "lmgw-raspberrypi2"}
     assert len(set(compatibles.values())) == len(compatibles)  # a bundle installs on its own board only
+
+
+def test_the_offline_pi_images_have_compatibles_of_their_own():
+    """The Debian-built Pi images (rootfs/board.sh) are not interchangeable with the Buildroot ones."""
+    offline = {}
+    for board in ("qemu-arm-offline", "raspberrypi2", "raspberrypi3", "raspberrypi4"):
+        result = library(f'. "{TOP}/rootfs/board.sh"; LMGW_BOARD={board}; lmgw_offline_board; echo "$COMPATIBLE"')
+        assert result.returncode == 0, result.stderr
+        offline[board] = result.stdout.strip()
+    assert offline == {"qemu-arm-offline": "lmgw-qemu-arm-offline", "raspberrypi2": "lmgw-raspberrypi2-offline",
+                       "raspberrypi3": "lmgw-raspberrypi3-offline", "raspberrypi4": "lmgw-raspberrypi4-offline"}
+    assert not set(offline.values()) & set(BOARDS.values())
 
 
 def test_an_incomplete_meta_file_is_named(tmp_path):

@@ -34,6 +34,7 @@ def test_the_preset_enables_the_units_of_the_shared_overlay(tmp_path, update_pki
         "multi-user.target.wants/lmgw.service": f"{lib}/lmgw.service",
         "multi-user.target.wants/lmgw-slot-boot.service": f"{lib}/lmgw-slot-boot.service",
         "multi-user.target.wants/lmgw-reboot.path": f"{lib}/lmgw-reboot.path",
+        "multi-user.target.wants/lmgw-grow-data.service": f"{lib}/lmgw-grow-data.service",
         "multi-user.target.wants/lmgw-settime.path": f"{lib}/lmgw-settime.path",
         "timers.target.wants/lmgw-slot-deadline.timer": f"{lib}/lmgw-slot-deadline.timer",
     }
