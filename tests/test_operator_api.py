@@ -553,9 +553,8 @@ def test_two_cluster_nodes_list_the_same_fleet_and_share_tags(pki, tmp_path):
         try:
             async with contextlib.AsyncExitStack() as stack:
                 apis = [await stack.enter_async_context(api_node(node)) for node in nodes]
-                for i, gateway_id in enumerate(("GW-C1", "GW-C2")):
-                    await stack.enter_async_context(running_gateway(
-                        gateway_config(pki, tmp_path, gateway_id, nodes[0].port), tmp_path))
+                agents = [await stack.enter_async_context(running_gateway(
+                    gateway_config(pki, tmp_path, gateway_id, nodes[0].port), tmp_path)) for gateway_id in ("GW-C1", "GW-C2")]
                 await wait_until(lambda: all(nodes[0].registry.get(g) and nodes[0].registry.get(g).firmware_version
                                              for g in ("GW-C1", "GW-C2")), what="both gateways on n1")
                 async with client(pki, admin) as s:
@@ -581,6 +580,15 @@ def test_two_cluster_nodes_list_the_same_fleet_and_share_tags(pki, tmp_path):
                     status, body = await ask(s, apis[1], "POST", "/api/v1/gateways/GW-C1/call",
                                              json={"method": "gw.ping", "params": {"payload": 7}})
                     assert status == 200 and body["result"]["payload"] == 7
+                    # the live feed of n2 shows an event of a gateway held by n1 (the event subjects on NATS)
+                    async with s.get(f"https://localhost:{apis[1].port}/api/v1/events/stream?gateway=GW-C2") as feed:
+                        await feed.content.readline()
+                        await wait_until(lambda: apis[1].context.feed.listeners == 1, what="n2's feed listening")
+                        agents[1].emit_event("test.cluster_feed", {"n": 1})
+                        async with asyncio.timeout(30):
+                            while not (line := (await feed.content.readline()).decode()).startswith("data: "):
+                                pass
+                        assert json.loads(line[6:])["event"]["kind"] == "test.cluster_feed"
                     status, text = await ask(s, apis[1], "GET", "/metrics")
                     assert "lmgw_dso_nats_rtt_seconds" in text
                     assert (await ask(s, apis[1], "GET", "/readyz")) == (200, {"status": "ready"})
