@@ -249,7 +249,7 @@ def cluster(wanted: int) -> None:
     if not (work / "ca").exists() and (shared / "ca.crt").exists():
         shutil.copytree(shared, work / "ca")  # its 9,000 fleetsim certificates are reused
     for old in [*work.glob("*.log"), *work.glob("nats*")]:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     balancers = -(-wanted // BALANCER_CAPACITY)
     fleet = LocalFleet(work, call_timeout=30.0, presence_ttl=60.0, balancers=balancers)
     sims: list[subprocess.Popen[bytes]] = []
