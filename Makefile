@@ -69,6 +69,11 @@ $(MITM_VENV)/.stamp: Makefile
 demo: deps image
 	$(PY) qemu/demo.py
 
+# Power-on to DSO-connected per phase, median of BOOTS boots (default 3), with systemd-analyze of the last.
+.PHONY: boot-time
+boot-time: deps image
+	$(PY) qemu/bootbench.py
+
 # Boot the image with its console on this terminal (DSO side on loopback).
 qemu-run: deps image
 	$(PY) qemu/run.py
