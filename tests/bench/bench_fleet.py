@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -391,6 +392,8 @@ async def recovery(fleet: LocalFleet, nc: Any, gateways: dict[str, dict[str, Any
 def main() -> int:
     if sys.argv[1:2] == ["--client"]:
         return client_main(sys.argv[2:])
+    # A TERM (timeout, make stopped) unwinds like Ctrl-C: every simulator, node, NATS server and HAProxy is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     for tool in ("nats-server", "haproxy"):
         if shutil.which(tool) is None:
             print(f"bench_fleet: {tool} missing (make deps)", file=sys.stderr)
