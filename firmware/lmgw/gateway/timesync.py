@@ -144,8 +144,11 @@ class TimeSync:
         return when
 
     async def wait_for_unit(self, when: datetime, received: float) -> None:
-        """Wait until lmgw-settime.service moved the clock to ``when`` (plus the time since it was received)."""
-        while abs(when.timestamp() + time.monotonic() - received - self.clock.now()) > TOLERANCE:
+        """Wait until lmgw-settime.service moved the clock to ``when``: the helper sets the statement's time
+        some seconds after it was received (its own start-up), so the clock then reads between ``when`` and
+        ``when`` plus the time since."""
+        while not (when.timestamp() - TOLERANCE <= self.clock.now()
+                   <= when.timestamp() + time.monotonic() - received + TOLERANCE):
             if time.monotonic() - received > HELPER_TIMEOUT:
                 raise OSError(f"lmgw-settime.service did not set the clock within {HELPER_TIMEOUT:g} s "
                               "(journalctl -u lmgw-settime)")
