@@ -194,7 +194,7 @@ def test_audit_lines_are_bounded_and_the_file_rotates(tmp_path):
 # -- one node, real gateways ------------------------------------------------------
 
 
-def test_every_endpoint_on_one_node_with_real_gateways(pki, tmp_path):
+def test_every_endpoint_on_one_node_with_real_gateways(pki, tmp_path, caplog):
     async def scenario():
         admin = operator(pki, "alice", Role.OPERATOR)
         pki.gateway("GW-OFF")  # certified, never connected: listed offline
@@ -288,10 +288,15 @@ def test_every_endpoint_on_one_node_with_real_gateways(pki, tmp_path):
                                 if line.startswith("data: "):
                                     seen.append(json.loads(line[6:]))
                         assert [r["event"]["details"]["n"] for r in seen] == [1, 3]
+                    # a listener that leaves is let go at the next write, without a traceback
+                    async with s.get(f"https://localhost:{api.port}/api/v1/events/stream") as feed:
+                        await feed.content.readline()  # it listens before it writes this opening comment
+                    agent.emit_event("test.after_leaving", {"n": 4})
+                    await wait_until(lambda: api.context.feed.listeners == 0, timeout=30, what="the feed let go")
                     status, events = await ask(s, api, "GET", "/api/v1/gateways/GW-ON/events?kind=test.api")
                     assert status == 200 and [r["event"]["details"]["n"] for r in events["events"]] == [1, 3]
                     status, events = await ask(s, api, "GET", "/api/v1/events?kind=test.*&limit=1")
-                    assert events["events"][0]["event"]["details"]["n"] == 3 and events["truncated"]
+                    assert events["events"][0]["event"]["details"]["n"] == 4 and events["truncated"]
                     later = "2100-01-01T00:00:00%2B00:00"
                     status, events = await ask(s, api, "GET", f"/api/v1/events?since={later}")
                     assert status == 200 and events["events"] == []
@@ -305,7 +310,7 @@ def test_every_endpoint_on_one_node_with_real_gateways(pki, tmp_path):
                     assert 'lmgw_dso_calls_total{method="lm.read",outcome="rpc_error"} 1.0' in text
                     assert 'lmgw_dso_calls_total{method="gw.ping",outcome="offline"} 1.0' in text
                     assert 'lmgw_dso_call_seconds_bucket{le="60.0",method="gw.ping"}' in text
-                    assert "lmgw_dso_events_stored_total 3.0" in text
+                    assert "lmgw_dso_events_stored_total 4.0" in text
                     assert 'lmgw_dso_certificates_expiring{within="7d"} 1.0' in text
                     assert "lmgw_dso_certificate_expiry_horizon_seconds 8" in text  # ~86,400 s: GW-SOON's day
                     assert 'lmgw_dso_api_refusals_total{reason="no_certificate"} 1.0' in text
@@ -329,6 +334,8 @@ def test_every_endpoint_on_one_node_with_real_gateways(pki, tmp_path):
             assert audit[5]["what"]["rpc_method"] == "lm.read" and audit[9]["what"]["reason"] == "keyCompromise"
             assert "error" in audit[5]["outcome"] and "error" not in audit[4]["outcome"]
     asyncio.run(scenario())
+    assert "Traceback" not in caplog.text
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lmgw.dso.http") and r.levelno >= 40]
 
 
 def test_roles_both_ways_and_refused_attempts_audited(pki, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from datetime import datetime
 from importlib.resources import files
@@ -27,6 +28,8 @@ from ..updates import update_params
 from .app import ApiContext, ApiError, add_public_route, add_route, audit_detail, context, operator_of, read_json
 from .feed import CLOSED, OVERFLOW, FeedFull
 from .fleet import Selector, SelectorError
+
+log = logging.getLogger(__name__)
 
 MAX_EVENTS = 10_000
 """Events in one answer (``limit`` defaults to 1000)."""
@@ -264,6 +267,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 continue
             data = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
             await response.write(f"event: gateway-event\ndata: {data}\n\n".encode())
+        return response
+    except ConnectionError:  # the listener went away: found at the next write (an event or the keepalive)
+        log.info("live feed to %s ended: the client left", request.remote)
         return response
     finally:
         ctx.feed.leave(queue)
