@@ -21,12 +21,13 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
+from ...config import ConfigError
 from ...revocation import CrlCache
 from ...tls import server_context
 from ..apiconfig import ApiConfig
 from ..audit import AuditLog
 from ..cluster import wire
-from ..inventory import FileTagStore, TagStore
+from ..inventory import FileTagStore, TagError, TagStore
 from ..server import DsoServer
 from .app import ApiContext, RouteModule, build_app
 from .auth import OperatorAuth, Revocation
@@ -87,7 +88,10 @@ class OperatorApi:
             from ..inventory_nats import KvTagStore
 
             store = KvTagStore(getattr(self.server.backplane, "nc"), cluster.replicas)
-        await store.start()
+        try:
+            await store.start()
+        except TagError as exc:  # a damaged inventory stops the start: tags are never dropped silently
+            raise ConfigError(str(exc)) from None
         return store
 
     async def start(self) -> None:
