@@ -436,6 +436,35 @@ def test_a_revoked_operator_certificate_is_refused(pki, tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_separate_operator_ca_with_its_own_crl(pki, other_pki, tmp_path):
+    """[api] ca_file/crl_file: operators of that CA only (the LMGW CA's operator certificates fail TLS), its CRL."""
+    async def scenario():
+        theirs = operator(other_pki, "ops-desk", Role.OPERATOR)
+        ours = operator(pki, "alice", Role.OPERATOR)
+        async with running_dso(pki, tmp_path) as server:
+            config = dataclasses.replace(server.config.http, port=0, ca_file=other_pki.ca_cert, crl_file=other_pki.crl)
+            api = OperatorApi(server, config)
+            await api.start()
+            try:
+                async with client(pki, None) as anonymous:  # the node's own certificate is still the LMGW CA's
+                    assert (await ask(anonymous, api, "GET", "/healthz"))[0] == 200
+                context = client_context(pki.ca_cert, theirs[1], theirs[0])
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as s:
+                    status, me = await ask(s, api, "GET", "/api/v1/whoami")
+                    assert status == 200 and me["name"] == "ops-desk"
+                    from cryptography import x509
+                    serial = x509.load_pem_x509_certificate(theirs[1].read_bytes()).serial_number
+                    other_pki.ca.revoke(serial=serial, reason="cessationOfOperation")
+                    status, body = await ask(s, api, "GET", "/api/v1/whoami")
+                    assert status == 403 and "revoked" in error_of(body)["message"]
+                async with client(pki, ours) as s:
+                    with pytest.raises(aiohttp.ClientError):
+                        await ask(s, api, "GET", "/api/v1/whoami")
+            finally:
+                await api.stop()
+    asyncio.run(scenario())
+
+
 def test_bad_input_gets_clear_bounded_errors(pki, tmp_path):
     async def scenario():
         admin = operator(pki, "alice", Role.OPERATOR)
