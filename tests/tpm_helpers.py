@@ -47,20 +47,29 @@ class SoftTpm:
     def tcti(self) -> str:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
-    def start(self) -> None:
-        """swtpm on two loopback ports (never 2321: tss2 probes that port when no TCTI is given)."""
+    @property
+    def qemu_socket(self) -> Path:
+        """The control socket QEMU's ``-tpmdev emulator`` connects to (``start(for_qemu=True)``)."""
+        return self.state / "ctrl.sock"
+
+    def start(self, for_qemu: bool = False) -> None:
+        """swtpm on two loopback ports (never 2321: tss2 probes that port when no TCTI is given), or for a QEMU
+        guest on a control socket (QEMU initialises it, the guest's kernel starts it up)."""
         self.state.mkdir(parents=True, exist_ok=True)
         ctrl = self.port + 1
-        self.process = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
-             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-             "--flags", "not-need-init,startup-clear", "--log", f"file={self.state}/swtpm.log"],
-            stdin=subprocess.DEVNULL)
+        self.qemu_socket.unlink(missing_ok=True)
+        channels = (["--ctrl", f"type=unixio,path={self.qemu_socket}"] if for_qemu else
+                    ["--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                     "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"])
+        self.process = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}", *channels,
+                                         "--log", f"file={self.state}/swtpm.log"], stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", ctrl), 0.2):
+            if for_qemu and self.qemu_socket.exists():
                 return
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", ctrl), 0.2):
+                if not for_qemu:
+                    return
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"swtpm did not start: {(self.state / 'swtpm.log').read_text(errors='replace')}")
             time.sleep(0.05)
@@ -87,11 +96,12 @@ class SoftTpm:
 
 
 @contextlib.contextmanager
-def soft_tpm(state: Path) -> Iterator[SoftTpm]:
+def soft_tpm(state: Path, for_qemu: bool = False) -> Iterator[SoftTpm]:
+    """A swtpm whose state (its seeds: what makes it this TPM and no other) lives in ``state``."""
     if shutil.which("swtpm") is None:
         raise RuntimeError("swtpm is missing: `make deps` installs it (Makefile APT_PACKAGES)")
     tpm = SoftTpm(state, _free_port_pair())
-    tpm.start()
+    tpm.start(for_qemu)
     try:
         yield tpm
     finally:
