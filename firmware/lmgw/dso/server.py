@@ -191,6 +191,11 @@ class DsoServer:
         log.info("DSO listening on %s:%d", self.config.host, self.port)
 
     @property
+    def listening(self) -> bool:
+        """The gateway listener is open (``start`` done, ``stop`` not yet)."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
     def port(self) -> int:
         assert self._server is not None
         port: int = list(self._server.sockets)[0].getsockname()[1]

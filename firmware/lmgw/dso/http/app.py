@@ -45,6 +45,7 @@ from aiohttp import web
 
 from ...codes import RpcCode
 from ...jsonrpc import RpcError
+from ...pki.inventory import Inventory
 from ...pki.operator import Role
 from ..apiconfig import ApiConfig
 from ..audit import AuditLog
@@ -90,8 +91,6 @@ class ApiContext:
         ca_dir = self.server.config.ca_dir
         if ca_dir is None:
             return []
-        from ...pki.inventory import Inventory
-
         rows = Inventory(ca_dir / "inventory.sqlite").find()
         return [{k: v for k, v in row.items() if k != "pem"} for row in rows]
 

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from ... import __version__
 from ...config import ConfigError
-from ...pki.ca import REASONS
+from ...pki.ca import REASONS, PkiError
 from ...pki.operator import Role
 from ...procstats import process_stats
 from ..inventory import TagError, check_gateway_id, check_tags, merged
@@ -154,10 +154,9 @@ async def readyz(request: web.Request) -> web.Response:
     """The node serves gateways (and, in a cluster, reaches NATS)."""
     ctx = context(request)
     problems = []
-    if getattr(ctx.server, "_server", None) is None:
-        problems.append("gateway listener not started")
-    nc = getattr(ctx.server.backplane, "_nc", None)
-    if ctx.server.config.cluster is not None and (nc is None or not nc.is_connected):
+    if not ctx.server.listening:
+        problems.append("gateway listener not open")
+    if ctx.server.config.cluster is not None and not getattr(ctx.server.backplane, "nc").is_connected:
         problems.append("not connected to NATS")
     if problems:
         return web.json_response({"status": "not ready", "problems": problems}, status=503)
@@ -337,8 +336,6 @@ async def revoke(request: web.Request) -> web.Response:
     if set(body) - {"reason"} or not isinstance(reason, str) or reason not in REASONS:
         raise ApiError(400, f'the body is {{"reason": one of {", ".join(sorted(REASONS))}}}')
     audit_detail(request, reason=reason)
-    from ...pki.ca import PkiError
-
     try:
         serials = await context(request).server.revoke(gateway_id, reason)
     except PermissionError as exc:
