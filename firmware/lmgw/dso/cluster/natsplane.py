@@ -138,7 +138,10 @@ class NatsBackplane:
         if self._refresher is not None:
             self._refresher.cancel()
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.close()
+            try:
+                await self._nc.close()
+            except (ConnectionError, nats.errors.Error) as exc:  # NATS already gone: nothing left to flush
+                log.info("node %s left NATS without a clean close (%s)", self.config.node, exc or type(exc).__name__)
 
     async def _disconnected(self) -> None:
         log.warning("node %s lost its NATS server: reconnecting", self.config.node)
