@@ -583,7 +583,7 @@ def test_two_cluster_nodes_list_the_same_fleet_and_share_tags(pki, tmp_path):
             f.write(f'\n[cluster]\nnode = "{name}"\nservers = ["nats://127.0.0.1:{nats_port}"]\npresence_ttl = 6\n')
         return file
 
-    async def scenario():
+    async def scenario(nats: subprocess.Popen[bytes]) -> None:
         nodes = [DsoServer(DsoConfig.load(node_config(name))) for name in ("n1", "n2")]
         for node in nodes:
             await node.start()
@@ -629,10 +629,18 @@ def test_two_cluster_nodes_list_the_same_fleet_and_share_tags(pki, tmp_path):
                     status, text = await ask(s, apis[1], "GET", "/metrics")
                     assert "lmgw_dso_nats_rtt_seconds" in text
                     assert (await ask(s, apis[1], "GET", "/readyz")) == (200, {"status": "ready"})
+                    nats.terminate()  # the only NATS server goes: the nodes are no longer ready, still alive
+                    for _ in range(100):
+                        status, body = await ask(s, apis[1], "GET", "/readyz")
+                        if status == 503:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert status == 503 and body["problems"] == ["not connected to NATS"], body
+                    assert (await ask(s, apis[1], "GET", "/healthz"))[0] == 200
         finally:
             for node in nodes:
                 await node.stop()
 
     with process(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(tmp_path / "js")],
-                 tmp_path / "nats.log", ready=lambda log: "Server is ready" in log):
-        asyncio.run(scenario())
+                 tmp_path / "nats.log", ready=lambda log: "Server is ready" in log) as nats:
+        asyncio.run(scenario(nats))
