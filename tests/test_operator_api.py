@@ -273,6 +273,18 @@ def test_every_endpoint_on_one_node_with_real_gateways(pki, tmp_path, caplog):
                     status, body = await ask(s, api, "POST", "/api/v1/gateways/GW-ON/update",
                                              json={"bundle": "lmgw-9.raucb", "version": "9"})
                     assert status == 409 and "[updates]" in error_of(body)["message"]
+                    bundles = tmp_path / "bundles"
+                    bundles.mkdir()
+                    (bundles / "lmgw-9.raucb").write_bytes(b"x" * 1000)
+                    server.config = dataclasses.replace(server.config, bundles_dir=bundles,
+                                                        bundles_url="https://localhost/bundles/")
+                    status, body = await ask(s, api, "POST", "/api/v1/gateways/GW-ON/update",
+                                             json={"bundle": "lmgw-9.raucb", "version": "9"})
+                    error = error_of(body)  # sent with its size and hash; this host gateway has no RAUC
+                    assert status == 502 and error["code"] == -32030 and "A/B slots" in error["message"]
+                    status, body = await ask(s, api, "POST", "/api/v1/gateways/GW-ON/update",
+                                             json={"bundle": "../dso.toml", "version": "9"})
+                    assert status == 404 and "no bundle" in error_of(body)["message"]
 
                     # events: stored ones filtered by kind and time, and the live feed
                     async with s.get(f"https://localhost:{api.port}/api/v1/events/stream?kind=test.*") as feed:
@@ -331,8 +343,10 @@ def test_every_endpoint_on_one_node_with_real_gateways(pki, tmp_path, caplog):
             assert [(r["what"]["method"], r["what"]["path"].rsplit("/", 1)[-1], r["outcome"]["status"]) for r in audit] == [
                 ("PUT", "tags", 200), ("PATCH", "tags", 200), ("PATCH", "tags", 200), ("PUT", "tags", 400),
                 ("POST", "call", 200), ("POST", "call", 502), ("POST", "call", 502), ("POST", "call", 404),
-                ("POST", "update", 409), ("POST", "revoke", 200), ("POST", "revoke", 409)]
-            assert audit[5]["what"]["rpc_method"] == "lm.read" and audit[9]["what"]["reason"] == "keyCompromise"
+                ("POST", "update", 409), ("POST", "update", 502), ("POST", "update", 404), ("POST", "revoke", 200),
+                ("POST", "revoke", 409)]
+            assert audit[5]["what"]["rpc_method"] == "lm.read" and audit[11]["what"]["reason"] == "keyCompromise"
+            assert audit[9]["what"]["bundle"] == "lmgw-9.raucb" and "A/B slots" in audit[9]["outcome"]["error"]
             assert "error" in audit[5]["outcome"] and "error" not in audit[4]["outcome"]
     asyncio.run(scenario())
     assert "Traceback" not in caplog.text
