@@ -33,7 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGE_DIR = Path(os.environ.get("LMGW_IMAGE_DIR", REPO / "build" / "image"))
 DSO_IP, LM_IP, PROXY_IP = "10.0.2.100", "10.0.2.101", "10.0.2.102"
 DSO_PORT, CRL_PORT, LM_PORT, PROXY_PORT = 8443, 8080, 502, 3128
-BOOT_TIMEOUT = 180.0
+# LMGW_QEMU_TIME_SCALE (default 1) stretches every wait for the guest, for a host so busy that TCG runs
+# many times slower (a boot of over 10 minutes was seen at a load average of 30 on 2 cores).
+TIME_SCALE = float(os.environ.get("LMGW_QEMU_TIME_SCALE", "1"))
+BOOT_TIMEOUT = 180.0 * TIME_SCALE
 UBOOT = Path("/usr/lib/u-boot/qemu_arm/u-boot.bin")
 UBOOT_ENV = REPO / "board" / "qemu-arm-offline" / "u-boot.env"
 # Debian's qemu_arm U-Boot keeps its environment at the start of the second flash bank (CONFIG_ENV_ADDR
@@ -120,6 +123,7 @@ class Guest:
 
     def wait_for_console(self, pattern: str, timeout: float = BOOT_TIMEOUT, since: int = 0) -> str:
         """Wait until the console log (from ``since`` on) matches ``pattern``; return the match."""
+        timeout *= 1 if timeout == BOOT_TIMEOUT else TIME_SCALE
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern.encode())
         while True:
@@ -139,6 +143,7 @@ class Guest:
     def shell(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
         """Run a command in the guest's test shell; return (exit status, output)."""
         marker = f"__LMGW_{time.monotonic_ns()}__"
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         path = str(self.workdir / (self.name + "-shell.sock"))
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -160,6 +165,7 @@ class Guest:
                     raise GuestError(f"guest command {command!r} did not finish in {timeout:g} s: {data[-500:]!r}")
 
     def wait_for_shell(self, timeout: float = BOOT_TIMEOUT) -> None:
+        timeout *= 1 if timeout == BOOT_TIMEOUT else TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
             try:
