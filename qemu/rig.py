@@ -16,7 +16,8 @@ from typing import Any, Iterator
 
 from boottime import BootTime, measure
 from dso_side import Pki, free_port, make_pki, process, write_toml
-from harness import CRL_PORT, DSO_IP, DSO_PORT, IMAGE_DIR, LM_IP, LM_PORT, PROXY_IP, PROXY_PORT, Guest, copy_image
+from harness import (CRL_PORT, DSO_IP, DSO_PORT, IMAGE_DIR, LM_IP, LM_PORT, PROXY_IP, PROXY_PORT, TIME_SCALE, Guest,
+                     copy_image)
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -76,6 +77,7 @@ class Rig:
         return {g["gateway_id"]: g for g in json.loads(result.stdout)} if result.returncode == 0 else {}
 
     def wait_connected(self, gateway: str, guest: Guest, timeout: float = 240, since: str | None = None) -> dict[str, Any]:
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.gateways().get(gateway)
