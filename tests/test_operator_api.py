@@ -157,17 +157,19 @@ def test_selectors_over_the_fleet_view():
             {"serial": "b1", "kind": "gateway", "common_name": "GW-2", "not_after": (now + timedelta(days=300)).isoformat(),
              "revoked_at": None},
             {"serial": "c1", "kind": "operator", "common_name": "alice", "not_after": now.isoformat(), "revoked_at": None}]
-    connected = [{"gateway_id": "GW-2", "serial": "b1", "firmware_version": "1.2.0", "node": "n1"}]
+    connected = [{"gateway_id": "GW-2", "serial": "b1", "firmware_version": "1.2.0", "node": "n1"},
+                 {"gateway_id": "GW-3", "serial": "d1", "firmware_version": "1.1.0", "node": "n2",
+                  "not_after": (now + timedelta(days=5)).isoformat()}]  # certified by a CA this node does not hold
     gateways = fleet_view(connected, rows, {"GW-1": {"region": "north"}, "GW-9": {"region": "north"}})
-    assert [g["gateway_id"] for g in gateways] == ["GW-1", "GW-2", "GW-9"]  # operators are not gateways
+    assert [g["gateway_id"] for g in gateways] == ["GW-1", "GW-2", "GW-3", "GW-9"]  # operators are not gateways
 
     def ids(**query: list[str]) -> list[str]:
         return [g["gateway_id"] for g in select(gateways, Selector.parse(query), now)]
 
-    assert ids(status=["online"]) == ["GW-2"]
+    assert ids(status=["online"]) == ["GW-2", "GW-3"]
     assert ids(status=["offline"], tag=["region=north"]) == ["GW-1", "GW-9"]
     assert ids(firmware=["1.2.0"]) == ["GW-2"]
-    assert ids(expires_within_days=["7"]) == ["GW-1"]
+    assert ids(expires_within_days=["7"]) == ["GW-1", "GW-3"]
     assert ids(id=["GW-1", "GW-2"], tag=["region=north"]) == ["GW-1"]
     for bad in ({"status": ["maybe"]}, {"tag": ["region"]}, {"expires_within_days": ["soon"]}, {"id": ["a b"]},
                 {"firmware": ["1", "2"]}):

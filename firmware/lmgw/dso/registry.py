@@ -31,6 +31,8 @@ class GatewayEntry:
     session: Any
     firmware_version: str | None = None
     lms: list[Any] = field(default_factory=list)
+    not_after: datetime | None = None
+    """End of the certificate the session connected with (the operator API's expiry selector)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +43,7 @@ class GatewayEntry:
             "last_seen": self.session.last_received.isoformat(),
             "firmware_version": self.firmware_version,
             "lms": self.lms,
+            "not_after": self.not_after.isoformat() if self.not_after is not None else None,
         }
 
 

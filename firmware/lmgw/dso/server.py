@@ -293,6 +293,7 @@ class DsoServer:
             self._close_in_background(replaced.connection, CloseCode.REPLACED, "replaced by a newer connection")
         entry = self.registry.get(gateway_id)
         assert entry is not None
+        entry.not_after = certificate.not_valid_after_utc
         log.info("gateway %s connected from %s serial=%x", gateway_id, remote, certificate.serial_number)
         self.observer.connected(gateway_id, certificate.not_valid_after_utc)
         try:

@@ -3,7 +3,8 @@
 A gateway is in the fleet when it is connected to any node, when the CA this node holds certified
 it (kinds ``gateway`` and ``operational``), or when it has tags; online means connected now.
 Its certificate is the one it connected with when online, else its newest live one (what
-``lmgw-pki expiring`` ranks): expiry filters use it.
+``lmgw-pki expiring`` ranks): expiry filters use it.  A node without the CA knows only the
+certificates of connected gateways (from their sessions, through presence in a cluster).
 
 Selector query parameters (all given ones must match):
 ``id`` (repeatable: any of them), ``status`` (``online``/``offline``), ``firmware`` (exact version),
@@ -125,8 +126,10 @@ def fleet_view(connected: Sequence[Mapping[str, Any]], certificates: Sequence[Ma
             "last_seen": entry.get("last_seen") if entry is not None else None,
             "remote": entry.get("remote") if entry is not None else None,
             "lms": entry.get("lms", []) if entry is not None else [],
+            # A node without the CA still knows the certificate a gateway connected with (its presence says).
             "certificate": _certificate(held) if held is not None else
-            ({"serial": entry.get("serial"), "kind": None, "not_after": None, "revoked": False} if entry else None),
+            ({"serial": entry.get("serial"), "kind": None, "not_after": entry.get("not_after"), "revoked": False}
+             if entry else None),
             "tags": dict(tags.get(gateway_id, {})),
         })
     return gateways
