@@ -233,13 +233,20 @@ def profile(fleet: LocalFleet, pids: dict[str, int], seconds: float, native: boo
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
 
 
-def show_profiles(fleet: LocalFleet, spies: list[subprocess.Popen[bytes]], names: tuple[str, ...]) -> None:
-    for spy in spies:
+def reap(processes: list[subprocess.Popen[bytes]], timeout: float, terminate: bool = True) -> None:
+    """(Ask to stop and) wait for each process; one still running after ``timeout`` is killed."""
+    for proc in processes if terminate else ():
+        proc.terminate()
+    for proc in processes:
         try:
-            spy.wait(60)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait()
+            proc.kill()
+            proc.wait()
+
+
+def show_profiles(fleet: LocalFleet, spies: list[subprocess.Popen[bytes]], names: tuple[str, ...]) -> None:
+    reap(spies, 60, terminate=False)
     for name in names if spies else ():
         file = fleet.workdir / f"profile-{name}.txt"
         if file.exists():
@@ -427,14 +434,7 @@ def main() -> int:
         try:
             asyncio.run(bench(fleet, baseline, connect_started, sims))
         finally:
-            for sim in sims:
-                sim.terminate()
-            for sim in sims:
-                try:
-                    sim.wait(30)
-                except subprocess.TimeoutExpired:
-                    sim.kill()
-                    sim.wait()
+            reap(sims, 30)
     return 0
 
 

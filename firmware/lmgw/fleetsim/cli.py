@@ -109,28 +109,39 @@ async def run(args: argparse.Namespace) -> int:
     crl = CrlCache(args.ca_dir / "crl.der", ca_cert, timedelta(days=7))
     crl.reload_if_changed()
     trust = TrustChecks(ca_cert, crl, None, lambda url: None)  # one CRL for the whole simulated fleet
-    gateways = [SimulatedGateway(gid, _config(args, gid), trust) for gid in ids]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    gateways: list[SimulatedGateway] = []
     tasks = []
-    started = time.monotonic()
-    for gateway in gateways:  # spread the first handshakes: at most --rate new connections a second
+    started = last_status = time.monotonic()
+    for n, gid in enumerate(ids):  # spread the first handshakes: at most --rate new connections a second
+        # Made when its turn comes: a TLS context costs milliseconds (the group check reads a ClientHello),
+        # thousands made first delayed the first connection by minutes on a busy machine.
+        gateway = SimulatedGateway(gid, _config(args, gid), trust)
+        gateways.append(gateway)
         tasks.append(asyncio.create_task(gateway.channel.run()))
-        await asyncio.sleep(1 / args.rate)
+        await asyncio.sleep(max(0.0, started + (n + 1) / args.rate - time.monotonic()))
+        if time.monotonic() - last_status >= STATUS_EVERY:
+            _status(args.prefix, gateways, len(ids))
+            last_status = time.monotonic()
         if stop.is_set():
             break
     deadline = started + args.seconds
     while not stop.is_set() and time.monotonic() < deadline:
-        connected = sum(g.channel.state == ChannelState.CONNECTED for g in gateways)
-        print(f"fleetsim {args.prefix}: {connected}/{len(gateways)} connected", flush=True)
+        _status(args.prefix, gateways, len(ids))
         try:
             await asyncio.wait_for(stop.wait(), STATUS_EVERY)
         except TimeoutError:
             pass
     await asyncio.gather(*(g.channel.stop(t) for g, t in zip(gateways, tasks)), return_exceptions=True)
     return 0
+
+
+def _status(prefix: str, gateways: list[SimulatedGateway], count: int) -> None:
+    connected = sum(g.channel.state == ChannelState.CONNECTED for g in gateways)
+    print(f"fleetsim {prefix}: {connected}/{count} connected ({len(gateways)} started)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
