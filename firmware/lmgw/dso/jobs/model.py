@@ -120,8 +120,9 @@ class JobSpec:
                    raw.get("timeout"), str(raw.get("created_by", "")))
 
 
-def new_job_id() -> str:
-    return uuid.uuid4().hex[:16]
+def new_job_id(now: float) -> str:
+    """Creation time (Unix seconds, hex) then randomness: IDs sort by age (the stores list the newest)."""
+    return f"{int(now):08x}{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
@@ -145,7 +146,7 @@ class Job:
             raise JobError("the selection matches no gateway")
         if len(ids) > MAX_TARGETS:
             raise JobError(f"a job reaches at most {MAX_TARGETS} gateways; the selection has {len(ids)}")
-        job = cls(job_id or new_job_id(), spec, now, {gid: Target() for gid in ids}, node=node)
+        job = cls(job_id or new_job_id(now), spec, now, {gid: Target() for gid in ids}, node=node)
         log.info("job %s: %s to %d gateway(s), %d at a time, by %s", job.id, spec.method, len(ids),
                  spec.concurrency, spec.created_by or "?")
         return job

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 Call = Callable[[str, str, dict[str, Any], "float | None"], Awaitable[Any]]
 """``DsoServer.call``: gateway, method, params, timeout; ``LookupError`` when no node holds the gateway."""
 SAVE_EVERY = 1.0
+LISTED = 100
+"""Jobs a listing shows (the newest)."""
 
 
 class JobRunner:
@@ -68,7 +70,7 @@ class JobRunner:
     async def submit(self, spec: JobSpec, window_s: float = 0.0) -> Job:
         """Start a job; ``JobError`` (a ValueError) for a request that cannot run."""
         spec.check()
-        job_id = new_job_id()
+        job_id = new_job_id(self.clock.now())
         spec = JobSpec(spec.method, job_params(spec.method, spec.params, window_s, job_id), spec.selection,
                        spec.concurrency, spec.timeout, spec.created_by)
         gateway_ids = await self.resolver.resolve(spec.selection)
@@ -80,8 +82,9 @@ class JobRunner:
     async def get(self, job_id: str) -> Job | None:
         return self.live.get(job_id) or await self.store.load(job_id)
 
-    async def jobs(self) -> list[Job]:
-        stored = [self.live.get(job.id, job) for job in await self.store.jobs()]
+    async def jobs(self, limit: int = LISTED) -> list[Job]:
+        """The newest jobs (those this node runs as they are now)."""
+        stored = [self.live.get(job.id, job) for job in await self.store.jobs(limit)]
         missing = [job for job in self.live.values() if job.id not in {j.id for j in stored}]
         return sorted(stored + missing, key=lambda j: j.created_at, reverse=True)
 

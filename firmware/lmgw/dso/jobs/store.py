@@ -8,7 +8,9 @@ atomically; after a restart the finished jobs are listed again and an unfinished
 (gateways whose answer was not saved are called again).  The newest ``MAX_KEPT`` jobs are kept.
 
 **Cluster** (``KvJobStore``): bucket ``lmgw_jobs`` (file storage, ``replicas`` copies, entries kept
-``KEEP_SECONDS``), key ``j.<id>`` the snapshot, ``c.<id>`` a cancel request.  The lease is the
+``KEEP_SECONDS``), key ``j.<id>`` the snapshot, ``r.<id>`` while it runs (so finding orphans reads
+only the running jobs), ``c.<id>`` a cancel request.  Job IDs start with their creation time in hex:
+listing the newest jobs reads no older one.  The lease is the
 snapshot's KV revision: the running node writes with ``update(last=revision)`` every ``save_every``
 seconds even when nothing changed (a heartbeat).  Every node watches the unfinished jobs; one whose
 revision has not moved for ``lease`` seconds *by the watching node's own clock* (no clock skew
@@ -69,8 +71,8 @@ class JobStore(Protocol):
 
     async def load(self, job_id: str) -> Job | None: ...
 
-    async def jobs(self) -> list[Job]:
-        """Every job kept, newest first."""
+    async def jobs(self, limit: int) -> list[Job]:
+        """The newest ``limit`` jobs kept, newest first."""
 
     async def request_cancel(self, job_id: str, by: str) -> None:
         """Ask the node running a job to cancel it."""
@@ -92,7 +94,7 @@ class FileJobStore:
 
     async def open(self) -> list[Job]:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return [job for job in await self.jobs() if not job.state.final]
+        return [job for job in await self.jobs(MAX_KEPT) if not job.state.final]
 
     async def save(self, job: Job) -> None:
         try:
@@ -118,8 +120,9 @@ class FileJobStore:
             log.warning("job file %s unreadable (%s): ignored", self._file(job_id), exc)
             return None
 
-    async def jobs(self) -> list[Job]:
-        found = [await self.load(f.stem) for f in self.directory.glob("*.json")]
+    async def jobs(self, limit: int = MAX_KEPT) -> list[Job]:
+        newest = sorted((f.stem for f in self.directory.glob("*.json")), reverse=True)[:limit]
+        found = [await self.load(job_id) for job_id in newest]
         return sorted((j for j in found if j is not None), key=lambda j: j.created_at, reverse=True)
 
     async def request_cancel(self, job_id: str, by: str) -> None:
@@ -162,13 +165,15 @@ class KvJobStore:
             with _unavailable(f"saving job {job.id}"):
                 if revision is None:
                     self._revisions[job.id] = await self._kv.create(key, value)
+                    await self._kv.put(f"r.{job.id}", job.node.encode())
                 else:
                     self._revisions[job.id] = await self._kv.update(key, value, last=revision)
+                if job.state.final:
+                    self._revisions.pop(job.id, None)
+                    await self._kv.delete(f"r.{job.id}")
         except nats.js.errors.KeyWrongLastSequenceError:
             self._revisions.pop(job.id, None)
             raise LeaseLost(f"job {job.id} was taken over by another node") from None
-        if job.state.final:
-            self._revisions.pop(job.id, None)
 
     async def load(self, job_id: str) -> Job | None:
         import nats.js.errors
@@ -182,26 +187,20 @@ class KvJobStore:
             return None
         return _decode(entry.value)
 
-    async def _entries(self) -> list[Any]:
+    async def _ids(self, prefix: str) -> list[str]:
+        """IDs of the jobs with a ``prefix.<id>`` key, newest first."""
         import nats.js.errors
 
-        entries = []
         with _unavailable("listing jobs"):
             try:
-                keys = await self._kv.keys()
+                keys = await self._kv.keys()  # no server-side filter: nats-server before 2.10 (Debian 12) has none
             except nats.js.errors.NoKeysError:
                 return []
-            for key in keys:
-                if key.startswith("j."):
-                    try:
-                        entries.append(await self._kv.get(key))
-                    except nats.js.errors.KeyNotFoundError:
-                        pass
-        return entries
+        return sorted((k[len(prefix) + 1:] for k in keys if k.startswith(prefix + ".")), reverse=True)
 
-    async def jobs(self) -> list[Job]:
-        found = [_decode(entry.value) for entry in await self._entries()]
-        return sorted((j for j in found if j is not None), key=lambda j: j.created_at, reverse=True)
+    async def jobs(self, limit: int) -> list[Job]:
+        found = [await self.load(job_id) for job_id in (await self._ids("j"))[:limit]]
+        return [j for j in found if j is not None]
 
     async def request_cancel(self, job_id: str, by: str) -> None:
         with _unavailable(f"cancelling job {job_id}"):
@@ -221,28 +220,36 @@ class KvJobStore:
         import nats.js.errors
 
         claimed: list[Job] = []
-        unfinished: set[str] = set()
-        for entry in await self._entries():
-            job = _decode(entry.value)
-            if job is None or job.state.final or job.id in self._revisions:
+        running = [job_id for job_id in await self._ids("r") if job_id not in self._revisions]
+        for job_id in running:
+            try:
+                with _unavailable(f"reading job {job_id}"):
+                    entry = await self._kv.get(f"j.{job_id}")
+            except nats.js.errors.KeyNotFoundError:
                 continue
-            unfinished.add(job.id)
-            seen = self._watched.get(job.id)
+            seen = self._watched.get(job_id)
             if seen is None or seen[0] != entry.revision:
-                self._watched[job.id] = (entry.revision, now)
+                self._watched[job_id] = (entry.revision, now)
                 continue
             if now - seen[1] < self.lease:
                 continue
-            job.resume(node, now)
-            try:
-                with _unavailable(f"claiming job {job.id}"):
-                    self._revisions[job.id] = await self._kv.update(entry.key, _encode(job), last=entry.revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                log.info("job %s: another node claimed it first", job.id)
+            job = _decode(entry.value)
+            if job is None:
                 continue
-            self._watched.pop(job.id, None)
+            try:
+                with _unavailable(f"claiming job {job_id}"):
+                    if job.state.final:  # its node died between its last write and removing the marker
+                        await self._kv.delete(f"r.{job_id}")
+                        continue
+                    job.resume(node, now)
+                    self._revisions[job_id] = await self._kv.update(entry.key, _encode(job), last=entry.revision)
+                    await self._kv.put(f"r.{job_id}", node.encode())
+            except nats.js.errors.KeyWrongLastSequenceError:
+                log.info("job %s: another node claimed it first", job_id)
+                continue
+            self._watched.pop(job_id, None)
             claimed.append(job)
-        for gone in set(self._watched) - unfinished:
+        for gone in set(self._watched) - set(running):
             del self._watched[gone]
         return claimed
 
