@@ -346,6 +346,10 @@ async def bench(fleet: LocalFleet, baseline: dict[int, int], connect_started: fl
         meter.report("the fleet-wide shed", (len(shed_lat), "load.shed"))
 
         await recovery(fleet, nc, gateways, per_node, kinds, sims)
+        final = await listed(nc)  # the simulators went on connecting after the connect phase's bound
+        line("gateways connected at the end", f"{len(final)} of {GATEWAYS}, "
+             f"{time.monotonic() - connect_started:.0f} s after the start", ">= 10,000",
+             f"{NODES - 1} nodes (one was killed), {BALANCERS} HAProxy process(es)")
     finally:
         await nc.close()
 
