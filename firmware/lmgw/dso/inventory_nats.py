@@ -7,10 +7,8 @@ NATS server); keys are the gateways' subject tokens (``cluster.wire.token``), va
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
-import time
 from typing import Any
 
 import nats.errors
@@ -25,7 +23,6 @@ from .inventory import MAX_TAGGED_GATEWAYS, InventoryUnavailable, TagError, chec
 
 BUCKET = "lmgw_inventory"
 JS_TIMEOUT = 5.0
-STORAGE_WAIT = 60.0
 MAX_LISTING_SECONDS = 10.0
 MAX_BUCKET_BYTES = 64 * 1024 * 1024
 """The bucket refuses writes past this (JetStream enforces it): bounded like the single-node file."""
@@ -38,27 +35,29 @@ class KvTagStore:
         self._kv: KeyValue | None = None
 
     async def start(self) -> None:
-        js = self.nc.jetstream(timeout=JS_TIMEOUT)
-        deadline = time.monotonic() + STORAGE_WAIT
-        while True:  # JetStream answers once its cluster formed (the back plane waited for it already)
-            try:
-                self._kv = await js.create_key_value(KeyValueConfig(
-                    bucket=BUCKET, history=1, storage=StorageType.FILE, replicas=self.replicas,
-                    max_value_size=4096, max_bytes=MAX_BUCKET_BYTES))
-                return
-            except (nats.errors.Error, asyncio.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+        """Nothing to do: the bucket is made by the first tag written (a cluster that never tags gateways
+        runs no replicated store for them), looked up by every read until then."""
 
-    @property
-    def kv(self) -> KeyValue:
-        assert self._kv is not None, "KvTagStore.start() first"
+    async def _bucket(self, create: bool) -> KeyValue | None:
+        if self._kv is not None:
+            return self._kv
+        js = self.nc.jetstream(timeout=JS_TIMEOUT)
+        try:
+            self._kv = await js.key_value(BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            if not create:
+                return None
+            self._kv = await js.create_key_value(KeyValueConfig(
+                bucket=BUCKET, history=1, storage=StorageType.FILE, replicas=self.replicas,
+                max_value_size=4096, max_bytes=MAX_BUCKET_BYTES))
         return self._kv
 
     async def get(self, gateway_id: str) -> dict[str, str]:
+        kv = await retrying(functools.partial(self._bucket, False), "reading tags", InventoryUnavailable)
+        if kv is None:
+            return {}
         try:
-            entry = await retrying(functools.partial(self.kv.get, wire.token(gateway_id)), "reading tags",
+            entry = await retrying(functools.partial(kv.get, wire.token(gateway_id)), "reading tags",
                                    InventoryUnavailable, keep=(nats.js.errors.KeyNotFoundError,))
         except nats.js.errors.KeyNotFoundError:
             return {}
@@ -66,18 +65,24 @@ class KvTagStore:
 
     async def put(self, gateway_id: str, tags: dict[str, str]) -> None:
         key = wire.token(gateway_id)
+        kv = await retrying(functools.partial(self._bucket, bool(tags)), "storing tags", InventoryUnavailable)
+        if kv is None:
+            return  # nothing to remove: no gateway was ever tagged
         if not tags:
             try:
-                await retrying(functools.partial(self.kv.delete, key), "removing tags", InventoryUnavailable,
+                await retrying(functools.partial(kv.delete, key), "removing tags", InventoryUnavailable,
                                keep=(nats.js.errors.KeyNotFoundError,))
             except nats.js.errors.KeyNotFoundError:
                 pass
             return
         value = json.dumps({"gateway_id": gateway_id, "tags": tags}).encode()
-        await retrying(functools.partial(self.kv.put, key, value), "storing tags", InventoryUnavailable)
+        await retrying(functools.partial(kv.put, key, value), "storing tags", InventoryUnavailable)
 
     async def all(self) -> dict[str, dict[str, str]]:
-        values = await retrying(functools.partial(current_values, self.kv, MAX_LISTING_SECONDS), "listing tags",
+        kv = await retrying(functools.partial(self._bucket, False), "listing tags", InventoryUnavailable)
+        if kv is None:
+            return {}
+        values = await retrying(functools.partial(current_values, kv, MAX_LISTING_SECONDS), "listing tags",
                                 InventoryUnavailable)
         found: dict[str, dict[str, str]] = {}
         for raw in values[:MAX_TAGGED_GATEWAYS]:
