@@ -14,6 +14,8 @@ The runner is ``ctx.extras["jobs"]``, started and stopped with the application.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -28,8 +30,12 @@ from ..updates import update_params
 from .app import ApiContext, ApiError, add_route, audit_detail, context, operator_of, read_json
 from .fleet import Selector
 
+log = logging.getLogger(__name__)
+
 JOBS = "jobs"
 PATH = "/api/v1/jobs"
+STORE_RETRY = 5.0
+"""Seconds between two attempts to open the job store at start."""
 
 
 def add_routes(app: web.Application, ctx: ApiContext) -> None:
@@ -38,17 +44,41 @@ def add_routes(app: web.Application, ctx: ApiContext) -> None:
     add_route(app, "GET", PATH + "/{job_id}", show_job, Role.READ_ONLY)
     add_route(app, "POST", PATH + "/{job_id}/cancel", cancel_job, Role.OPERATOR)
 
-    async def start_runner(app: web.Application) -> None:
-        runner = JobRunner(_store(ctx), ctx.server.call, FleetResolver(_fleet_ids(ctx)), _node(ctx),
-                           observe=lambda outcome: ctx.metrics.job_outcomes.labels(str(outcome)).inc())
-        await runner.start()
+    runner = JobRunner(_store(ctx), ctx.server.call, FleetResolver(_fleet_ids(ctx)), _node(ctx),
+                       observe=lambda outcome: ctx.metrics.job_outcomes.labels(str(outcome)).inc())
+    starting: list[asyncio.Task[None]] = []
+
+    def ready() -> None:
         ctx.extras[JOBS] = runner
         ctx.metrics.jobs_running.set_function(lambda: float(runner.running()))
 
+    async def retry() -> None:
+        while True:
+            await asyncio.sleep(STORE_RETRY)
+            try:
+                await runner.start()
+            except StoreUnavailable as exc:
+                log.warning("fleet jobs not available yet (%s): trying again in %g s", exc, STORE_RETRY)
+                continue
+            log.info("fleet jobs available")
+            ready()
+            return
+
+    async def start_runner(app: web.Application) -> None:
+        """Jobs wait for their store (JetStream electing leaders); the rest of the API does not wait for jobs."""
+        try:
+            await runner.start()
+        except StoreUnavailable as exc:
+            log.warning("fleet jobs not available yet (%s): trying again in %g s", exc, STORE_RETRY)
+            starting.append(asyncio.create_task(retry()))
+            return
+        ready()
+
     async def stop_runner(app: web.Application) -> None:
-        runner = ctx.extras.pop(JOBS, None)
-        if runner is not None:
-            await runner.stop()
+        for task in starting:
+            task.cancel()
+        ctx.extras.pop(JOBS, None)
+        await runner.stop()
 
     app.on_startup.append(start_runner)
     app.on_cleanup.append(stop_runner)

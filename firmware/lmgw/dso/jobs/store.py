@@ -152,8 +152,9 @@ class KvJobStore:
     async def open(self) -> list[Job]:
         from nats.js.api import KeyValueConfig, StorageType
 
-        self._kv = await self.js.create_key_value(KeyValueConfig(
-            bucket=BUCKET, history=1, ttl=KEEP_SECONDS, storage=StorageType.FILE, replicas=self.replicas))
+        with _unavailable("opening the job bucket"):
+            self._kv = await self.js.create_key_value(KeyValueConfig(
+                bucket=BUCKET, history=1, ttl=KEEP_SECONDS, storage=StorageType.FILE, replicas=self.replicas))
         return []  # unfinished jobs of a node that died are claimed by orphans(), whoever's they were
 
     async def save(self, job: Job) -> None:
