@@ -112,6 +112,60 @@ def test_profile_shed_load_is_summed_only_when_every_point_declares_it():
         parse_profile({"device": {"model": "m"}, "point": [{**point, "shed_load": -1}]}, "test")
 
 
+def test_runner_bounds_calls_in_flight_and_saves_on_its_clock(tmp_path):
+    """The runner with a manual clock and gateways that answer when the test says (no sockets: the runner's
+    own logic; the real path is the next test)."""
+    from lmgw.clock import ManualClock
+
+    async def scenario() -> None:
+        clock = ManualClock(1000.0)
+        answers: dict[str, asyncio.Future[Any]] = {}
+        in_flight, most = 0, 0
+
+        async def call(gateway_id: str, method: str, params: dict[str, Any], timeout: float | None) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            answers[gateway_id] = asyncio.get_running_loop().create_future()
+            try:
+                return await answers[gateway_id]
+            finally:
+                in_flight -= 1
+
+        async def fleet(tags: dict[str, str] | None) -> list[str]:
+            return []
+
+        store = FileJobStore(tmp_path / "jobs")
+        runner = JobRunner(store, call, FleetResolver(fleet), "node1", clock=clock, save_every=5.0)
+        await runner.start()
+        ids = [f"GW-{n}" for n in range(7)]
+        job = await runner.submit(JobSpec("load.shed", dict(SHED), {"ids": ids}, 3, None, "CN=op"))
+        saved = (tmp_path / "jobs" / f"{job.id}.json").stat().st_mtime_ns
+        for gateway_id in ids:
+            await wait_until(lambda: gateway_id in answers, what=f"{gateway_id} called")
+            assert in_flight <= 3
+            answers[gateway_id].set_result({"shed_load_w": 100.0})
+        await wait_until(lambda: job.state.final, what="job done")
+        assert most == 3 and job.summary()["shed_load_w"] == 700.0
+        assert job.ended_at == 1000.0  # the manual clock never moved
+        await asyncio.sleep(0.1)
+        assert (tmp_path / "jobs" / f"{job.id}.json").stat().st_mtime_ns > saved  # its final snapshot
+        # A second job, half done, is saved (as it was at its start until then) when the runner's clock passes save_every.
+        second = await runner.submit(JobSpec("load.shed", dict(SHED), {"ids": ["GW-A", "GW-B"]}, 1, None))
+        await wait_until(lambda: "GW-A" in answers, what="GW-A called")
+        answers["GW-A"].set_result({})
+        await wait_until(lambda: "GW-B" in answers, what="GW-B called")
+        assert json.loads((tmp_path / "jobs" / f"{second.id}.json").read_text())["targets"]["GW-A"][0] == Outcome.PENDING
+        clock.advance(5.0)
+        await wait_until(lambda: json.loads((tmp_path / "jobs" / f"{second.id}.json").read_text())["targets"]["GW-A"][0]
+                         == Outcome.DONE, what="snapshot after save_every")
+        answers["GW-B"].set_result({})
+        await wait_until(lambda: second.state.final, what="second job done")
+        await runner.stop()
+
+    asyncio.run(scenario())
+
+
 # -- jobs over simulated gateways on a real node ----------------------------------------------------
 
 GATEWAYS = 200
