@@ -29,7 +29,7 @@ APT_PACKAGES += nats-server haproxy
 APT_PACKAGES += chromium libnss3-tools
 # TPM 2.0 keys (docs/tpm.md): a software TPM for the tests, tpm2-tools, the swtpm TCTI the tests reach it by;
 # patchelf for the private copy of tpm2-openssl (rootfs/tpm-provider.sh).
-APT_PACKAGES += swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 patchelf openssl
+APT_PACKAGES += swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 patchelf openssl curl
 # tpm_tis.ko for the QEMU image's kernel (rootfs/tpm-kernel-module.sh): the kernel's own compiler, gcc 12.
 APT_PACKAGES += gcc-arm-linux-gnueabihf
 
