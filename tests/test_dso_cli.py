@@ -110,6 +110,7 @@ def test_operator_cli_over_the_http_api(pki, tmp_path):
             assert shown["params"]["randomize_s"] == 30 and shown["params"]["shed_id"] == job_id
             listed = await cli("--operator", str(bob), "job", "list")
             assert listed.returncode == 0 and job_id in listed.stdout
+            assert await cli_json("--operator", str(bob), "job", "list", "--running") == []
             ended = await cli(*node, "job", "cancel", job_id)
             assert ended.returncode == 1 and "error: job" in ended.stderr and "already ended" in ended.stderr
 

@@ -231,7 +231,7 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _job(api: ApiClient, args: argparse.Namespace) -> int:
     if args.job_command == "list":
-        answer = await api.get("/api/v1/jobs")
+        answer = await api.get("/api/v1/jobs", [("state", "running")] if args.running else [])
         _out(args, answer["jobs"], cliformat.jobs_table(answer["jobs"]) if answer["jobs"] else "(no jobs)")
         return 0
     if args.job_command == "start":
@@ -356,7 +356,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--follow", action="store_true", help="progress bar until it ends")
     cancel = jobs.add_parser("cancel", help="send nothing more; calls in flight finish")
     cancel.add_argument("job")
-    jobs.add_parser("list", help="jobs, newest first")
+    listing = jobs.add_parser("list", help="jobs, newest first (the newest 100)")
+    listing.add_argument("--running", action="store_true", help="only the jobs not ended yet")
     return parser
 
 

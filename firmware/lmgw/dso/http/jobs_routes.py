@@ -2,7 +2,7 @@
 
     POST /api/v1/jobs                    {"method": "load.shed", "params": {...}, "selection": {...},
                                           "window_s": 300, "concurrency": 50, "timeout": 30}
-    GET  /api/v1/jobs                    newest first, without per-gateway outcomes
+    GET  /api/v1/jobs                    newest first, without per-gateway outcomes; ?state=running
     GET  /api/v1/jobs/{job_id}           progress and counts; ?outcome=error lists those gateways
     POST /api/v1/jobs/{job_id}/cancel    nothing more is sent; calls in flight finish
 
@@ -163,8 +163,12 @@ async def start_job(request: web.Request) -> web.Response:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
+    unknown = set(request.query) - {"state"}
+    state = request.query.get("state")
+    if unknown or state not in (None, "running"):
+        raise ApiError(400, "the only query parameter is state=running (jobs not ended yet)")
     try:
-        jobs = await _runner(request).jobs()
+        jobs = await _runner(request).jobs(running=state == "running")
     except StoreUnavailable as exc:
         raise ApiError(503, str(exc)) from None
     return web.json_response({"jobs": [job.summary() for job in jobs]})

@@ -82,10 +82,11 @@ class JobRunner:
     async def get(self, job_id: str) -> Job | None:
         return self.live.get(job_id) or await self.store.load(job_id)
 
-    async def jobs(self, limit: int = LISTED) -> list[Job]:
-        """The newest jobs (those this node runs as they are now)."""
-        stored = [self.live.get(job.id, job) for job in await self.store.jobs(limit)]
-        missing = [job for job in self.live.values() if job.id not in {j.id for j in stored}]
+    async def jobs(self, limit: int = LISTED, running: bool = False) -> list[Job]:
+        """The newest jobs (those this node runs as they are now); ``running``: only those not ended."""
+        stored = [self.live.get(job.id, job) for job in await self.store.jobs(limit, running)]
+        missing = [job for job in self.live.values()
+                   if job.id not in {j.id for j in stored} and not (running and job.state.final)]
         return sorted(stored + missing, key=lambda j: j.created_at, reverse=True)
 
     async def cancel(self, job_id: str, by: str) -> Job | None:

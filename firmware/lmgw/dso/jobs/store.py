@@ -71,8 +71,8 @@ class JobStore(Protocol):
 
     async def load(self, job_id: str) -> Job | None: ...
 
-    async def jobs(self, limit: int) -> list[Job]:
-        """The newest ``limit`` jobs kept, newest first."""
+    async def jobs(self, limit: int, running: bool = False) -> list[Job]:
+        """The newest ``limit`` jobs kept (``running``: only unfinished ones), newest first."""
 
     async def request_cancel(self, job_id: str, by: str) -> None:
         """Ask the node running a job to cancel it."""
@@ -120,10 +120,11 @@ class FileJobStore:
             log.warning("job file %s unreadable (%s): ignored", self._file(job_id), exc)
             return None
 
-    async def jobs(self, limit: int = MAX_KEPT) -> list[Job]:
-        newest = sorted((f.stem for f in self.directory.glob("*.json")), reverse=True)[:limit]
-        found = [await self.load(job_id) for job_id in newest]
-        return sorted((j for j in found if j is not None), key=lambda j: j.created_at, reverse=True)
+    async def jobs(self, limit: int = MAX_KEPT, running: bool = False) -> list[Job]:
+        newest = sorted((f.stem for f in self.directory.glob("*.json")), reverse=True)[:MAX_KEPT if running else limit]
+        found = [job for job in [await self.load(job_id) for job_id in newest]
+                 if job is not None and not (running and job.state.final)]
+        return sorted(found, key=lambda j: j.created_at, reverse=True)[:limit]
 
     async def request_cancel(self, job_id: str, by: str) -> None:
         self._cancels[job_id] = by
@@ -199,9 +200,9 @@ class KvJobStore:
                 return []
         return sorted((k[len(prefix) + 1:] for k in keys if k.startswith(prefix + ".")), reverse=True)
 
-    async def jobs(self, limit: int) -> list[Job]:
-        found = [await self.load(job_id) for job_id in (await self._ids("j"))[:limit]]
-        return [j for j in found if j is not None]
+    async def jobs(self, limit: int, running: bool = False) -> list[Job]:
+        found = [await self.load(job_id) for job_id in (await self._ids("r" if running else "j"))[:limit]]
+        return [j for j in found if j is not None and not (running and j.state.final)]
 
     async def request_cancel(self, job_id: str, by: str) -> None:
         with _unavailable(f"cancelling job {job_id}"):

@@ -103,7 +103,7 @@ async function refresh() {
   const error = document.getElementById("error");
   try {
     const [fleet, jobs, events] = await Promise.all([
-      api("/api/v1/gateways"), api("/api/v1/jobs"),
+      api("/api/v1/gateways"), api("/api/v1/jobs?state=running"),
       api(`/api/v1/events?kind=${encodeURIComponent("security.*")}&limit=${EVENTS_SHOWN}`)]);
     gateways = fleet.gateways;
     document.getElementById("online-count").textContent = fleet.online;
