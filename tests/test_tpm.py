@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from conftest import VENV_BIN, gateway_config, running_dso, wait_until, write_toml
 from test_provision import disk, identity_file  # noqa: F401 - the disk fixture
 from tpm_helpers import SoftTpm, provider_dir, soft_tpm
+from lmgw.config import ConfigError
+from lmgw.tpm import TpmSettings
 from lmgw.tpmkey import TpmKey, TpmKeyError, is_tpm_key
 
 SAMPLE = b"""-----BEGIN TSS2 PRIVATE KEY-----
@@ -63,7 +65,7 @@ def tpm_identity(tpm: SoftTpm, pki: Any, tmp_path: Path, gateway_id: str) -> tup
 def tpm_config(pki: Any, tmp_path: Path, gateway_id: str, port: int, tcti: str, provider: Path,
                key_cert: tuple[Path, Path]) -> Path:
     config = gateway_config(pki, tmp_path, gateway_id, port, key_cert=key_cert)
-    config["tpm"] = {"tcti": tcti, "provider_dir": str(provider)}
+    config["tpm"] = {"tcti": tcti, "provider_dir": str(provider), "device_wait": 0}
     return write_toml(tmp_path / f"gateway-{gateway_id}.toml", config)
 
 
@@ -117,6 +119,16 @@ def test_damaged_tss2_key_files_are_refused_clearly():
         TpmKey.from_pem(b"x" * 100_000)
     with pytest.raises(TpmKeyError, match="no TSS2"):
         TpmKey.from_pem(b"-----BEGIN PRIVATE KEY-----\n")
+
+
+def test_tpm_section_parsed_with_strict_bounds():
+    assert TpmSettings.parse({}) is None
+    settings = TpmSettings.parse({"tpm": {}})
+    assert settings == TpmSettings("device:/dev/tpmrm0", None, 20.0)
+    for bad, message in (({"tcti": "nonsense"}, "is not a TCTI"), ({"device_wait": 3600}, "0 to 600 seconds"),
+                         ({"tcti": 5}, "must be str")):
+        with pytest.raises(ConfigError, match=message):
+            TpmSettings.parse({"tpm": bad})
 
 
 # -- the gateway with a TPM key ------------------------------------------------------------

@@ -19,6 +19,7 @@ import importlib
 import os
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,15 @@ class TpmError(ConfigError):
     """A configured TPM cannot be used; the message is the one line for the journal and ``gw.status``."""
 
 
+DEVICE_WAIT = 20.0
+"""Seconds a missing TPM device node is waited for at start: a driver loaded as a module may come after us."""
+
+
 @dataclass(frozen=True)
 class TpmSettings:
     tcti: str
     provider_dir: Path | None
+    device_wait: float = DEVICE_WAIT
 
     @classmethod
     def parse(cls, config: dict[str, Any]) -> TpmSettings | None:
@@ -53,7 +59,10 @@ class TpmSettings:
         if ":" not in tcti and tcti not in ("device", "swtpm", "mssim", "tabrmd"):
             raise ConfigError(f"[tpm] tcti {tcti!r} is not a TCTI such as {DEFAULT_TCTI!r}")
         provider_dir = get(table, "provider_dir", str, "tpm", None)
-        return cls(tcti, Path(provider_dir) if provider_dir else None)
+        device_wait = get(table, "device_wait", float, "tpm", DEVICE_WAIT)
+        if not 0 <= device_wait <= 600:
+            raise ConfigError(f"[tpm] device_wait must be 0 to 600 seconds, got {device_wait:g}")
+        return cls(tcti, Path(provider_dir) if provider_dir else None, device_wait)
 
 
 def _device(tcti: str) -> Path | None:
@@ -136,6 +145,9 @@ class Tpm:
                     raise TpmError(f"this process already uses the TPM at {tpm.settings.tcti}, not {settings.tcti}")
                 return tpm
             device = _device(settings.tcti)
+            deadline = time.monotonic() + settings.device_wait
+            while device is not None and not device.exists() and time.monotonic() < deadline:
+                time.sleep(0.5)  # once, at start, bounded: udev may still be loading the driver
             if device is not None and not device.exists():
                 raise TpmError(f"TPM configured ([tpm] tcti = {settings.tcti!r}) but {device} does not exist: "
                                "is the TPM fitted and its driver loaded (tpm_tis_spi, tpm_tis)?")
