@@ -23,6 +23,7 @@ the runner reads it at every save (and a claimant before it resumes).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -98,7 +99,8 @@ class FileJobStore:
 
     async def save(self, job: Job) -> None:
         try:
-            write_atomically(self._file(job.id), _encode(job), 0o600)
+            # off the event loop: a job of many gateways is a large file, fsynced
+            await asyncio.to_thread(write_atomically, self._file(job.id), _encode(job), 0o600)
         except OSError as exc:
             raise StoreUnavailable(f"{self._file(job.id)}: {exc.strerror or exc}") from None
         if job.state.final:
