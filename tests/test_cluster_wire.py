@@ -12,7 +12,7 @@ from lmgw.codes import RpcCode
 from lmgw.config import ConfigError
 from lmgw.dso.api import request
 from lmgw.dso.cluster import wire
-from lmgw.dso.cluster.config import ClusterConfig, balancer_addresses
+from lmgw.dso.cluster.config import ClusterConfig, balancer_addresses, loop_factory
 from lmgw.jsonrpc import RpcError
 
 
@@ -43,6 +43,11 @@ def test_cluster_configuration_is_checked():
         ClusterConfig.from_table({"node": "n1", "servers": []}, Path("/"))
     with pytest.raises(ConfigError, match="presence_ttl"):
         ClusterConfig.from_table({"node": "n1", "servers": ["nats://a"], "presence_ttl": 1}, Path("/"))
+    assert config.event_loop == "asyncio" and loop_factory(config) is None and loop_factory(None) is None
+    uvloop = ClusterConfig.from_table({"node": "n1", "servers": ["nats://a"], "event_loop": "uvloop"}, Path("/"))
+    assert loop_factory(uvloop) is not None and loop_factory("uvloop") is not None  # the dso extra has uvloop
+    with pytest.raises(ConfigError, match="event_loop"):
+        ClusterConfig.from_table({"node": "n1", "servers": ["nats://a"], "event_loop": "trio"}, Path("/"))
     assert balancer_addresses({"addresses": ["10.0.0.5", "::1"]}) == {"10.0.0.5", "::1"}
     with pytest.raises(ConfigError, match="balancer"):
         balancer_addresses({"addresses": ["haproxy.local"]})

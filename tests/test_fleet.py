@@ -119,6 +119,25 @@ def test_through_haproxy_the_node_logs_the_real_address_and_refuses_forged_proxy
         await wait_until(lambda: "a PROXY header from a peer that is not a [balancer] address" in fleet.log("node1"),
                          what="refusal logged")
     asyncio.run(scenario())
+    assert not _session_ticket_through_haproxy(pki, fleet), "a node issued a TLS session ticket"
+
+
+def _session_ticket_through_haproxy(pki, fleet: LocalFleet) -> bool:
+    """True when the node gave a TLS 1.3 session ticket (read with the answer to an upgrade request): it must not,
+    no gateway resumes and each ticket cost the node a copy of the session with the client certificate."""
+    import socket
+
+    key, cert = pki.gateway("GW-TICKET")
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.load_cert_chain(str(cert), str(key))
+    with socket.create_connection(("127.0.0.1", fleet.lb_port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                        b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode() + b"\r\n\r\n")
+            assert tls.recv(4096).startswith(b"HTTP/1.1 101"), "no upgrade"  # tickets come before this answer
+            assert tls.version() == "TLSv1.3"
+            return bool(tls.session is not None and tls.session.has_ticket)
 
 
 def test_one_session_per_gateway_across_the_cluster(fleet, pki, tmp_path):
