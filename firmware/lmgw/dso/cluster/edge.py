@@ -71,7 +71,7 @@ def balanced_serve(balancers: frozenset[str]) -> Callable[..., Awaitable[Server]
 
         # No TLS 1.3 session tickets: every node has its own ticket key behind the balancer and the gateway's
         # channel never resumes a session, yet each ticket cost the node a copy of the session with the client
-        # certificate (d2i_SSL_SESSION: ~15% of a node's CPU in a reconnect storm, docs/fleet.md).
+        # certificate (d2i_SSL_SESSION: ~10% of a node's CPU in a reconnect storm, docs/fleet.md).
         ssl.num_tickets = 0  # type: ignore[attr-defined]  # (Python 3.8+, missing from typeshed)
         listener = socket.create_server((host, port), backlog=BACKLOG)
         listener.setblocking(False)
