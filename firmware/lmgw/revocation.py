@@ -71,6 +71,8 @@ class CrlCache:
         self.ca_cert = ca_cert
         self.grace = grace
         self.crl: x509.CertificateRevocationList | None = None
+        self.generation = 0
+        """Counts the CRLs taken in: a cached verdict on a serial holds while it is unchanged."""
         self._stamp: tuple[int, int] | None = None
         self.reload_if_changed()
 
@@ -85,6 +87,7 @@ class CrlCache:
                                   "replay refused")
         write_atomically(self.path, crl.public_bytes(serialization.Encoding.DER))
         self.crl = crl
+        self.generation += 1
         self._stamp = self._file_stamp()
 
     def reload_if_changed(self) -> bool:
@@ -94,6 +97,7 @@ class CrlCache:
             return False
         self._stamp = stamp
         self.crl = load_crl(self.path.read_bytes(), self.ca_cert)
+        self.generation += 1
         return True
 
     def _file_stamp(self) -> tuple[int, int] | None:
@@ -198,6 +202,10 @@ class CrlSet:
     def next_update(self) -> datetime | None:
         updates = [c.next_update for c in self.caches if c.next_update is not None]
         return min(updates) if len(updates) == len(self.caches) else None
+
+    @property
+    def generation(self) -> int:
+        return sum(cache.generation for cache in self.caches)  # each only grows: any new CRL changes the sum
 
     def reload_if_changed(self) -> bool:
         return any([cache.reload_if_changed() for cache in self.caches])  # a list: reload every one

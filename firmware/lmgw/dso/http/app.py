@@ -173,8 +173,8 @@ def _guarded(handler: Handler, role: Role) -> Handler:
                         operator.subject, operator.role.value, role.value)
             message = f"role {operator.role.value} may not {request.method} {request.path}: it needs role {role.value}"
             if request.method not in UNAUDITED_METHODS:  # an attempt to change state is audited, refused or not
-                ctx.audit.record(operator.to_json(), {"method": request.method, "path": request.path,
-                                                      **request.match_info}, {"status": 403, "error": message})
+                await ctx.audit.append(operator.to_json(), {"method": request.method, "path": request.path,
+                                                            **request.match_info}, {"status": 403, "error": message})
             raise ApiError(403, message)
         request[_OPERATOR] = operator
         if request.method in UNAUDITED_METHODS:
@@ -204,7 +204,7 @@ def _guarded(handler: Handler, role: Role) -> Handler:
             outcome: dict[str, Any] = {"status": status}
             if message:
                 outcome["error"] = message
-            ctx.audit.record(operator.to_json(), what, outcome)
+            await ctx.audit.append(operator.to_json(), what, outcome)  # on disk before the answer leaves
 
     return guarded
 
