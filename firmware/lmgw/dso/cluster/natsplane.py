@@ -54,6 +54,10 @@ HOLDER_RECONNECT_WAIT = 5.0
 """Seconds a routed call waits for a holding node that is moving to another NATS server (no responders
 while presence names a holder); a gateway with no presence entry answers "not connected" at once."""
 HOLDER_RETRY = 0.2
+EVENT_STORE_TIMEOUT = 3.0
+"""Seconds a node waits for the event stream's acknowledgement: well inside a gateway's call timeout (5 s in
+tests), so a stream electing a new leader is answered "retry later", not left to the gateway's own timeout,
+which pauses its delivery until it reconnects.  A store that went through after all is a duplicate then."""
 STORE_RETRY_AFTER = 5.0
 """What a gateway is told to wait when the event stream cannot be reached."""
 STORAGE_WAIT = 60.0
@@ -348,6 +352,7 @@ class NatsBackplane:
         if entry is not None:  # held here: no detour through NATS
             return await entry.session.call(method, params, timeout=timeout)
         deadline = time.monotonic() + min(timeout, HOLDER_RECONNECT_WAIT)
+        held: bool | None = None
         try:
             while True:
                 try:
@@ -356,7 +361,10 @@ class NatsBackplane:
                     break
                 except nats.errors.NoRespondersError:
                     # Nobody holds it, or its node is between two NATS servers (one just died): presence tells.
-                    if time.monotonic() > deadline or not await self._held_elsewhere(gateway_id):
+                    # Presence unreadable (the same death: JetStream electing a leader) is no "not connected".
+                    if held is not True:
+                        held = await self._held_elsewhere(gateway_id, deadline)
+                    if held is False or time.monotonic() > deadline:
                         raise LookupError(f"gateway {gateway_id} is not connected") from None
                     await asyncio.sleep(HOLDER_RETRY)
         except nats.errors.TimeoutError:
@@ -368,14 +376,18 @@ class NatsBackplane:
         """A JetStream read, tried again while the cluster elects a new leader (a NATS server died)."""
         return await retrying(operation, what, lambda message: RpcError(RpcCode.INTERNAL_ERROR, message))
 
-    async def _held_elsewhere(self, gateway_id: str) -> bool:
-        """True when a presence entry says another node holds the gateway (it may be re-subscribing)."""
+    async def _held_elsewhere(self, gateway_id: str, deadline: float) -> bool | None:
+        """True when a presence entry says another node holds the gateway (it may be re-subscribing);
+        None when presence cannot be read by ``deadline``."""
         if self._kv is None:
             return False
         try:
-            entry = await self._kv.get(wire.token(gateway_id))
-        except (nats.errors.Error, asyncio.TimeoutError):
+            async with asyncio.timeout(max(deadline - time.monotonic(), HOLDER_RETRY)):
+                entry = await self._kv.get(wire.token(gateway_id))
+        except nats.js.errors.KeyNotFoundError:
             return False
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return None
         return bool(entry.value) and wire.decode(entry.value or b"{}").get("node") != self.config.node
 
     async def gateways(self) -> list[dict[str, Any]]:
@@ -396,7 +408,7 @@ class NatsBackplane:
         message_id = f"{gateway_id}/{record['event']['id']}"
         try:
             ack = await self._js.publish(wire.event_subject(gateway_id), wire.encode(record),
-                                         headers={"Nats-Msg-Id": message_id})
+                                         timeout=EVENT_STORE_TIMEOUT, headers={"Nats-Msg-Id": message_id})
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             raise EventRefused("unavailable", f"event storage unavailable ({exc or type(exc).__name__}): retry later",
                                retry_after=STORE_RETRY_AFTER) from None
