@@ -48,6 +48,9 @@ class SimulatedLm:
         self.exception_code = int(ExcCodes.DEVICE_FAILURE)
         self.late_by = 1.0
         """Seconds a ``LATE`` unit takes to answer."""
+        self.late_after: asyncio.Event | None = None
+        """If set, ``late_by`` counts from this event instead of from the request: a test sets it once the
+        master gave up, so the answer is late by construction, whatever the pty and the scheduler add."""
         self.busy = asyncio.Lock()
         """A device handles one request at a time: a late answer delays the next one too."""
         self.writes: list[tuple[str, int, list[int]]] = []

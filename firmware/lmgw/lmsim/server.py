@@ -43,6 +43,8 @@ class _DeviceContext(ModbusBaseDeviceContext):
                 if self.owner.response_delay:
                     await asyncio.sleep(self.owner.response_delay)
                 if self.sim.fault == Fault.LATE:
+                    if self.sim.late_after is not None:
+                        await self.sim.late_after.wait()
                     await asyncio.sleep(self.sim.late_by)
                 return operation()
         finally:
