@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import shutil
 import ssl
 import subprocess
@@ -94,6 +95,26 @@ def curl(*args: str) -> tuple[int, str]:
                           text=True, timeout=30)
     body, _, status = done.stdout.rpartition("\n")
     return int(status or 0), body + done.stderr
+
+
+async def open_tls(pki, api: OperatorApi, key_cert: tuple[Path, Path]) -> tuple[asyncio.StreamReader,
+                                                                                asyncio.StreamWriter]:
+    """One TLS connection of our own (not a client's pool): every request on it is provably the same connection."""
+    context = client_context(pki.ca_cert, key_cert[1], key_cert[0])
+    return await asyncio.open_connection("localhost", api.port, ssl=context, server_hostname="localhost")
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str, path: str,
+                   body: Any = None) -> tuple[int, Any]:
+    """One HTTP/1.1 keep-alive request written by hand, its JSON answer read by Content-Length."""
+    data = b"" if body is None else json.dumps(body).encode()
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    assert length is not None and b"connection: close" not in head.lower(), head
+    return int(head.split(b" ", 2)[1]), json.loads(await reader.readexactly(int(length.group(1))))
 
 
 # -- pure parts -------------------------------------------------------------------
@@ -192,6 +213,24 @@ def test_audit_lines_are_bounded_and_the_file_rotates(tmp_path):
     assert (tmp_path / "audit.jsonl.1").stat().st_size <= 64 * 1024
     last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert last["what"]["n"] == 199 and last["when"] == when.isoformat()
+
+
+def test_audit_appends_are_each_written_once_with_back_pressure_and_rotation(tmp_path):
+    async def scenario(log: AuditLog, count: int) -> None:
+        await asyncio.gather(*(log.append({"subject": "CN=a"}, {"method": "POST", "n": i, "pad": "z" * 500},
+                                          {"status": 200}) for i in range(count)))
+
+    log = AuditLog(tmp_path / "a" / "audit.jsonl", max_pending=5)  # 200 requests, at most 5 lines waiting
+    log.file.parent.mkdir()
+    asyncio.run(scenario(log, 200))
+    assert sorted(json.loads(line)["what"]["n"] for line in log.file.read_text().splitlines()) == list(range(200))
+    log = AuditLog(tmp_path / "b" / "audit.jsonl", max_bytes=64 * 1024, max_pending=150)  # batches span rotations
+    log.file.parent.mkdir()
+    asyncio.run(scenario(log, 300))
+    kept = [json.loads(line)["what"]["n"] for f in ("audit.jsonl.1", "audit.jsonl")
+            for line in (log.file.parent / f).read_text().splitlines()]
+    assert all((log.file.parent / f).stat().st_size <= 64 * 1024 for f in ("audit.jsonl.1", "audit.jsonl"))
+    assert len(kept) == len(set(kept)) and 299 in kept
 
 
 # -- one node, real gateways ------------------------------------------------------
@@ -452,6 +491,31 @@ def test_a_revoked_operator_certificate_is_refused(pki, tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_keep_alive_connection_is_refused_once_its_operator_certificate_is_revoked(pki, tmp_path):
+    """The identity is cached per TLS connection: a CRL reloaded by the DSO still refuses that connection's next
+    request (a cache without the CRL generation would keep serving it)."""
+    async def scenario():
+        key, cert = operator(pki, "stayer", Role.OPERATOR)
+        async with running_dso(pki, tmp_path) as server, api_node(server) as api:
+            reader, writer = await open_tls(pki, api, (key, cert))
+            try:
+                for _ in range(3):  # after the first, served from the connection's cached identity
+                    status, me = await exchange(reader, writer, "GET", "/api/v1/whoami")
+                    assert status == 200 and me["name"] == "stayer"
+                generation = server.crl.generation
+                from cryptography import x509
+                serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+                pki.ca.revoke(serial=serial, reason="keyCompromise")  # the DSO's own CRL watch reloads it
+                await wait_until(lambda: server.crl.generation != generation, what="the DSO reloading its CRL")
+                status, body = await exchange(reader, writer, "GET", "/api/v1/whoami")
+                assert status == 403 and "revoked" in error_of(body)["message"]
+                status, body = await exchange(reader, writer, "POST", "/api/v1/gateways/GW-X/call", {"method": "gw.ping"})
+                assert status == 403 and "revoked" in error_of(body)["message"]
+            finally:
+                writer.close()
+    asyncio.run(scenario())
+
+
 def test_a_separate_operator_ca_with_its_own_crl(pki, other_pki, tmp_path):
     """[api] ca_file/crl_file: operators of that CA only (the LMGW CA's operator certificates fail TLS), its CRL."""
     async def scenario():
@@ -479,6 +543,38 @@ def test_a_separate_operator_ca_with_its_own_crl(pki, other_pki, tmp_path):
             finally:
                 await api.stop()
     asyncio.run(scenario())
+
+
+def test_concurrent_posts_are_audited_once_each_in_order_per_connection(pki, tmp_path):
+    """Keep-alive connections posting at once, the audit queue held to 2 lines (back-pressure): every request has
+    exactly one line, on file before its answer, in each connection's order."""
+    connections, requests = 6, 8
+
+    async def scenario():
+        key, cert = operator(pki, "auditor", Role.OPERATOR)
+        async with running_dso(pki, tmp_path) as server, api_node(server) as api:
+            assert api.context is not None
+            api.context.audit.max_pending = 2
+
+            async def one_connection(c: int) -> None:
+                reader, writer = await open_tls(pki, api, (key, cert))
+                try:
+                    for n in range(requests):
+                        status, _ = await exchange(reader, writer, "POST", "/api/v1/gateways/GW-NONE/call",
+                                                   {"method": "gw.ping", "params": {"c": c, "n": n}})
+                        assert status == 404
+                        assert {"c": c, "n": n} in [r["what"].get("params") for r in audit_records(server)]
+                finally:
+                    writer.close()
+
+            await asyncio.gather(*(one_connection(c) for c in range(connections)))
+            return audit_records(server)
+
+    records = [r for r in asyncio.run(scenario()) if r["what"]["path"] == "/api/v1/gateways/GW-NONE/call"]
+    assert len(records) == connections * requests
+    assert all(r["outcome"]["status"] == 404 and r["who"]["name"] == "auditor" for r in records)
+    for c in range(connections):
+        assert [r["what"]["params"]["n"] for r in records if r["what"]["params"]["c"] == c] == list(range(requests))
 
 
 def test_bad_input_gets_clear_bounded_errors(pki, tmp_path):
