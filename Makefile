@@ -131,12 +131,13 @@ bench-wire: deps
 soak: deps
 	$(PY) tests/bench/soak.py
 
-# The head-end as a cluster on this machine (docs/fleet.md): 3 nats-servers, 3 DSO nodes, HAProxy; Ctrl-C stops them.
+# The head-end as a cluster on this machine (docs/fleet.md): 3 nats-servers, 3 DSO nodes on uvloop, two HAProxy
+# processes (9,800 gateways each here); Ctrl-C stops them all.
 .PHONY: fleet bench-fleet
 fleet: deps
 	$(PY) deploy/localfleet.py
 
-# Figures for the cluster under lmgw-fleetsim (LMGW_FLEET_GATEWAYS=10000 for the issue's fleet size).
+# Figures for the cluster under lmgw-fleetsim (LMGW_FLEET_GATEWAYS=10000 for the issue's fleet size; knobs in docs/fleet.md).
 bench-fleet: deps
 	$(PY) tests/bench/bench_fleet.py
 
