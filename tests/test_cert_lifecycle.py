@@ -124,8 +124,11 @@ def test_cert_sign_refuses_other_cn_weak_key_and_a_flood(pki, tmp_path):
     async def scenario():
         async with running_dso(pki, tmp_path, enrol={"min_interval": 3600, "lifetime": 120}) as dso:
             async with running_gateway(gateway_config(pki, tmp_path, "GW-C", dso.port), tmp_path) as gw:
-                await wait_until(lambda: connected_with(dso, "GW-C", operational=False), what="gw.hello")
+                # The DSO records the hello before the gateway reads its answer: wait for both ends.
+                await wait_until(lambda: connected_with(dso, "GW-C", operational=False) and gw.session is not None,
+                                 what="gw.hello answered")
                 session = gw.session
+                assert session is not None
                 refusals = []
                 for name, csr in (("cn", csr_pem("GW-OTHER")),
                                   ("csr", csr_pem("GW-C", rsa.generate_private_key(65537, 1024))),
