@@ -110,7 +110,7 @@ def test_tpm_identity_end_to_end_then_the_copy_on_another_board(rig, tmp_path):
     state = rig.work / "tpm-a"
     with soft_tpm(state) as station:  # the board's TPM, attached to the provisioning station
         disk = rig.provision("tpm-a", GATEWAY, f"wss://{DSO_IP}:{DSO_PORT}/", "--tpm", station.tcti,
-                             "--tpm-provider-dir", str(provider))
+                             "--tpm-provider-dir", str(provider), renew=True)
     with soft_tpm(state, for_qemu=True) as tpm:
         guest = tpm_guest(rig, "tpm-a", disk, tpm)
         started = time.monotonic()
