@@ -1,0 +1,72 @@
+"""Routed calls through the NATS back plane while JetStream cannot answer (issue 9: a NATS server killed).
+
+When the NATS server a holding node was connected to dies, the holder re-subscribes on another server while
+JetStream elects new leaders (6 s measured on a loaded machine).  A call meeting "no responders" then cannot
+read presence either; it must wait for the holder within its own timeout, never answer "not connected".
+One real nats-server; the election is stood in for by a presence bucket whose JetStream API nobody serves
+(a real NATS request that meets no responders, as while the stream has no leader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from conftest import free_port, process
+from lmgw.dso.cluster import wire
+from lmgw.dso.cluster.config import ClusterConfig
+from lmgw.dso.cluster.natsplane import NatsBackplane
+from lmgw.dso.registry import GatewayRegistry
+
+pytestmark = pytest.mark.skipif(shutil.which("nats-server") is None,
+                                reason="nats-server is needed (make deps installs it)")
+
+
+def test_a_routed_call_waits_for_a_moving_holder_while_presence_cannot_be_read(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+
+    async def scenario() -> None:
+        config = ClusterConfig(node="n1", servers=(url,), user=None, password_file=None, creds_file=None,
+                               replicas=1, presence_ttl=6.0, event_dedup_window=60.0, event_max_age=3600.0)
+        plane = NatsBackplane(config, GatewayRegistry(), call_timeout=5.0)
+        await plane.start(lambda *_: None)
+        holder = await nats.connect(url)
+        try:
+            assert plane._kv is not None and plane._js is not None
+            # JetStream electing a leader: presence reads meet no responders.
+            plane._kv = KeyValue(name=wire.PRESENCE_BUCKET, stream=f"KV_{wire.PRESENCE_BUCKET}",
+                                 pre=f"$KV.{wire.PRESENCE_BUCKET}.",
+                                 js=plane.nc.jetstream(prefix="$JS.ELECTING.API", timeout=1.0), direct=False)
+
+            async def serve(msg: Msg) -> None:
+                await msg.respond(wire.call_result({"gateway_id": "GW-MOVING"}))
+
+            async def holder_moves_in() -> None:
+                await asyncio.sleep(0.5)  # the holder's node reconnects to a surviving server
+                await holder.subscribe(wire.call_subject("GW-MOVING"), cb=serve)
+                await holder.flush()
+
+            moving = asyncio.create_task(holder_moves_in())
+            assert await plane.call("GW-MOVING", "gw.status", {}, timeout=5.0) == {"gateway_id": "GW-MOVING"}
+            await moving
+            # A gateway nobody holds: "not connected" once its timeout (the wait's bound) has passed.
+            started = time.monotonic()
+            with pytest.raises(LookupError, match="GW-NOBODY is not connected"):
+                await plane.call("GW-NOBODY", "gw.status", {}, timeout=1.0)
+            print(f"\nnot connected while presence is unreadable, after {time.monotonic() - started:.2f} s "
+                  "(call timeout 1 s)")
+        finally:
+            await holder.close()
+            await plane.stop()
+
+    with process(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")],
+                 tmp_path / "nats.log", ready=lambda log: "Server is ready" in log):
+        asyncio.run(scenario())
