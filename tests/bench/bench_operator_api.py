@@ -103,6 +103,11 @@ def client_main(argv: list[str]) -> int:
     return 0
 
 
+def load_average() -> str:
+    """What else the machine did meanwhile: figures of a loaded machine are compared only within one run."""
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def operator_files(pki: Any, directory: Path) -> tuple[Path, Path]:
     from lmgw.pki.operator import Role
 
@@ -168,7 +173,7 @@ async def api_against_router(work: Path) -> None:
 
         internal: dict[str, float] = {}
         print(f"operator API vs internal router ({API_GATEWAYS} simulated gateways, {API_CALLS} calls each, "
-              f"{API_INFLIGHT} in flight, same node, same run):", flush=True)
+              f"{API_INFLIGHT} in flight, same node, same run; load average {load_average()}):", flush=True)
         for method in ("gw.ping", "gw.status"):
             async def one(gid: str, method: str = method) -> Any:
                 return await server.call(gid, method, {})
@@ -188,6 +193,7 @@ async def api_against_router(work: Path) -> None:
             figure = http[name]
             line(what, figure["rate"], figure["p50"], figure["p99"], figure["failures"])
             print(f"    ratio HTTP / internal router for {method}: {figure['rate'] / internal[method]:.2f}", flush=True)
+        print(f"  load average at the end {load_average()} (the machine's other work shifts both sides)", flush=True)
     finally:
         stop([sim])
         await api.stop()
