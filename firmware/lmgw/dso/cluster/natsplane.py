@@ -54,6 +54,9 @@ HOLDER_RECONNECT_WAIT = 5.0
 """Seconds a routed call waits for a holding node that is moving to another NATS server (no responders
 while presence names a holder); a gateway with no presence entry answers "not connected" at once."""
 HOLDER_RETRY = 0.2
+PRESENCE_READ_WAIT = 1.0
+"""Seconds a call meeting no responders waits for presence before trying the holder again (without a stream
+leader a presence read hangs; the holder is usually back long before a leader is elected)."""
 EVENT_STORE_TIMEOUT = 3.0
 """Seconds a node waits for the event stream's acknowledgement: well inside a gateway's call timeout (5 s in
 tests), so a stream electing a new leader is answered "retry later", not left to the gateway's own timeout,
@@ -378,11 +381,11 @@ class NatsBackplane:
 
     async def _held_elsewhere(self, gateway_id: str, deadline: float) -> bool | None:
         """True when a presence entry says another node holds the gateway (it may be re-subscribing);
-        None when presence cannot be read by ``deadline``."""
+        None when presence cannot be read soon enough."""
         if self._kv is None:
             return False
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), HOLDER_RETRY)):
+            async with asyncio.timeout(max(min(deadline - time.monotonic(), PRESENCE_READ_WAIT), HOLDER_RETRY)):
                 entry = await self._kv.get(wire.token(gateway_id))
         except nats.js.errors.KeyNotFoundError:
             return False
