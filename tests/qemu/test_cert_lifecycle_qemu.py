@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from fixtures import image, rig  # noqa: F401 - fixtures; fixtures puts qemu/ on the path
-from harness import DSO_IP, DSO_PORT, Guest
+from harness import BOOT_TIMEOUT, DSO_IP, DSO_PORT, Guest, GuestError
 from lmgw.revocation import load_crl, revoked_reason
 from rig import Rig
 
@@ -42,8 +42,9 @@ class ClockedGuest(Guest):
         return [*command, "-rtc", f"base={self.rtc_base}"] if self.rtc_base else command
 
 
-def wait_for(what: str, probe: Callable[[], Any], guest: Guest, timeout: float = 300) -> Any:
-    """Poll ``probe`` (a failed operator call counts as not yet) until it returns something true."""
+def wait_for(what: str, probe: Callable[[], Any], guest: Guest, timeout: float = BOOT_TIMEOUT + 240) -> Any:
+    """Poll ``probe`` (a failed operator call counts as not yet) until it returns something true; the default
+    timeout covers a boot (a loaded host took 280 s to a login prompt)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -53,7 +54,10 @@ def wait_for(what: str, probe: Callable[[], Any], guest: Guest, timeout: float =
         if value:
             return value
         if time.monotonic() > deadline:
-            journal = guest.shell("journalctl -u lmgw -u lmgw-settime --no-pager | tail -40", timeout=30)[1]
+            try:
+                journal = guest.shell("journalctl -u lmgw -u lmgw-settime --no-pager | tail -40", timeout=30)[1]
+            except (OSError, GuestError) as exc:  # the diagnosis must not hide the failure
+                journal = f"(guest journal unavailable: {exc})"
             raise AssertionError(f"timed out after {timeout} s waiting for {what}; guest journal:\n{journal}")
         time.sleep(2)
 
@@ -107,7 +111,7 @@ def test_renewed_over_the_channel_and_back_with_the_renewed_pair_after_a_reboot(
     before = rig.gateways()[GW]["connected_since"]
     guest.stop()
     guest.start()
-    rig.wait_connected(GW, guest, since=before)
+    rig.wait_connected(GW, guest, timeout=BOOT_TIMEOUT + 240, since=before)
     assert wait_for("the renewed pair in use after the reboot", lambda: in_use(rig, "operational"), guest) == second
     assert operational_certificates(rig) == signed
 
@@ -123,7 +127,7 @@ def test_a_year_ahead_without_ntp_falls_back_then_takes_the_dsos_time_and_recove
                                              if e["details"]["offset_s"] < -YEAR.total_seconds() + 86400], guest)
     print(f"FIGURE QEMU a year ahead: power-on to the clock set from the DSO: {time.time() - guest.powered_on:.0f} s "
           f"(offset {time_set[0]['details']['offset_s']:.0f} s)")
-    rig.wait_connected(GW, guest, since=before)
+    rig.wait_connected(GW, guest, timeout=BOOT_TIMEOUT + 240, since=before)
     recovered = wait_for("an operational certificate in use again", lambda: in_use(rig, "operational"), guest)
     print(f"FIGURE QEMU a year ahead: power-on to connected with an operational certificate: "
           f"{time.time() - guest.powered_on:.0f} s")
