@@ -3,8 +3,8 @@
 When the NATS server a holding node was connected to dies, the holder re-subscribes on another server while
 JetStream elects new leaders (6 s measured on a loaded machine).  A call meeting "no responders" then cannot
 read presence either; it must wait for the holder within its own timeout, never answer "not connected".
-One real nats-server; the election is stood in for by a presence bucket whose JetStream API nobody serves
-(a real NATS request that meets no responders, as while the stream has no leader).
+One real nats-server; the election is stood in for by a presence bucket whose JetStream API requests are
+received and never answered (a real NATS request that hangs, as while the stream has no leader).
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ def test_a_routed_call_waits_for_a_moving_holder_while_presence_cannot_be_read(t
         holder = await nats.connect(url)
         try:
             assert plane._kv is not None and plane._js is not None
-            # JetStream electing a leader: presence reads meet no responders.
+            # JetStream electing a leader: presence reads hang (up to the client's JetStream timeout).
+            await holder.subscribe("$JS.ELECTING.API.>")
+            await holder.flush()
             plane._kv = KeyValue(name=wire.PRESENCE_BUCKET, stream=f"KV_{wire.PRESENCE_BUCKET}",
                                  pre=f"$KV.{wire.PRESENCE_BUCKET}.",
-                                 js=plane.nc.jetstream(prefix="$JS.ELECTING.API", timeout=1.0), direct=False)
+                                 js=plane.nc.jetstream(prefix="$JS.ELECTING.API", timeout=30.0), direct=False)
 
             async def serve(msg: Msg) -> None:
                 await msg.respond(wire.call_result({"gateway_id": "GW-MOVING"}))
