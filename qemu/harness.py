@@ -38,6 +38,7 @@ DSO_PORT, CRL_PORT, LM_PORT, PROXY_PORT = 8443, 8080, 502, 3128
 TIME_SCALE = float(os.environ.get("LMGW_QEMU_TIME_SCALE", "1"))
 BOOT_TIMEOUT = 180.0 * TIME_SCALE
 UBOOT = Path("/usr/lib/u-boot/qemu_arm/u-boot.bin")
+DISK_BYTES = 1 << 30  # the guest's disk: larger than the image, as a card is
 UBOOT_ENV = REPO / "board" / "qemu-arm-offline" / "u-boot.env"
 # Debian's qemu_arm U-Boot keeps its environment at the start of the second flash bank (CONFIG_ENV_ADDR
 # 0x4000000, CONFIG_ENV_SIZE 0x40000); QEMU's virt flash banks are 64 MiB each.
@@ -196,8 +197,11 @@ class Guest:
 
 
 def copy_image(source: Path, target: Path) -> Path:
-    """A private, sparse copy of a disk image (each test boots its own)."""
+    """A private, sparse copy of a disk image (each test boots its own), on a disk larger than the image as a
+    card is: the data partition grows to the disk's end on first boot (lmgw-grow-data.service)."""
     subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
+    if target.stat().st_size < DISK_BYTES:
+        os.truncate(target, DISK_BYTES)
     return target
 
 

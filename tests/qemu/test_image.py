@@ -68,6 +68,22 @@ def test_root_filesystem_refuses_writes_and_data_is_writable(booted):
     assert "data-writable" in out
 
 
+def test_data_partition_grew_to_the_end_of_the_disk(booted):
+    # The image's 128 MiB data partition on a 1 GiB disk (harness.DISK_BYTES): grown on first boot, table and
+    # file system (lmgw-grow-data.service; the power-cut cases are in tests/test_growdata.py).
+    guest, _, _ = booted
+    guest.wait_for_shell(timeout=600)  # already up when the tests before ran
+    _, out = guest.shell("for i in $(seq 300); do s=$(systemctl is-active lmgw-grow-data); "
+                         "[ $s = active ] || [ $s = failed ] && break; sleep 1; done; echo $s; "
+                         "journalctl -b -u lmgw-grow-data -o cat | grep MiB; "
+                         "echo sizes $(cat /sys/block/vda/size /sys/block/vda/vda7/start /sys/block/vda/vda7/size) "
+                         "$(stat -f -c '%b %S' /data)", timeout=330)
+    assert out.split()[0] == "active" and re.search(r"grown from 128 to \d+ MiB", out), out
+    disk, start, size, blocks, block = map(int, re.search(r"sizes (\d+) (\d+) (\d+) (\d+) (\d+)", out).groups())
+    assert disk - (start + size) < 2048 + 34  # up to the last whole MiB before the backup table
+    assert blocks * block > size * 512 * 0.9  # the file system fills it (less ext4's own overhead)
+
+
 def test_service_is_sandboxed_unprivileged_and_watchdogged(booted):
     guest, _, _ = booted
     _, out = guest.shell("systemctl show lmgw -p User -p WatchdogUSec -p Type -p Restart; "
