@@ -44,19 +44,21 @@ def test_the_dso_closes_a_silent_connection_and_keeps_one_that_pings(pki, tmp_pa
         async with running_dso(pki, tmp_path, idle_timeout=1.5) as dso:
             contexts = {gid: client_context(pki.ca_cert, *reversed(pki.gateway(gid))) for gid in ("GW-K1", "GW-K2")}
             url = f"wss://localhost:{dso.port}/"
-            async with connect(url, ssl=contexts["GW-K1"], subprotocols=[SUBPROTOCOL], proxy=None,  # type: ignore[list-item]
-                               ping_interval=None) as silent, \
-                    connect(url, ssl=contexts["GW-K2"], subprotocols=[SUBPROTOCOL], proxy=None,  # type: ignore[list-item]
-                            ping_interval=0.3, ping_timeout=5) as pinging:
-                await hello(silent, "GW-K1")
+            # The pinging one first: under load a second TLS handshake took longer than the silent one's
+            # idle timeout, which then closed it before its hello (the test raced the DSO, not the other way).
+            async with connect(url, ssl=contexts["GW-K2"], subprotocols=[SUBPROTOCOL], proxy=None,  # type: ignore[list-item]
+                               ping_interval=0.3, ping_timeout=5) as pinging:
                 await hello(pinging, "GW-K2")
-                started = time.monotonic()
-                await wait_until(lambda: silent.state is State.CLOSED, timeout=30, what="the silent connection closed")
-                print(f"\nsilent connection closed by the DSO {time.monotonic() - started:.1f} s after its last frame "
-                      f"([channel] idle_timeout 1.5 s, swept every 0.15 s)")
-                assert silent.close_code == CloseCode.INTERNAL_ERROR
-                assert pinging.state is State.OPEN  # its pings are all the DSO needs
-                assert dso.registry.get("GW-K2") is not None and dso.registry.get("GW-K1") is None
+                async with connect(url, ssl=contexts["GW-K1"], subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                                   proxy=None, ping_interval=None) as silent:
+                    await hello(silent, "GW-K1")
+                    started = time.monotonic()
+                    await wait_until(lambda: silent.state is State.CLOSED, timeout=30, what="the silent connection closed")
+                    print(f"\nsilent connection closed by the DSO {time.monotonic() - started:.1f} s after its last frame "
+                          f"([channel] idle_timeout 1.5 s, swept every 0.15 s)")
+                    assert silent.close_code == CloseCode.INTERNAL_ERROR
+                    assert pinging.state is State.OPEN  # its pings are all the DSO needs
+                    assert dso.registry.get("GW-K2") is not None and dso.registry.get("GW-K1") is None
     asyncio.run(scenario())
     assert "nothing received for" in caplog.text and "(GW-K1)" in caplog.text
     assert "Traceback" not in caplog.text
