@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -25,7 +26,12 @@ from harness import BOOT_TIMEOUT, DSO_IP, DSO_PORT, Guest, GuestError
 from lmgw.revocation import load_crl, revoked_reason
 from rig import Rig
 
-pytestmark = pytest.mark.qemu
+# Not yet in `make test`: written this session, no run finished on the shared machine (boots took 5-8 min under
+# its load); `make qemu-cert-lifecycle` runs it (LMGW_QEMU_CERT=1) until one has passed beside the rest.
+pytestmark = [pytest.mark.qemu,
+              pytest.mark.skipif(not os.environ.get("LMGW_QEMU_CERT"),
+                                 reason="renewal + reboot and the year-ahead clock in QEMU: `make qemu-cert-lifecycle` "
+                                        "runs them (no run has finished yet, so not in make test)")]
 
 GW = "GW-QEMU-RENEW"
 YEAR = timedelta(days=365)
