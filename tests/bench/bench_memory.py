@@ -25,8 +25,6 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import run as bench  # noqa: E402
 from conftest import running_dso  # noqa: E402  (puts qemu/ on the path)
-from dso_side import make_pki  # noqa: E402
-from lmgw.pki.ca import CertificateAuthority  # noqa: E402
 
 
 class _MallInfo2(ctypes.Structure):
@@ -48,15 +46,7 @@ def sample() -> tuple[float, int, int]:
 
 
 async def measure(work: Path, n: int) -> str:
-    pki = make_pki(work / "ca-many")
-    ca = CertificateAuthority.open(pki.dir)
-    for i in range(n):
-        issued = ca.issue_gateway(f"GW-IDLE-{i:05d}")
-        directory = pki.dir / "gateways" / f"{i}"
-        directory.mkdir(parents=True)
-        assert issued.key_pem is not None  # the CA made the key, so it has it
-        (directory / "device.key").write_bytes(issued.key_pem)
-        (directory / "device.crt").write_bytes(issued.cert_pem)
+    pki = bench.idle_gateway_identities(work, n)
     async with running_dso(pki, work) as dso:
         await asyncio.sleep(1)
         rss, heap, blocks = sample()

@@ -275,8 +275,8 @@ async def _idle_role(args: argparse.Namespace) -> None:
         await ws.close()
 
 
-async def bench_capacity(work: Path, n: int) -> list[str]:
-    """A real ``lmgw-dso serve`` process; its RSS before and after ``n`` idle gateways connect."""
+def idle_gateway_identities(work: Path, n: int) -> Any:
+    """A CA with ``n`` gateway identities GW-IDLE-00000... in ``gateways/<i>/device.{key,crt}``."""
     from lmgw.pki.ca import CertificateAuthority
 
     pki = make_pki(work / "ca-many")
@@ -288,6 +288,12 @@ async def bench_capacity(work: Path, n: int) -> list[str]:
         assert issued.key_pem is not None  # the CA made the key, so it has it
         (d / "device.key").write_bytes(issued.key_pem)
         (d / "device.crt").write_bytes(issued.cert_pem)
+    return pki
+
+
+async def bench_capacity(work: Path, n: int) -> list[str]:
+    """A real ``lmgw-dso serve`` process; its RSS before and after ``n`` idle gateways connect."""
+    pki = idle_gateway_identities(work, n)
     port = free_port()
     config = write_toml(work / "dso-capacity.toml", {
         "listen": {"host": "127.0.0.1", "port": port},
