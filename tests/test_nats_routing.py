@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
@@ -67,6 +70,49 @@ def test_a_routed_call_waits_for_a_moving_holder_while_presence_cannot_be_read(t
                   "(call timeout 1 s)")
         finally:
             await holder.close()
+            await plane.stop()
+
+    with process(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")],
+                 tmp_path / "nats.log", ready=lambda log: "Server is ready" in log):
+        asyncio.run(scenario())
+
+
+def test_a_presence_write_in_flight_when_its_session_ends_is_removed(tmp_path: Path) -> None:
+    """A refresh (or hello) write that lands after the session's detach must not list a gone gateway.
+
+    Seen in CI: a revoked gateway's refresh update raced its detach; the key came back and the gateway was
+    listed again (as revoked) until its presence expired."""
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+
+    async def scenario() -> None:
+        config = ClusterConfig(node="n1", servers=(url,), user=None, password_file=None, creds_file=None,
+                               replicas=1, presence_ttl=60.0, event_dedup_window=60.0, event_max_age=3600.0)
+        registry = GatewayRegistry()
+        plane = NatsBackplane(config, registry, call_timeout=5.0)
+        await plane.start(lambda *_: None)
+        try:
+            assert plane._kv is not None
+            for case in ("first write", "refresh update"):
+                gateway_id = f"GW-{case.split()[0].upper()}"
+                session = SimpleNamespace(last_received=datetime.now(UTC), connection=None)
+                registry.attach(gateway_id, 1, "127.0.0.1:1", session, datetime.now(UTC))
+                entry = registry.get(gateway_id)
+                assert entry is not None
+                await plane.attached(entry)
+                if case == "refresh update":
+                    await plane.hello(entry)
+                    while gateway_id not in plane._revisions:
+                        await asyncio.sleep(0.01)
+                writing = asyncio.create_task(plane._refresh_one(entry, asyncio.Semaphore(1)))
+                await asyncio.sleep(0)  # the write is on its way to JetStream
+                registry.detach(gateway_id, session)
+                await plane.detached(entry)
+                await writing
+                with pytest.raises(nats.js.errors.KeyNotFoundError):
+                    await plane._kv.get(wire.token(gateway_id))
+                assert gateway_id not in plane._revisions, case
+        finally:
             await plane.stop()
 
     with process(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")],

@@ -228,13 +228,8 @@ class NatsBackplane:
                 entry = self.registry.get(gateway_id)
                 if entry is None:
                     return  # left before its presence was written (detached removes what was)
-                key = wire.token(gateway_id)
                 try:
-                    self._revisions[gateway_id] = revision = await self._kv.put(key, self._presence(entry))
-                    if self.registry.get(gateway_id) is None:  # left while this was written: remove it
-                        self._revisions.pop(gateway_id, None)
-                        await self._kv.delete(key, last=revision)
-                        return
+                    await self._put_presence(entry)
                 except (nats.errors.Error, asyncio.TimeoutError) as exc:
                     log.warning("presence of gateway %s not stored (%s): the next refresh tries again", gateway_id,
                                 exc or type(exc).__name__)
@@ -242,6 +237,24 @@ class NatsBackplane:
                     return
         finally:
             self._writing.discard(gateway_id)
+
+    async def _put_presence(self, entry: GatewayEntry, last: int | None = None) -> None:
+        """Write a session's presence (an update of revision ``last`` when given), the one place that does.
+
+        ``detached`` removes only a revision it knows: a write still in flight when the session ends
+        (a refresh, a hello, a reclaim) is removed here once it lands, or it would name a gone session
+        until it expires (seen in CI: a revoked gateway listed again after its presence was deleted)."""
+        assert self._kv is not None
+        key = wire.token(entry.gateway_id)
+        data = self._presence(entry)
+        revision = await (self._kv.put(key, data) if last is None else self._kv.update(key, data, last=last))
+        if self.registry.get(entry.gateway_id) is not None:  # this session, or a newer one of this node
+            self._revisions[entry.gateway_id] = revision
+            return
+        try:
+            await self._kv.delete(key, last=revision)  # only if nobody wrote it since
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -304,11 +317,7 @@ class NatsBackplane:
             if self.registry.get(entry.gateway_id) is not entry or entry.gateway_id in self._writing:
                 return
             try:
-                revision = self._revisions.get(entry.gateway_id)
-                if revision is None:
-                    self._revisions[entry.gateway_id] = await self._kv.put(key, self._presence(entry))
-                    return
-                self._revisions[entry.gateway_id] = await self._kv.update(key, self._presence(entry), last=revision)
+                await self._put_presence(entry, self._revisions.get(entry.gateway_id))
             except nats.js.errors.KeyWrongLastSequenceError:
                 await self._lost_claim(entry, key)
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
@@ -316,13 +325,15 @@ class NatsBackplane:
 
     async def _lost_claim(self, entry: GatewayEntry, key: str) -> None:
         assert self._kv is not None and self._kick is not None
+        if self.registry.get(entry.gateway_id) is not entry:
+            return  # the session ended meanwhile: its detach deleted the key, which is not a lost claim
         try:
             current = wire.decode((await self._kv.get(key)).value or b"{}")
         except nats.js.errors.KeyNotFoundError:
             current = {}  # expired (e.g. NATS was away longer than the TTL): claim it again
         node = current.get("node")
         if node in (None, self.config.node):
-            self._revisions[entry.gateway_id] = await self._kv.put(key, self._presence(entry))
+            await self._put_presence(entry)
             return
         log.warning("gateway %s is held by node %s now: closing its session here", entry.gateway_id, node)
         self._revisions.pop(entry.gateway_id, None)
