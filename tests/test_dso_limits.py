@@ -300,7 +300,10 @@ def test_a_failed_opening_handshake_is_one_log_line(pki, tmp_path):
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert (await asyncio.wait_for(reader.read(), 30)).startswith(b"HTTP/1.1 4")
         writer.close()
-        # A whole upgrade request, then the peer resets the connection before the answer.
+        # A whole upgrade request, then the peer resets the connection.  What the DSO sees first is the
+        # kernel's and the event loop's order, even when both are queued together (tried with the DSO stopped
+        # while they went out): the request lost with the reset, "peer left before the answer", or a session
+        # that ends at once.
         _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_context(pki, key_cert),
                                                   server_hostname="localhost")
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -312,11 +315,24 @@ def test_a_failed_opening_handshake_is_one_log_line(pki, tmp_path):
 
     with dso_process(pki, tmp_path) as (proc, port, log):
         asyncio.run(clients(port))
-        asyncio.run(wait_until(lambda: log.read_text().count("opening handshake with") == 5, what="5 log lines"))
-    lines = [line for line in log.read_text().splitlines() if "opening handshake with" in line]
+
+        def settled() -> bool:
+            text = log.read_text()
+            return text.count("opening handshake with") == 5 or (
+                text.count("opening handshake with") == 4 and "GW-QUIET disconnected (code 1006)" in text)
+
+        try:
+            asyncio.run(wait_until(settled, what="a line for each of the 5 clients"))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the DSO's log:\n{log.read_text()}") from None
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if "opening handshake with" in line]
     print("\n" + "\n".join(lines))
-    assert len(lines) == 5 and all("(GW-QUIET)" in line for line in lines)
-    assert "Traceback" not in log.read_text()
+    assert all("(GW-QUIET)" in line for line in lines)
+    assert all("did not receive a valid HTTP request" in line for line in lines[:3])
+    assert "missing Connection header" in lines[3]
+    assert len(lines) == 5 or "GW-QUIET disconnected (code 1006)" in text
+    assert "Traceback" not in text
 
 
 # -- A3: replacing a dead connection --------------------------------------------------------------
