@@ -11,7 +11,9 @@ A deployment that keeps the CA key on an HSM or an offline host replaces
 
 Checks before signing, in this order: the session said ``gw.hello``; the
 DSO holds a CA; at most one signing per gateway per ``[enrol]
-min_interval`` (a flood of CSRs costs one signature); the CSR is valid
+min_interval`` (a flood of CSRs costs one signature), unless the DSO itself
+asked with ``cert.renew`` (one signing per ask: an operator renewing a key
+after a compromise is not put off for an hour); the CSR is valid
 (signature, one CN that is a gateway ID, ECDSA P-256/P-384 or RSA >= 2048);
 its CN is the session's certificate CN.  A revoked identity never gets here:
 its handshake is refused (HTTP 403).
@@ -29,6 +31,7 @@ renewal, or a DSO that holds no CA) must say so in its configuration.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +100,8 @@ class Enrolment:
         self.ca_dir = ca_dir
         self.clock = clock
         self._last_signed: dict[str, float] = {}
+        self._asked: set[str] = set()
+        """Gateways the DSO asked to renew (``cert.renew``): their next signing is not rate-limited."""
 
     # -- per session --------------------------------------------------------------
 
@@ -111,13 +116,13 @@ class Enrolment:
 
         table.add("cert.sign", sign, [Param("csr", str)])
 
-    def session_class(self, certificate: x509.Certificate) -> type[RpcSession]:
+    def session_class(self, certificate: x509.Certificate, gateway_id: str) -> Callable[..., RpcSession]:
         """The session for a connection with this certificate: restricted for a factory identity under
-        ``renew_only``.  The session itself refuses, so every path to it (this node, or a call routed from
-        another node of a cluster) meets the policy."""
-        if self.policy.factory_sessions == "renew_only" and not is_operational(certificate):
-            return FactorySession
-        return RpcSession
+        ``renew_only``.  The session itself refuses, and records a ``cert.renew`` the DSO sends, so every path
+        to it (this node, or a call routed from another node of a cluster) meets the policy."""
+        restricted = self.policy.factory_sessions == "renew_only" and not is_operational(certificate)
+        return functools.partial(FactorySession if restricted else GatewaySession,
+                                 renew_asked=lambda: self._asked.add(gateway_id))
 
 
     # -- signing ------------------------------------------------------------------
@@ -127,7 +132,7 @@ class Enrolment:
             raise refused("no_ca", "this DSO holds no CA ([revocation] ca_dir): it cannot sign certificates")
         now = self.clock()
         last = self._last_signed.get(gateway_id)
-        if last is not None and now - last < self.policy.min_interval:
+        if last is not None and now - last < self.policy.min_interval and gateway_id not in self._asked:
             wait = self.policy.min_interval - (now - last)
             log.warning("gateway %s cert.sign refused: another certificate was signed %.0f s ago", gateway_id, now - last)
             raise refused("rate", f"a certificate was signed for {gateway_id} {now - last:.0f} s ago; "
@@ -144,6 +149,7 @@ class Enrolment:
             log.warning("gateway %s cert.sign refused: CSR for %r", gateway_id, cn)
             raise refused("cn", f"CSR is for {cn!r}, this session's certificate for {gateway_id!r}")
         self._last_signed[gateway_id] = now
+        self._asked.discard(gateway_id)
         issued, ca_pem = await asyncio.to_thread(self._sign, data, session_serial)
         log.info("gateway %s: operational certificate %x signed (replaces %x)", gateway_id, issued.serial,
                  session_serial)
@@ -219,7 +225,22 @@ def _find(cas: list[CertificateAuthority], serial: int) -> tuple[CertificateAuth
     return None
 
 
-class FactorySession(RpcSession):
+class GatewaySession(RpcSession):
+    """A gateway's session on the DSO: a ``cert.renew`` sent on it lets the gateway's next ``cert.sign`` past
+    ``[enrol] min_interval``.  Recorded before the call goes out: the gateway may send its CSR before the DSO
+    has read the answer."""
+
+    def __init__(self, *args: Any, renew_asked: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._renew_asked = renew_asked
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        if method == "cert.renew":
+            self._renew_asked()
+        return await super().call(method, params, timeout=timeout)
+
+
+class FactorySession(GatewaySession):
     """A session with a factory identity under ``renew_only``: the DSO's calls limited to what renewal needs."""
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:

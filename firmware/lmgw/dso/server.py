@@ -283,7 +283,7 @@ class DsoServer:
         gateway_id = common_name(certificate) or ""
         remote = "%s:%d" % client_address(connection)
         # A factory identity under [enrol] factory_sessions = "renew_only" gets a restricted session.
-        session = self.enrol.session_class(certificate)(
+        session = self.enrol.session_class(certificate, gateway_id)(
             connection, self._methods(gateway_id, certificate), name=f"gateway {gateway_id}",
             call_timeout=self.config.call_timeout, max_calls=self.config.max_calls)
         replaced = self.registry.attach(gateway_id, certificate.serial_number, remote, session, _now())
