@@ -26,16 +26,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO / "qemu"))
+from dso_side import Pki, free_port, make_pki  # noqa: E402 - the DSO side of the QEMU rig and the tests
+
 BALANCER_SOURCE = "127.0.0.5"
 """HAProxy connects to the nodes from this address: the only one whose PROXY headers they read."""
 READY_TIMEOUT = 30.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _toml(value: Any) -> str:
@@ -199,9 +195,6 @@ class LocalFleet:
     # -- the whole ------------------------------------------------------------
 
     def start(self) -> LocalFleet:
-        sys.path.insert(0, str(REPO / "qemu"))
-        from dso_side import Pki, make_pki
-
         self.workdir.mkdir(parents=True, exist_ok=True)
         ca_dir = self.workdir / "ca"
         if self.pki is None and (ca_dir / "ca.crt").exists():  # a rerun keeps the CA and fleetsim's certificates

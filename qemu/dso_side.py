@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import time
@@ -15,10 +16,37 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LOWEST_PORT = 15000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now, for a server about to be started, taken below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` comes from the range it also gives outgoing connections their
+    source ports from: with thousands of connections open (the fleet tests, a QEMU suite beside) one of them
+    could take the port before the server bound it.  Below the range only another caller of this can, and the
+    random start makes two of them meeting unlikely."""
+    low = _ephemeral_low()
+    if low - LOWEST_PORT >= 1000:
+        for _ in range(100):
+            port = random.randrange(LOWEST_PORT, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # no room below the range: the kernel's pick
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def toml_value(value: Any) -> str:
