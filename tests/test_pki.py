@@ -156,9 +156,14 @@ def test_crl_cache_keeps_good_crl_expires_with_grace_and_refuses_replay(ca, tmp_
 def test_crl_cache_reloads_a_published_crl(ca, tmp_path):
     cache = CrlCache(tmp_path / "ca" / "crl.der", ca.cert, timedelta(0))
     assert not cache.reload_if_changed()
-    ca.issue_gateway("GW-Y")
-    ca.revoke(gateway_id="GW-Y")
+    revoked = ca.issue_gateway("GW-Y")
+    kept = ca.issue_gateway("GW-Z")
+    ca.revoke(gateway_id="GW-Y", reason="keyCompromise")
     assert cache.reload_if_changed()
+    now = datetime.now(timezone.utc)
+    with pytest.raises(RevocationError, match=rf"{revoked.serial:x} is revoked \(key_compromise\)"):
+        cache.check(revoked.serial, now)
+    cache.check(kept.serial, now)
 
 
 @pytest.fixture
