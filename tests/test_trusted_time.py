@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import gateway_config, running_dso, running_gateway, wait_until
 from lmgw.clock import ManualClock
+from lmgw.gateway.anchors import fingerprint
 from lmgw.gateway.timesync import TimeSettings, TimeSync
 from lmgw.timestatement import TimeRefused, make_statement, new_nonce, verify_statement
 from lmgw.tls import client_context, time_context
@@ -186,19 +187,12 @@ def test_time_statement_checked_by_independent_tools(pki, tmp_path):
     asyncio.run(scenario())
 
 
-def test_image_helper_unit_sets_the_clock_the_agent_waits_for(pki, tmp_path, monkeypatch):
-    """[time] set_by_unit (as lmgw-provision writes it): the agent, which has no capability at all, writes the
-    request where lmgw-settime.path watches it, readable by the helper (root with CAP_SYS_TIME alone, so without
-    DAC capabilities) whatever the agent's umask, and waits for the clock to move.  The unit's own ExecStart, with
-    the paths put in as the image builder does, runs here in --dry-run; its clock_settime is played by moving the
-    ManualClock to the time it printed (the host clock is never set)."""
-    import os
+def unit_command(pki, tmp_path):
+    """lmgw-settime.service's ExecStart with the paths put in as the image builder does (the request in
+    ``tmp_path/run``, the factory CA and CRL of ``pki``), to run here."""
     import re
     import shlex
     from pathlib import Path
-
-    from lmgw import paths
-    from lmgw.gateway import timesync
 
     unit = (Path(__file__).resolve().parents[1] / "overlay/usr/lib/systemd/system/lmgw-settime.service").read_text()
     command = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1)
@@ -207,6 +201,76 @@ def test_image_helper_unit_sets_the_clock_the_agent_waits_for(pki, tmp_path, mon
                                ("/identity/ca.crt", pki.ca_cert), ("/identity/crl.der", pki.crl),
                                ("/usr/bin/python3", sys.executable)):
         command = command.replace(placeholder, str(value))
+    return shlex.split(command)
+
+
+def test_helper_after_a_ca_rollover_trusts_the_new_root_the_agent_proves(pki, other_pki, tmp_path):
+    """Rollover step 4 moved the DSO's certificate to the new CA; the image's helper reads only the factory CA
+    (identity partition).  The agent hands it the roots trust.update added, each with its cross-certificate, and
+    the helper checks each proof from the factory CA itself: the new root's statement sets the clock, a root whose
+    proof another CA signed does not (it refused every new-CA statement before, docs/pki.md)."""
+    from lmgw.gateway.anchors import TrustStore
+    from lmgw.pki.ca import CertificateAuthority
+    from lmgw.revocation import CrlCache
+
+    new = CertificateAuthority.create(tmp_path / "ca2", name="LMGW Test CA 2")
+    new.publish_crl()
+    moved = new.issue_server("dso", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    pki.dso_key.write_bytes(moved.key_pem)
+    pki.dso_cert.write_bytes(moved.cert_pem)
+    data = tmp_path / "data-GW-N"
+    trust = TrustStore(data / "trust", pki.ca_cert, CrlCache(data / "crl.der", pki.ca.cert, timedelta(days=7)),
+                       timedelta(days=7))
+    trust.add(new.cert_pem, pki.ca.cross_certify(new.cert).cert_pem, (tmp_path / "ca2" / "crl.der").read_bytes(), None,
+              datetime.now(timezone.utc))
+    command = unit_command(pki, tmp_path)
+
+    async def apply(answer, nonce):
+        pass
+
+    async def scenario():
+        async with running_dso(pki, tmp_path) as dso:
+            config = gateway_config(pki, tmp_path, "GW-N", dso.port)
+            sync = TimeSync(TimeSettings(from_dso=True), f"wss://localhost:{dso.port}/", data, ManualClock(time.time() - YEAR),
+                            tls=lambda: time_context(trust.bundle_file, config["dso"]["cert_file"], config["dso"]["key_file"]),
+                            proxy=lambda: None, anchors=trust.anchors, revoked=lambda s: False, floor=lambda: None,
+                            emit=lambda kind, details: None, apply=apply, proven=trust.proven)
+            sync.request_file = tmp_path / "run" / "time-request.json"
+            sync.request_file.parent.mkdir()
+            await sync.sync_once()
+
+    asyncio.run(scenario())
+    request = json.loads((tmp_path / "run" / "time-request.json").read_text())
+    assert [a["anchor"] for a in request["anchors"]] == [new.cert_pem.decode()]
+
+    def run(offered):
+        (tmp_path / "run" / "time-request.json").write_text(json.dumps(dict(request, anchors=offered)))
+        return subprocess.run([*command, "--dry-run"], capture_output=True, text=True, timeout=60)
+
+    done = run(request["anchors"])
+    assert done.returncode == 0 and "would set clock to" in done.stdout, done.stderr
+    for offered in ([], [dict(request["anchors"][0], proof=other_pki.ca.cross_certify(new.cert).cert_pem.decode())],
+                    [dict(request["anchors"][0], proof=new.cert_pem.decode())], "junk", [{"anchor": 1}]):
+        refused = run(offered)
+        assert refused.returncode == 2 and "not certified by a trusted CA" in refused.stderr, (offered, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    # retired: no longer handed to the helper
+    trust.retire(fingerprint(new.cert))
+    assert trust.proven() == []
+
+
+def test_image_helper_unit_sets_the_clock_the_agent_waits_for(pki, tmp_path, monkeypatch):
+    """[time] set_by_unit (as lmgw-provision writes it): the agent, which has no capability at all, writes the
+    request where lmgw-settime.path watches it, readable by the helper (root with CAP_SYS_TIME alone, so without
+    DAC capabilities) whatever the agent's umask, and waits for the clock to move.  The unit's own ExecStart, with
+    the paths put in as the image builder does, runs here in --dry-run; its clock_settime is played by moving the
+    ManualClock to the time it printed (the host clock is never set)."""
+    import os
+
+    from lmgw import paths
+    from lmgw.gateway import timesync
+
+    command = unit_command(pki, tmp_path)
 
     async def unexpected(answer, nonce):
         raise AssertionError("set_by_unit never runs a command")
@@ -226,7 +290,7 @@ def test_image_helper_unit_sets_the_clock_the_agent_waits_for(pki, tmp_path, mon
             task = asyncio.create_task(sync.sync_once())
             await wait_until(sync.request_file.exists, what="request written")
             assert sync.request_file.stat().st_mode & 0o777 == 0o644
-            done = await asyncio.to_thread(subprocess.run, [*shlex.split(command), "--dry-run"],
+            done = await asyncio.to_thread(subprocess.run, [*command, "--dry-run"],
                                            capture_output=True, text=True, timeout=60)
             assert done.returncode == 0, done.stderr
             stated = datetime.fromisoformat(done.stdout.split("would set clock to ")[1].strip())

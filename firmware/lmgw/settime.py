@@ -3,10 +3,12 @@
     python -m lmgw.settime REQUEST --anchors BUNDLE --state STATE [--crl CRL]... [--dry-run]
 
 It is the only part that needs ``CAP_SYS_TIME`` and it trusts nothing the
-agent says: it reads the request the agent wrote (the DSO's answer and the
-nonce the agent made), verifies the statement again against the trusted CA
-bundle, the CRLs and its own floor (build date, and the last time it set,
-kept in STATE), and only then sets the clock.  A compromised agent can at
+agent says: it reads the request the agent wrote (the DSO's answer, the
+nonce the agent made, and the CA roots that ``trust.update`` added, each with
+its cross-certificate), verifies the statement again against the trusted CA
+bundle plus those roots whose proof it checked itself from that bundle (a
+CA rollover), the CRLs and its own floor (build date, and the last time it
+set, kept in STATE), and only then sets the clock.  A compromised agent can at
 most replay a statement that is still later than that floor, never move the
 clock back.  ``--dry-run`` does every check and prints the time instead of
 setting it (tests; an operator checking a statement by hand).  Exit codes: 0
@@ -21,11 +23,13 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
 from .atomicfile import write_atomically
 from .clock import BUILD_DATE_FILE, build_date
+from .gateway.anchors import proven_anchors
 from .revocation import RevocationError, load_crl
 from .timestatement import TimeRefused, verify_statement
 
@@ -61,6 +65,13 @@ def revoked_by(crl_files: list[Path], anchors: list[x509.Certificate]) -> set[in
     return serials
 
 
+def offered_anchors(request: Any) -> list[tuple[bytes, bytes]]:
+    """The (anchor, proof) pairs the agent passed along; anything else in that list is ignored."""
+    offered = request.get("anchors", []) if isinstance(request, dict) else []
+    return [(e["anchor"].encode(), e["proof"].encode()) for e in offered if isinstance(e, dict)
+            and isinstance(e.get("anchor"), str) and isinstance(e.get("proof"), str)] if isinstance(offered, list) else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmgw.settime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = json.loads(args.request.read_text())
         anchors = x509.load_pem_x509_certificates(args.anchors.read_bytes())
+        anchors += proven_anchors(offered_anchors(request), anchors)
         revoked = revoked_by(args.crl, anchors)
         when = verify_statement(request["answer"], str(request["nonce"]), anchors,
                                 floor(args.state, args.build_date_file), revoked.__contains__)

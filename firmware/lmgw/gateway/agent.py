@@ -81,7 +81,8 @@ class GatewayAgent:
                              tls=lambda: time_context(self.trust.bundle_file, self.identity.cert_file,
                                                       self.identity.key_file),
                              proxy=lambda: self._proxy_for(config.url), anchors=self.trust.anchors,
-                             revoked=self._revoked, floor=build_date, emit=self.emit_event, apply=self._set_clock)
+                             revoked=self._revoked, floor=build_date, emit=self.emit_event, apply=self._set_clock,
+                             proven=self.trust.proven)
         self.outbox = Outbox(config.data_dir / "outbox")
         self.delivery = EventDelivery(self.outbox)
         self.watchdog = Watchdog()

@@ -6,11 +6,14 @@ root plus a proof the gateway can check with what it already trusts, a
 cross-certificate (the new root's name and key, certified by a trusted CA's
 key), and the new CA's current CRL.  An anchor without a valid proof is
 refused and reported (``security.trust_anchor_refused``).  Accepted anchors
-live on the data partition (``<data_dir>/trust/``: ``anchors.pem``, the CRL
-of each, ``retired.json``); during the overlap every anchor is trusted, and
+live on the data partition (``<data_dir>/trust/``: ``anchors.pem``, their
+proofs ``proofs.pem``, the CRL of each, ``retired.json``); during the overlap
+every anchor is trusted, and
 a DSO certificate is checked against the CRL of the CA that issued it.
 ``trust.retire`` removes an anchor once the fleet moved on; the last anchor
-cannot be retired.
+cannot be retired.  The proofs are kept for the clock helper (``lmgw.settime``),
+which trusts nothing the agent says: the agent hands it each anchor with its
+proof, and the helper checks the proof again from the factory CA.
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ def _is_ca(certificate: x509.Certificate) -> bool:
         return False
 
 
-def verify_anchor(anchor_pem: bytes, proof_pem: bytes, trusted: list[x509.Certificate], now: datetime) -> x509.Certificate:
-    """The new root, if ``proof`` (a cross-certificate) shows that a trusted CA's key vouches for its name and key."""
+def verify_anchor(anchor_pem: bytes, proof_pem: bytes, trusted: list[x509.Certificate],
+                  now: datetime | None) -> x509.Certificate:
+    """The new root, if ``proof`` (a cross-certificate) shows that a trusted CA's key vouches for its name and key.
+    ``now`` None sets the validity periods aside (the clock helper: the clock is what is in question)."""
     try:
         anchor = x509.load_pem_x509_certificate(anchor_pem)
         proof = x509.load_pem_x509_certificate(proof_pem)
@@ -63,7 +68,7 @@ def verify_anchor(anchor_pem: bytes, proof_pem: bytes, trusted: list[x509.Certif
         raise AnchorRefused(f"not a PEM certificate: {exc}") from None
     if not _is_ca(anchor) or not signed_by(anchor, anchor):
         raise AnchorRefused("the anchor is not a self-signed CA certificate")
-    if not anchor.not_valid_before_utc <= now < anchor.not_valid_after_utc:
+    if now is not None and not anchor.not_valid_before_utc <= now < anchor.not_valid_after_utc:
         raise AnchorRefused(f"the anchor is not valid now (valid {anchor.not_valid_before_utc.isoformat()} to "
                             f"{anchor.not_valid_after_utc.isoformat()})")
     if proof.subject != anchor.subject or _spki(proof) != _spki(anchor) or not _is_ca(proof):
@@ -71,9 +76,32 @@ def verify_anchor(anchor_pem: bytes, proof_pem: bytes, trusted: list[x509.Certif
     vouching = [ca for ca in trusted if signed_by(proof, ca)]
     if not vouching:
         raise AnchorRefused(f"the proof is not signed by a trusted CA (issuer {proof.issuer.rfc4514_string()})")
-    if not proof.not_valid_before_utc <= now < proof.not_valid_after_utc:
+    if now is not None and not proof.not_valid_before_utc <= now < proof.not_valid_after_utc:
         raise AnchorRefused("the proof is not valid now")
     return anchor
+
+
+MAX_PROVEN = 16
+"""Anchors with proofs the clock helper looks at (a rollover every few years adds one)."""
+
+
+def proven_anchors(pairs: list[tuple[bytes, bytes]], trusted: list[x509.Certificate]) -> list[x509.Certificate]:
+    """The anchors of ``pairs`` (anchor, proof) that a trusted CA vouches for, directly or through another anchor
+    proven so (the second rollover's root is proven by the first's); validity periods set aside.  The rest is
+    left out."""
+    found: list[x509.Certificate] = []
+    pending = pairs[:MAX_PROVEN]
+    while pending:
+        left = []
+        for anchor_pem, proof_pem in pending:
+            try:
+                found.append(verify_anchor(anchor_pem, proof_pem, trusted + found, None))
+            except AnchorRefused:
+                left.append((anchor_pem, proof_pem))
+        if len(left) == len(pending):
+            break
+        pending = left
+    return found
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,11 @@ class TrustStore:
     def bundle_file(self) -> Path:
         """Every anchor in use, for the TLS contexts."""
         return self.directory / "bundle.pem"
+
+    @property
+    def proofs_file(self) -> Path:
+        """The cross-certificate of each added anchor, for the clock helper."""
+        return self.directory / "proofs.pem"
 
     @property
     def retired_file(self) -> Path:
@@ -164,6 +197,8 @@ class TrustStore:
             raise AnchorRefused(f"the CRL that came with the anchor is refused: {exc}") from None
         if crl_url is not None:
             write_atomically(self._url_file(anchor), crl_url.encode())
+        if fp != fingerprint(self.factory):  # sent again: an anchor added before proofs were kept gets its proof
+            self._keep_proof(anchor, x509.load_pem_x509_certificate(proof_pem))
         if fp in {fingerprint(c) for c in self.anchors()}:
             return anchor, False
         write_atomically(self.retired_file, json.dumps(sorted(self._retired() - {fp})).encode())
@@ -172,6 +207,28 @@ class TrustStore:
         self._crls[fp] = crl
         self._write_bundle()
         return anchor, True
+
+    def _proofs(self) -> list[x509.Certificate]:
+        try:
+            return x509.load_pem_x509_certificates(self.proofs_file.read_bytes())
+        except (OSError, ValueError):
+            return []
+
+    def _keep_proof(self, anchor: x509.Certificate, proof: x509.Certificate) -> None:
+        kept = [p for p in self._proofs() if not (p.subject == anchor.subject and _spki(p) == _spki(anchor))]
+        write_atomically(self.proofs_file, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [*kept, proof]))
+
+    def proven(self) -> list[tuple[bytes, bytes]]:
+        """(anchor, proof) PEMs of the added anchors in use that have a proof kept: what the clock helper may
+        trust beside the factory CA once it checked the proofs itself."""
+        proofs = self._proofs()
+        retired = self._retired()
+        pairs = []
+        for anchor in self._added:
+            proof = next((p for p in proofs if p.subject == anchor.subject and _spki(p) == _spki(anchor)), None)
+            if proof is not None and fingerprint(anchor) not in retired:
+                pairs.append((anchor.public_bytes(serialization.Encoding.PEM), proof.public_bytes(serialization.Encoding.PEM)))
+        return pairs
 
     def _url_file(self, certificate: x509.Certificate) -> Path:
         return self.directory / f"crl-{fingerprint(certificate)[:16]}.url"

@@ -88,7 +88,8 @@ class TimeSync:
                  tls: Callable[[], ssl.SSLContext], proxy: Callable[[], str | None],
                  anchors: Callable[[], list[x509.Certificate]], revoked: Callable[[int], bool],
                  floor: Callable[[], datetime | None], emit: Callable[[str, dict[str, Any]], None],
-                 apply: Callable[[dict[str, Any], str], Awaitable[None]]) -> None:
+                 apply: Callable[[dict[str, Any], str], Awaitable[None]],
+                 proven: Callable[[], list[tuple[bytes, bytes]]] = list) -> None:
         self.settings = settings
         self.dso_url = dso_url
         self.state = data_dir / "time.json"
@@ -102,6 +103,8 @@ class TimeSync:
         self.build_floor = floor
         self.emit = emit
         self.apply = apply
+        self.proven = proven
+        """The anchors added by ``trust.update``, each with its proof (``TrustStore.proven``), for the helper."""
         self.backoff = Backoff(1.0, 300.0)
         self.last_result: str | None = None
 
@@ -131,8 +134,11 @@ class TimeSync:
         offset = when.timestamp() - self.clock.now()
         if abs(offset) > TOLERANCE:
             # Not secret (a signed statement and a nonce); readable by the helper, which has no DAC capability.
-            write_atomically(self.request_file, json.dumps({"nonce": nonce, "answer": answer}).encode(), mode=0o644,
-                             exact_mode=True)
+            # The anchors with their proofs: the helper checks each proof from the factory CA before it trusts one
+            # (after a CA rollover the DSO signs with a key of the new CA).
+            anchors = [{"anchor": a.decode(), "proof": p.decode()} for a, p in self.proven()]
+            write_atomically(self.request_file, json.dumps({"nonce": nonce, "answer": answer, "anchors": anchors}).encode(),
+                             mode=0o644, exact_mode=True)
             if self.settings.set_by_unit:
                 await self.wait_for_unit(when, received)
             else:
