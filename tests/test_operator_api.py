@@ -12,11 +12,13 @@ import re
 import shutil
 import ssl
 import subprocess
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
+from cryptography import x509
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -511,6 +513,28 @@ def test_a_keep_alive_connection_is_refused_once_its_operator_certificate_is_rev
                 assert status == 403 and "revoked" in error_of(body)["message"]
                 status, body = await exchange(reader, writer, "POST", "/api/v1/gateways/GW-X/call", {"method": "gw.ping"})
                 assert status == 403 and "revoked" in error_of(body)["message"]
+            finally:
+                writer.close()
+    asyncio.run(scenario())
+
+
+def test_a_keep_alive_connection_is_refused_once_its_operator_certificate_expires(pki, tmp_path):
+    """TLS checks the validity at the handshake only: a connection kept alive past the certificate's end is
+    refused at its next request, with what to do."""
+    async def scenario():
+        key, cert = operator(pki, "shortlived", Role.OPERATOR,
+                             not_after=datetime.now(timezone.utc) + timedelta(seconds=4))
+        async with running_dso(pki, tmp_path) as server, api_node(server) as api:
+            reader, writer = await open_tls(pki, api, (key, cert))
+            try:
+                status, me = await exchange(reader, writer, "GET", "/api/v1/whoami")
+                assert status == 200 and me["name"] == "shortlived"
+                not_after = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+                await wait_until(lambda: datetime.now(timezone.utc) > not_after, timeout=30,
+                                 what="the operator certificate's end")
+                status, body = await exchange(reader, writer, "GET", "/api/v1/whoami")
+                assert status == 401 and "expired at" in error_of(body)["message"], body
+                assert "renewed" in error_of(body)["message"]
             finally:
                 writer.close()
     asyncio.run(scenario())

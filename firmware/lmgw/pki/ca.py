@@ -237,14 +237,14 @@ class CertificateAuthority:
         return self._issue(kind, gateway_id, csr.public_key(), [ExtendedKeyUsageOID.CLIENT_AUTH], start, end,
                            replaces=replaces)
 
-    def issue_operator(self, name: str, role: Role, days: int = 365) -> Issued:
+    def issue_operator(self, name: str, role: Role, days: int = 365, not_after: datetime | None = None) -> Issued:
         """Key and certificate of a person or system using the DSO's operator API, with its role
         (``lmgw.pki.operator``): never accepted on the gateway endpoint, no gateway certificate accepted by the API."""
         if not OPERATOR_NAME.match(name):
             raise PkiError(f"operator name {name!r} must be 1 to 64 characters of A-Z a-z 0-9 space . _ @ + - "
                            "(starting with a letter or digit)")
         key = ec.generate_private_key(ec.SECP256R1())
-        start, end = self._validity(days, None, None)
+        start, end = self._validity(days, None, not_after)
         issued = self._issue("operator", name, key.public_key(), [ExtendedKeyUsageOID.CLIENT_AUTH, OPERATOR_EKU],
                              start, end, policies=[ROLE_POLICIES[role]])
         return Issued(issued.common_name, issued.serial, issued.cert_pem, _pem_key(key))

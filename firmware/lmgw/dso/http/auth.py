@@ -2,7 +2,8 @@
 
 TLS has already checked that the certificate chains to the operator CA (``[api] ca_file``) and is
 in its validity period; ``OperatorAuth.identify`` adds what TLS cannot know: the certificate is an
-operator's (``OPERATOR_EKU``, exactly one role), not revoked by the current CRL.  A gateway
+operator's (``OPERATOR_EKU``, exactly one role), not revoked by the current CRL, and still valid now (a
+keep-alive connection may outlive it).  A gateway
 certificate from the same CA is refused here; an operator certificate is refused on the gateway
 endpoint (``DsoServer._check_client``).
 
@@ -61,7 +62,7 @@ class AuthError(Exception):
         super().__init__(message)
         self.status = status
         self.reason = reason
-        """For the refusal metric: ``no_certificate``, ``not_operator``, ``no_role``, ``revoked``."""
+        """For the refusal metric: ``no_certificate``, ``not_operator``, ``no_role``, ``expired``, ``revoked``."""
         self.message = message
 
 
@@ -82,6 +83,8 @@ class _Presented:
     """What one TLS connection's certificate says (pure in the certificate), and the last revocation verdict."""
 
     serial: int
+    not_after: datetime
+    """TLS checked the validity at the handshake; a keep-alive connection outlives it."""
     operator: Operator | None
     refusal: tuple[int, str, str] | None
     """``AuthError`` arguments when the certificate is no operator's: a fresh error each time it is raised."""
@@ -117,6 +120,10 @@ class OperatorAuth:
         if presented.refusal is not None:
             raise AuthError(*presented.refusal)
         assert presented.operator is not None
+        if now > presented.not_after:
+            raise AuthError(401, "expired", f"operator certificate {presented.serial:x} expired at "
+                                            f"{presented.not_after.isoformat()}: connect again with a renewed one "
+                                            "(lmgw-pki operator-cert)")
         try:
             if self.reload:
                 self.revocation.reload_if_changed()
@@ -142,14 +149,14 @@ def _no_certificate() -> AuthError:
 
 
 def _present(certificate: x509.Certificate) -> _Presented:
-    serial = certificate.serial_number
+    serial, not_after = certificate.serial_number, certificate.not_valid_after_utc
     if not is_operator_certificate(certificate):
-        return _Presented(serial, None, (403, "not_operator", "this certificate is not an operator certificate "
+        return _Presented(serial, not_after, None, (403, "not_operator", "this certificate is not an operator certificate "
                                          "(a gateway's?): the operator API accepts only certificates from "
                                          "lmgw-pki operator-cert"))
     role = operator_role(certificate)
     if role is None:
-        return _Presented(serial, None, (403, "no_role", "the operator certificate carries no single role "
+        return _Presented(serial, not_after, None, (403, "no_role", "the operator certificate carries no single role "
                                          "(read-only or operator)"))
-    return _Presented(serial, Operator(certificate.subject.rfc4514_string(), common_name(certificate) or "",
+    return _Presented(serial, not_after, Operator(certificate.subject.rfc4514_string(), common_name(certificate) or "",
                                        f"{serial:x}", role), None)
