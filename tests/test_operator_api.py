@@ -12,6 +12,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -221,6 +222,8 @@ def test_audit_appends_are_each_written_once_with_back_pressure_and_rotation(tmp
     async def scenario(log: AuditLog, count: int) -> None:
         await asyncio.gather(*(log.append({"subject": "CN=a"}, {"method": "POST", "n": i, "pad": "z" * 500},
                                           {"status": 200}) for i in range(count)))
+        await log.close()
+        assert not [t for t in threading.enumerate() if t.name.startswith("lmgw-audit")]
 
     log = AuditLog(tmp_path / "a" / "audit.jsonl", max_pending=5)  # 200 requests, at most 5 lines waiting
     log.file.parent.mkdir()

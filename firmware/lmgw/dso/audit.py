@@ -117,6 +117,14 @@ class AuditLog:
                     if not written.done():
                         written.set_result(None)
 
+    async def close(self) -> None:
+        """Write what is queued, then end the writer thread (a stopping node loses no record, leaves no thread)."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # idle by now: returns at once
+            self._writer = None
+
     def _write(self, lines: list[bytes]) -> None:
         """Append ``lines`` with one write and one fsync (two when the file rotates within them)."""
         chunk: list[bytes] = []

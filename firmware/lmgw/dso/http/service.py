@@ -179,3 +179,5 @@ class OperatorApi:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.context is not None:  # after the requests: their records are written before the thread ends
+            await self.context.audit.close()
