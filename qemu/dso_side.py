@@ -129,9 +129,17 @@ def process(args: list[str], log: Path, ready: Callable[[str], bool] | None = No
             time.sleep(0.1)
         yield proc
     finally:
-        proc.terminate()
+        stop_processes([proc], 10)
+
+
+def stop_processes(processes: list[subprocess.Popen[Any]], timeout: float, terminate: bool = True) -> None:
+    """(Ask each to stop, all at once, then) wait for each; one still running after ``timeout`` is killed."""
+    for proc in processes if terminate else ():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
         try:
-            proc.wait(10)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

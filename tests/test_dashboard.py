@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import NoEncryption, load_pem_
 from cryptography import x509
 
 from conftest import REPO, VENV_BIN, free_port, process, wait_until
+from dso_side import stop_processes
 from lmgw.pki.operator import Role
 from test_dso_cli import node_toml, operator_files
 from test_fleet_jobs import SHED, raw_gateway, send_event, simulated_gateways
@@ -117,12 +118,7 @@ async def chromium(home: Path) -> AsyncIterator[DevTools]:
         async with connect(page["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024) as ws:
             yield DevTools(ws)
     finally:
-        browser.terminate()
-        try:
-            browser.wait(15)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait()
+        stop_processes([browser], 15)
         log.close()
 
 

@@ -41,6 +41,7 @@ import nats  # noqa: E402
 import nats.errors  # noqa: E402
 
 from localfleet import LocalFleet  # noqa: E402
+from dso_side import stop_processes  # noqa: E402,I001 - localfleet put qemu/ on the path
 from lmgw.dso.cluster import wire  # noqa: E402
 
 GATEWAYS = int(os.environ.get("LMGW_FLEET_GATEWAYS", "3000"))
@@ -233,20 +234,8 @@ def profile(fleet: LocalFleet, pids: dict[str, int], seconds: float, native: boo
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
 
 
-def reap(processes: list[subprocess.Popen[bytes]], timeout: float, terminate: bool = True) -> None:
-    """(Ask to stop and) wait for each process; one still running after ``timeout`` is killed."""
-    for proc in processes if terminate else ():
-        proc.terminate()
-    for proc in processes:
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def show_profiles(fleet: LocalFleet, spies: list[subprocess.Popen[bytes]], names: tuple[str, ...]) -> None:
-    reap(spies, 60, terminate=False)
+    stop_processes(spies, 60, terminate=False)
     for name in names if spies else ():
         file = fleet.workdir / f"profile-{name}.txt"
         if file.exists():
@@ -438,7 +427,7 @@ def main() -> int:
         try:
             asyncio.run(bench(fleet, baseline, connect_started, sims))
         finally:
-            reap(sims, 30)
+            stop_processes(sims, 30)
     return 0
 
 

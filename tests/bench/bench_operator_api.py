@@ -34,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "deploy"), str(REPO / "qemu")]
 
-from dso_side import free_port, make_pki, write_toml  # noqa: E402
+from dso_side import free_port, make_pki, stop_processes, write_toml  # noqa: E402
 from lmgw.dso.client import ApiClient, ClientConfig  # noqa: E402
 
 API_GATEWAYS = int(os.environ.get("LMGW_API_GATEWAYS", "20"))
@@ -127,17 +127,6 @@ def fleetsim(ca_dir: Path, url: str, count: int, first: int, log: Path, rate: fl
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for proc in processes:
-        proc.terminate()
-    for proc in processes:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def api_against_router(work: Path) -> None:
     from lmgw.dso.config import DsoConfig
     from lmgw.dso.http.service import OperatorApi
@@ -195,7 +184,7 @@ async def api_against_router(work: Path) -> None:
             print(f"    ratio HTTP / internal router for {method}: {figure['rate'] / internal[method]:.2f}", flush=True)
         print(f"  load average at the end {load_average()} (the machine's other work shifts both sides)", flush=True)
     finally:
-        stop([sim])
+        stop_processes([sim], 30)
         await api.stop()
         await server.stop()
 
@@ -268,7 +257,7 @@ def cluster(wanted: int) -> None:
         try:
             asyncio.run(cluster_job(fleet, wanted, started))
         finally:
-            stop(sims)
+            stop_processes(sims, 30)
 
 
 def main() -> int:
