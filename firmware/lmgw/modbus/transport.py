@@ -26,11 +26,12 @@ bus down because of one dead unit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.base import ModbusBaseClient
@@ -165,43 +166,52 @@ class Link:
         Timeouts and garbled answers are retried ``retries`` times, unless the
         unit is already failing: then it gets one attempt until it answers
         again.  ``target`` names the caller's view of the unit in errors.
+        The retries keep the request's place on the link: queued again behind
+        the requests that came meanwhile, a retried write landed after a newer
+        write to the same unit and left the older value (seen under load).
         """
         health = self.health(request.dev_id)
         attempts = 1 + (0 if health.failing else retries)
-        for attempt in range(1, attempts + 1):
-            health.requests += 1
-            try:
-                # A retry waits out the recovery delay too: taking the late answer to the first attempt
-                # would leave the retry's own answer on the line for the next request.
-                response = await self.transact(target, request, timeout=timeout)
-            except ModbusError as exc:
-                health.failed(exc, self.wall_clock())
-                if not exc.retryable or attempt == attempts:
-                    raise
-                log.info("%s (attempt %d of %d), retrying", exc.message, attempt, attempts)
-                continue
-            health.succeeded(self.wall_clock())
-            return response
+        async with self._turn():
+            for attempt in range(1, attempts + 1):
+                health.requests += 1
+                try:
+                    # A retry waits out the recovery delay too: taking the late answer to the first attempt
+                    # would leave the retry's own answer on the line for the next request.
+                    response = await self._attempt(target, request, timeout)
+                except ModbusError as exc:
+                    health.failed(exc, self.wall_clock())
+                    if not exc.retryable or attempt == attempts:
+                        raise
+                    log.info("%s (attempt %d of %d), retrying", exc.message, attempt, attempts)
+                    continue
+                health.succeeded(self.wall_clock())
+                return response
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def transact(self, target: str, request: ModbusPDU, *, timeout: float) -> ModbusPDU:
-        """Run one request/response on the wire (no retry); raise a ``ModbusError`` for every failure.
-
-        Exception responses are errors too (``DeviceException``, with the code).
-        """
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """A place in the link's queue (bounded: ``BusBusy`` past ``max_queue``), then the link to itself."""
         if self._queued >= self.max_queue:
             raise BusBusy(f"{self.name}: {self._queued} requests already queued; try again later",
-                           queued=self._queued)
+                          queued=self._queued)
         self._queued += 1
         try:
             async with self._lock:
-                try:
-                    return await self._transact_locked(target, request, timeout)
-                finally:
-                    if self.inter_frame:
-                        await asyncio.sleep(self.inter_frame)
+                yield
         finally:
             self._queued -= 1
+
+    async def _attempt(self, target: str, request: ModbusPDU, timeout: float) -> ModbusPDU:
+        """One request/response on the wire, then the line's silence; a ``ModbusError`` for every failure.
+
+        Exception responses are errors too (``DeviceException``, with the code).
+        """
+        try:
+            return await self._transact_locked(target, request, timeout)
+        finally:
+            if self.inter_frame:
+                await asyncio.sleep(self.inter_frame)
 
     async def _transact_locked(self, target: str, request: ModbusPDU, timeout: float) -> ModbusPDU:
         client = await self._connect(target, timeout)
