@@ -2,8 +2,9 @@
 """The Raspberry Pi 2 SD-card image (`make image BOARD=raspberrypi2`) booted in ``qemu-system-arm -M raspi2b``
 from a 1 GiB card (QEMU wants a power of two; the image is smaller, so the card's space is grown on first boot):
 U-Boot -> the A/B boot script -> the slot's kernel and initramfs -> the read-only root -> multi-user.target,
-then the gateway on QEMU's USB network adapter (usb-net on the Pi's dwc2 USB) reaching the DSO on the host,
-and a bundle for another board refused by the device's RAUC.
+then the gateway on QEMU's USB network adapter (usb-net on the Pi's dwc2 USB) reaching the DSO on the host
+(skipped when Linux cannot enumerate it, as with QEMU 7.2), and a bundle for another board refused by the
+device's RAUC.
 
 There is no GPU firmware in QEMU: it loads the image's own U-Boot (wrapped as a uImage so that it lands at its
 link address, 0x8000, with the device tree in r2, as the firmware would hand them over) and the board's device
@@ -14,8 +15,6 @@ firmware fills from cmdline.txt on a Pi) to print the mounts.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import subprocess
@@ -47,6 +46,14 @@ GATEWAY = "GW-RASPI2-0001"
 BOOT_TIMEOUT = 600.0  # TCG on a shared two-core machine: seconds are measured and printed, never asserted
 # The site configuration of the virt image's rig, its Modbus TCP LM only (the RS-485 LM needs the virtio console).
 LM_CONFIG = "[[lm]]" + RIG_LM_CONFIG.split("[[lm]]")[1]
+
+
+# Linux (Debian's 6.1 armmp, dwc2 host driver) giving up on QEMU 7.2's usb-net behind the emulated dwc2, which
+# answers "Not connected" to every try (U-Boot's own dwc2 driver enumerates the same device): two rounds of
+# tries, the power cycle between them, and no device found (Linux prints nothing more for "not connected").
+USB_POWER_CYCLE, USB_FOUND = "usb usb1-port1: attempt power cycle", "usb 1-1: New USB device found"
+# A bundle for the QEMU virt image (another board), on the card's boot partition for the device's RAUC.
+FOREIGN_COMPATIBLE, FOREIGN_BUNDLE = "lmgw-qemu-arm-offline", "foreign.raucb"
 
 
 # QEMU's SD host controller (bcm2835-sdhost) as Linux sees it when the emulation is starved of CPU for seconds
@@ -81,10 +88,23 @@ class Pi:
             # kernel stopped after "uart-pl011 ... no DMA platform data", never reaching /init.
             "qemu-system-arm", "-M", "raspi2b", "-kernel", str(uimage), "-dtb", str(self.work / "bcm2836-rpi-2-b.dtb"),
             # What a Pi's firmware puts in the device tree from cmdline.txt: here, what the test wants printed,
-            # and systemd's waits for services stretched for TCG on a busy machine. Its wait for the fstab
-            # devices stays 90 s (systemd 252 has no command-line default for it): when udev's coldplug takes
-            # longer than that, the boot ends in emergency mode (seen at a load average of 30 on two cores).
-            "-append", "systemd.run=/usr/bin/findmnt systemd.default_timeout_start_sec=900",
+            # and systemd's waits for services stretched for TCG on a busy machine (its wait for the fstab
+            # devices is the image's own, 10 min: overlay/usr/lib/systemd/system.conf.d/lmgw-devices.conf).
+            # modprobe.blacklist: QEMU's raspi power manager has no watchdog countdown, it resets the machine
+            # the moment a watchdog is armed (-no-reboot: QEMU exits), which systemd does (RuntimeWatchdogSec) as
+            # soon as udev loads bcm2835_wdt; without the driver systemd runs on without a hardware watchdog.
+            # systemd.run= makes its command the default target (kernel-command-line.target) and powers off after
+            # it: systemd.unit= and systemd.wants= keep multi-user.target the goal, with the command in it.
+            # Then the device's RAUC is offered a bundle for another board (FOREIGN_BUNDLE), once the clock is set:
+            # a Pi has no RTC and here no network for the time, and RAUC refuses a signer "not yet valid".
+            "-append", "systemd.run=/usr/bin/findmnt "
+                       f'systemd.run="/usr/bin/date -s @{int(time.time())}" '
+                       f'systemd.run="/usr/bin/rauc install /boot/{FOREIGN_BUNDLE}" '
+                       "systemd.run_success_action=none systemd.run_failure_action=none "
+                       "systemd.unit=multi-user.target systemd.wants=kernel-command-line.service "
+                       "systemd.default_timeout_start_sec=900 modprobe.blacklist=bcm2835_wdt "
+                       # The journal on the console: systemd's own status lines stop once the serial getty runs.
+                       "systemd.journald.forward_to_console=1",
             "-drive", f"if=sd,format=raw,file={self.card},cache=unsafe",
             "-netdev", f"user,id=n0,restrict=on{forwards}", "-device", "usb-net,netdev=n0",
             "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}", "-no-reboot",
@@ -145,6 +165,9 @@ def pi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pi, Rig]]:
                                  "--crl-url", f"http://{DSO_IP}:{CRL_PORT}/crl.der", "--lm-config", str(work / "lm.toml")],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
+        boot = gpt.find(str(card), "boot")
+        subprocess.run(["mcopy", "-i", f"{card}@@{boot.offset}", str(small_bundle(work, FOREIGN_COMPATIBLE)),
+                        f"::{FOREIGN_BUNDLE}"], check=True)
         machine = Pi(card, work, {(DSO_IP, DSO_PORT): rig.dso_port, (DSO_IP, CRL_PORT): rig.crl_port,
                                   (LM_IP, LM_PORT): rig.lm_port})
         machine.start()
@@ -182,7 +205,7 @@ def test_reaches_multi_user_with_a_read_only_root(pi: tuple[Pi, Rig]) -> None:
     machine, _ = pi
     machine.wait(r"Reached target .*Multi-User System")
     print(f"FIGURE raspi2b power-on to multi-user.target: {time.monotonic() - machine.started:.0f} s")
-    root = machine.wait(r"\n/\s+(/dev/\S+)\s+(\S+)\s+(\S+)")  # findmnt's first line: the root
+    root = machine.wait(r"findmnt\[\d+\]: /\s+(/dev/\S+)\s+(\S+)\s+(\S+)")  # findmnt's first line: the root
     assert root.group(1).startswith("/dev/mmcblk0p") and root.group(2) == "squashfs" and root.group(3).startswith("ro")
     identity = machine.wait(r"/identity\s+/dev/mmcblk0p\d+\s+ext4\s+(\S+)")
     assert identity.group(1).startswith("ro")
@@ -200,6 +223,10 @@ def test_gateway_reaches_the_dso_over_usb_networking(pi: tuple[Pi, Rig]) -> None
     machine, rig = pi
     deadline = time.monotonic() + BOOT_TIMEOUT
     while not (entry := rig.gateways().get(GATEWAY)) or not entry["firmware_version"]:
+        if USB_POWER_CYCLE in machine.text() and USB_FOUND not in machine.text():
+            # The issue's condition ("if QEMU's USB networking on raspi2b allows it"): so on every run here.
+            pytest.skip(f"QEMU's dwc2 did not let Linux enumerate usb-net ({USB_POWER_CYCLE!r}, no {USB_FOUND!r} "
+                        "on the console): no network on raspi2b, see docs/flashing.md")
         assert time.monotonic() < deadline, f"{GATEWAY} did not reach the DSO:\n{machine.tail()}"
         assert machine.process is not None and machine.process.poll() is None, machine.tail()
         time.sleep(2)
@@ -210,11 +237,12 @@ def test_gateway_reaches_the_dso_over_usb_networking(pi: tuple[Pi, Rig]) -> None
 
 def small_bundle(work: Path, compatible: str) -> Path:
     """A signed bundle for ``compatible`` with tiny images (RAUC refuses a foreign board before writing any)."""
-    out = work / "bundles" / f"{compatible}.raucb"
-    out.parent.mkdir(exist_ok=True)
+    out = work / f"{compatible}.raucb"
     kernel, root = work / "kernel.vfat", work / "rootfs.squashfs"
     subprocess.run(["mkfs.vfat", "-C", str(kernel), "1024"], check=True, capture_output=True)
     (work / "tiny").mkdir(exist_ok=True)
+    # Incompressible bytes: RAUC refuses to create a bundle whose payload squashfs is a single 4 KiB block.
+    (work / "tiny" / "payload").write_bytes(os.urandom(16384))
     subprocess.run(["mksquashfs", str(work / "tiny"), str(root), "-noappend", "-quiet"], check=True)
     pki = REPO / "build" / "update-pki"
     script = (f'. "{REPO}/board/lib.sh"; COMPATIBLE={compatible}; '
@@ -226,24 +254,11 @@ def small_bundle(work: Path, compatible: str) -> Path:
 
 @full_boot
 def test_a_bundle_for_another_board_is_refused(pi: tuple[Pi, Rig]) -> None:
-    machine, rig = pi
-    bundle = small_bundle(rig.work, "lmgw-qemu-arm-offline")  # the QEMU virt image's compatible
-    data = bundle.read_bytes()
-    answer = rig.call(GATEWAY, "gw.update", {"url": f"https://{DSO_IP}:{DSO_PORT}/bundles/{bundle.name}",
-                                             "version": "9.9.9", "sha256": hashlib.sha256(data).hexdigest(),
-                                             "size": len(data)})
-    assert answer["accepted"] is True
-    events = rig.work / "events.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        failed = [r["event"] for r in map(json.loads, events.read_text().splitlines())
-                  if r["gateway_id"] == GATEWAY and r["event"]["kind"] == "update.failed"] if events.exists() else []
-        if failed:
-            reason = failed[-1]["details"]["reason"]
-            assert "lmgw-raspberrypi2-offline" in reason and "lmgw-qemu-arm-offline" in reason, reason
-            return
-        time.sleep(1)
-    raise AssertionError(f"no update.failed event:\n{machine.tail()}")
+    """By the device's RAUC, from the command line (the DSO's gw.update path is proven on the virt image,
+    tests/qemu/test_field_update.py); RAUC refuses before it writes a slot."""
+    machine, _ = pi
+    refusal = machine.wait(r"rauc\[\d+\]: (.*lmgw-raspberrypi2-offline.*)").group(1)
+    assert FOREIGN_COMPATIBLE in refusal and "ompatible" in refusal, refusal
 
 
 def boot_files(card: Path) -> dict[str, bytes]:
