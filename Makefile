@@ -108,11 +108,10 @@ bundle: image
 	LMGW_BOARD=$(IMAGE_BOARD) rootfs/bundle.sh \
 	  build/lmgw-$(if $(BOARD),$(BOARD)-)$${VERSION:-$$(cat $(IMAGE_DIR)/rootfs/etc/lmgw-version)}.raucb $(VERSION)
 
-# Certificate renewal + reboot and a clock a year ahead, in QEMU (issue 10): three boots, 11-12 min on the loaded
-# 2-core build host, over 6 by estimate on a quiet one, so not in `make test` for CI's time (docs/pki.md, In QEMU).
+# Certificate renewal + reboot and a clock a year ahead, in QEMU (issue 10; part of `make test`): this module alone.
 .PHONY: qemu-cert-lifecycle
 qemu-cert-lifecycle: deps image
-	LMGW_QEMU_CERT=1 $(VENV)/bin/pytest -s -p no:cacheprovider tests/qemu/test_cert_lifecycle_qemu.py
+	$(VENV)/bin/pytest -s -p no:cacheprovider tests/qemu/test_cert_lifecycle_qemu.py
 
 # The Pi 2 image's whole boot in qemu-system-arm -M raspi2b: multi-user.target, the data partition grown,
 # the DSO over USB networking, a foreign board's bundle refused (not in `make test`: CI's time budget).

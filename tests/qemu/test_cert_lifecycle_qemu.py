@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -26,12 +25,7 @@ from harness import BOOT_TIMEOUT, DSO_IP, DSO_PORT, Guest, GuestError
 from lmgw.revocation import load_crl, revoked_reason
 from rig import Rig
 
-# Not in `make test`: three boots, 11-12 min on the loaded build machine, over 6 by estimate on a quiet one (docs/pki.md,
-# "In QEMU"); `make qemu-cert-lifecycle` runs it (LMGW_QEMU_CERT=1).
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(not os.environ.get("LMGW_QEMU_CERT"),
-                                 reason="renewal + reboot and the year-ahead clock in QEMU, three boots: "
-                                        "`make qemu-cert-lifecycle` runs them (too long for make test)")]
+pytestmark = pytest.mark.qemu  # part of `make test`'s QEMU suite; `make qemu-cert-lifecycle` runs it alone
 
 GW = "GW-QEMU-RENEW"
 YEAR = timedelta(days=365)
