@@ -50,6 +50,11 @@ def _spki(certificate: x509.Certificate) -> bytes:
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def _certifies(proof: x509.Certificate, anchor: x509.Certificate) -> bool:
+    """``proof`` carries ``anchor``'s name and key (a cross-certificate of it, whoever signed it)."""
+    return proof.subject == anchor.subject and _spki(proof) == _spki(anchor)
+
+
 def _is_ca(certificate: x509.Certificate) -> bool:
     try:
         return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -71,7 +76,7 @@ def verify_anchor(anchor_pem: bytes, proof_pem: bytes, trusted: list[x509.Certif
     if now is not None and not anchor.not_valid_before_utc <= now < anchor.not_valid_after_utc:
         raise AnchorRefused(f"the anchor is not valid now (valid {anchor.not_valid_before_utc.isoformat()} to "
                             f"{anchor.not_valid_after_utc.isoformat()})")
-    if proof.subject != anchor.subject or _spki(proof) != _spki(anchor) or not _is_ca(proof):
+    if not _certifies(proof, anchor) or not _is_ca(proof):
         raise AnchorRefused("the proof does not certify the anchor's name and key as a CA")
     vouching = [ca for ca in trusted if signed_by(proof, ca)]
     if not vouching:
@@ -215,7 +220,7 @@ class TrustStore:
             return []
 
     def _keep_proof(self, anchor: x509.Certificate, proof: x509.Certificate) -> None:
-        kept = [p for p in self._proofs() if not (p.subject == anchor.subject and _spki(p) == _spki(anchor))]
+        kept = [p for p in self._proofs() if not _certifies(p, anchor)]
         write_atomically(self.proofs_file, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [*kept, proof]))
 
     def proven(self) -> list[tuple[bytes, bytes]]:
@@ -225,7 +230,7 @@ class TrustStore:
         retired = self._retired()
         pairs = []
         for anchor in self._added:
-            proof = next((p for p in proofs if p.subject == anchor.subject and _spki(p) == _spki(anchor)), None)
+            proof = next((p for p in proofs if _certifies(p, anchor)), None)
             if proof is not None and fingerprint(anchor) not in retired:
                 pairs.append((anchor.public_bytes(serialization.Encoding.PEM), proof.public_bytes(serialization.Encoding.PEM)))
         return pairs
