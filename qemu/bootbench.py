@@ -11,12 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from boottime import BootTime, median_line
+from boottime import WAIT_FOR_BOOT_JOBS, BootTime, median_line
 from rig import GATEWAY, booted_gateway, running_rig
 
-# systemd-analyze answers only once the boot's jobs are done; lmgw-grow-data and lmgw-slot-boot now run
-# after the agent's start, so they may still run when the gateway is connected: wait for them (bounded).
-GUEST_VIEW = ("timeout 300 systemctl is-system-running --wait >/dev/null;"
+GUEST_VIEW = (f"{WAIT_FOR_BOOT_JOBS};"
               " systemd-analyze time; systemd-analyze critical-chain lmgw.service --no-pager;"
               " systemd-analyze blame --no-pager | head -20")
 

@@ -26,6 +26,10 @@ from typing import Protocol
 
 PHASES = ("U-Boot", "kernel", "initramfs", "systemd to lmgw.service", "lmgw to connected")
 
+# systemd-analyze answers only once the boot's jobs are done; lmgw-grow-data and lmgw-slot-boot run after the
+# agent's start, so they may still run when the gateway is connected: a guest command waits for them (bounded).
+WAIT_FOR_BOOT_JOBS = "timeout 300 systemctl is-system-running --wait >/dev/null"
+
 # What the guest tells about its own boot, each on one line (guest monotonic seconds).
 GUEST_PROBE = (
     "echo init=$(dmesg | sed -n 's/^\\[ *\\([0-9.]*\\)\\] Run \\/init as init process.*/\\1/p' | head -1);"

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import VENV_BIN, free_port, process
 from fixtures import GATEWAY, booted, image, rig  # noqa: F401 - fixtures; fixtures puts qemu/ on the path
+from boottime import WAIT_FOR_BOOT_JOBS
 from harness import PROXY_IP, PROXY_PORT, GuestError  # noqa: E402
 
 pytestmark = pytest.mark.qemu
@@ -39,9 +40,7 @@ def test_boots_and_connects_to_the_dso(rig, booted):
     except (ValueError, GuestError) as exc:
         figure = f"not measured: {exc}"
     print(f"FIGURE boot-to-DSO-connected: {figure}")
-    # systemd-analyze answers once the boot's last jobs (lmgw-grow-data, lmgw-slot-boot: after the agent) are done.
-    _, out = guest.shell("timeout 300 systemctl is-system-running --wait >/dev/null; "
-                         "systemd-analyze time 2>/dev/null | head -1", timeout=360)
+    _, out = guest.shell(f"{WAIT_FOR_BOOT_JOBS}; systemd-analyze time 2>/dev/null | head -1", timeout=360)
     print(f"FIGURE guest {out.strip()}")
 
 
