@@ -9,12 +9,15 @@ counted as ``other``, so an operator typing method names cannot grow the registr
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 METHOD = re.compile(r"^[a-z][a-z0-9_]{0,31}(\.[a-z][a-z0-9_]{0,31}){0,3}$")
 MAX_METHODS = 64
@@ -46,6 +49,40 @@ class _ExpiryCollector(Collector):
         yield expiring
 
 
+class _CallCollector(Collector):
+    """``lmgw_dso_calls`` (counter) and ``lmgw_dso_call_seconds`` (histogram), kept as plain numbers and rendered
+    at a scrape: prometheus-client's Counter and Histogram look up, check and lock on every call, 5% of the
+    DSO's CPU per call in `make bench` (docs/performance.md).  The server's event loop is the only writer."""
+
+    BOUNDS = [floatToGoString(b) for b in CALL_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]  # as Histogram writes them
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, str], int] = {}
+        self.seconds: dict[str, list[float]] = {}
+        """Per method label: the calls in each bucket of ``CALL_BUCKETS`` and +Inf (not cumulative), then their sum."""
+
+    def add(self, label: str, outcome: str, seconds: float) -> None:
+        key = (label, outcome)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        counts = self.seconds.get(label)
+        if counts is None:
+            counts = self.seconds[label] = [0.0] * (len(CALL_BUCKETS) + 2)
+        counts[bisect_left(CALL_BUCKETS, seconds)] += 1  # the first bucket whose bound is >= seconds
+        counts[-1] += seconds
+
+    def collect(self) -> Iterable[Metric]:
+        calls = CounterMetricFamily("lmgw_dso_calls", "Operator calls to gateways, by method and outcome",
+                                    labels=["method", "outcome"])
+        for labels, count in self.calls.items():
+            calls.add_metric(labels, count)
+        yield calls
+        seconds = HistogramMetricFamily("lmgw_dso_call_seconds", "Duration of operator calls to gateways",
+                                        labels=["method"])
+        for label, counts in self.seconds.items():
+            seconds.add_metric([label], list(zip(self.BOUNDS, accumulate(counts[:-1]))), counts[-1])
+        yield seconds
+
+
 class ApiMetrics:
     """The server's ``Observer`` (``lmgw.dso.observer``) and the API's counters."""
 
@@ -64,10 +101,8 @@ class ApiMetrics:
                                 ["reason"], registry=r)
         self.api_refusals = Counter("lmgw_dso_api_refusals", "Operator API requests refused, by reason",
                                     ["reason"], registry=r)
-        self.calls = Counter("lmgw_dso_calls", "Operator calls to gateways, by method and outcome",
-                             ["method", "outcome"], registry=r)
-        self.call_seconds = Histogram("lmgw_dso_call_seconds", "Duration of operator calls to gateways",
-                                      ["method"], buckets=CALL_BUCKETS, registry=r)
+        self._calls = _CallCollector()
+        r.register(self._calls)
         self.events_stored = Counter("lmgw_dso_events_stored", "Gateway events stored (first delivery)", registry=r)
         self.jobs_running = Gauge("lmgw_dso_jobs_running", "Fleet jobs running on this node", registry=r)
         self.job_outcomes = Counter("lmgw_dso_job_outcomes", "Per-gateway outcomes of fleet jobs", ["outcome"],
@@ -100,9 +135,7 @@ class ApiMetrics:
         self.not_after.pop(gateway_id, None)
 
     def called(self, method: str, outcome: str, seconds: float) -> None:
-        label = self._method(method)
-        self.calls.labels(label, outcome).inc()
-        self.call_seconds.labels(label).observe(seconds)
+        self._calls.add(self._method(method), outcome, seconds)
 
     def event_stored(self, record: dict[str, object]) -> None:
         self.events_stored.inc()
