@@ -234,19 +234,18 @@ class GatewaySession(RpcSession):
         super().__init__(*args, **kwargs)
         self._renew_asked = renew_asked
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+    def _calling(self, method: str) -> None:
         if method == "cert.renew":
             self._renew_asked()
-        return await super().call(method, params, timeout=timeout)
 
 
 class FactorySession(GatewaySession):
     """A session with a factory identity under ``renew_only``: the DSO's calls limited to what renewal needs."""
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+    def _calling(self, method: str) -> None:
         if method not in FACTORY_ALLOWED_CALLS:
             raise RpcError(RpcCode.IDENTITY_RESTRICTED,
                            f"{self.name} is connected with its factory identity, admitted only to renew its "
                            f"certificate: {method} is refused until it reconnects with an operational certificate",
                            {"identity": "factory", "allowed": sorted(FACTORY_ALLOWED_CALLS)})
-        return await super().call(method, params, timeout=timeout)
+        super()._calling(method)

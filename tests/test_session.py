@@ -1,0 +1,60 @@
+"""RpcSession's deadlines: one timer per session serves every call in flight, whatever their timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+
+from lmgw.codes import RpcCode
+from lmgw.jsonrpc import RpcError
+from lmgw.methods import MethodTable
+from lmgw.session import RpcSession
+
+
+def test_calls_expire_each_at_its_own_deadline_and_answered_calls_are_untouched() -> None:
+    async def scenario() -> None:
+        never = asyncio.Event()
+
+        async def hang() -> None:
+            await never.wait()
+
+        async def ping() -> str:
+            return "pong"
+
+        async def handler(connection: Any) -> None:
+            table = MethodTable()
+            table.add("hang", hang)
+            table.add("ping", ping)
+            await RpcSession(connection, table, name="gateway").run()
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = list(server.sockets)[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}/", proxy=None) as connection:
+                caller = RpcSession(connection, MethodTable(), name="gateway")
+                reader = asyncio.create_task(caller.run())
+                ended: list[str] = []
+
+                def call(name: str, method: str, timeout: float) -> asyncio.Task[Any]:
+                    task = asyncio.create_task(caller.call(method, timeout=timeout))
+                    task.add_done_callback(lambda _: ended.append(name))
+                    return task
+
+                late = call("late", "hang", 1.0)
+                await asyncio.sleep(0)  # sent first: the earlier deadline comes second
+                early = call("early", "hang", 0.2)
+                assert await call("answered", "ping", 30) == "pong"
+                for task, seconds in ((early, 0.2), (late, 1.0)):
+                    error = await asyncio.gather(task, return_exceptions=True)
+                    assert isinstance(error[0], RpcError) and error[0].code == RpcCode.CALL_TIMEOUT, error
+                    assert f"did not answer hang within {seconds:g} s" in error[0].message
+                assert ended == ["answered", "early", "late"]
+                # the timer is set again for a call made after the others expired
+                again = await asyncio.gather(caller.call("hang", timeout=0.1), return_exceptions=True)
+                assert isinstance(again[0], RpcError) and again[0].code == RpcCode.CALL_TIMEOUT
+                assert await caller.call("ping", timeout=30) == "pong"
+                reader.cancel()
+
+    asyncio.run(scenario())
