@@ -114,11 +114,11 @@ qemu-cert-lifecycle: deps image
 	$(VENV)/bin/pytest -s -p no:cacheprovider tests/qemu/test_cert_lifecycle_qemu.py
 
 # The Pi 2 image's whole boot in qemu-system-arm -M raspi2b: multi-user.target, the data partition grown,
-# the DSO over USB networking, a foreign board's bundle refused (not in `make test`: CI's time budget).
+# the DSO over USB networking, a foreign board's bundle refused: this module alone (`make test` runs it too).
 .PHONY: raspi-boot
 raspi-boot: deps
 	$(MAKE) --no-print-directory image BOARD=raspberrypi2
-	LMGW_RASPI=1 LMGW_RASPI_FULL=1 $(VENV)/bin/pytest -s -p no:cacheprovider tests/qemu/test_raspi_image.py
+	$(VENV)/bin/pytest -s -p no:cacheprovider tests/qemu/test_raspi_image.py
 
 bench: deps
 	$(PY) tests/bench/run.py

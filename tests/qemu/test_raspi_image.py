@@ -31,15 +31,9 @@ from lmgw.provision import gpt
 from rig import LM_CONFIG as RIG_LM_CONFIG
 from rig import Rig, running_rig
 
-# Not in `make test` (CI's 45 minutes): the Pi 2 image's assembly and its raspi2b boot add 8-9 minutes on this
-# machine.  `make raspi-boot` builds the image and runs this module (LMGW_RASPI=1): the chain (U-Boot, the A/B
-# script, the slot's kernel and initramfs, systemd started from the slot's squashfs root), then with
-# LMGW_RASPI_FULL=1 multi-user.target, the grown data partition, the DSO over USB networking and a refused bundle.
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(not os.environ.get("LMGW_RASPI"),
-                                 reason="raspi2b boot not in `make test` (CI time budget): `make raspi-boot` runs it")]
-full_boot = pytest.mark.skipif(not os.environ.get("LMGW_RASPI_FULL"),
-                               reason="the full raspi2b boot takes too long for CI's budget: `make raspi-boot` runs it")
+# Part of `make test` (tests/run.sh builds the Pi 2 image beside the virt one): 2 minutes on a quiet machine.
+# `make raspi-boot` builds the image and runs this module alone.
+pytestmark = pytest.mark.qemu
 
 IMAGE = REPO / "build" / "image-raspberrypi2" / "lmgw.img"
 GATEWAY = "GW-RASPI2-0001"
@@ -200,7 +194,6 @@ def test_the_slot_kernel_and_initramfs_start_systemd_from_the_squashfs_root(pi: 
     print(f"FIGURE raspi2b power-on to systemd started from the slot's root: {time.monotonic() - machine.started:.0f} s")
 
 
-@full_boot
 def test_reaches_multi_user_with_a_read_only_root(pi: tuple[Pi, Rig]) -> None:
     machine, _ = pi
     machine.wait(r"Reached target .*Multi-User System")
@@ -211,14 +204,12 @@ def test_reaches_multi_user_with_a_read_only_root(pi: tuple[Pi, Rig]) -> None:
     assert identity.group(1).startswith("ro")
 
 
-@full_boot
 def test_data_partition_grows_to_the_end_of_the_card(pi: tuple[Pi, Rig]) -> None:
     machine, _ = pi
     grown = machine.wait(r"/data: partition 7 of /dev/mmcblk0 grown from (\d+) to (\d+) MiB")
     assert int(grown.group(1)) == 128 and int(grown.group(2)) == (DISK_BYTES >> 20) - 1 - (IMAGE.stat().st_size >> 20) + 128
 
 
-@full_boot
 def test_gateway_reaches_the_dso_over_usb_networking(pi: tuple[Pi, Rig]) -> None:
     machine, rig = pi
     deadline = time.monotonic() + BOOT_TIMEOUT
@@ -252,7 +243,6 @@ def small_bundle(work: Path, compatible: str) -> Path:
     return out
 
 
-@full_boot
 def test_a_bundle_for_another_board_is_refused(pi: tuple[Pi, Rig]) -> None:
     """By the device's RAUC, from the command line (the DSO's gw.update path is proven on the virt image,
     tests/qemu/test_field_update.py); RAUC refuses before it writes a slot."""
