@@ -3,7 +3,8 @@
 #
 # Why in parallel: CI has 45 minutes and the three parts are ~7-12 (images from an empty download cache),
 # ~9 (host suite) and ~16-35 minutes (QEMU suite, by the machine's load) one after the other on two
-# cores.  The host suite is written to pass under exactly this load (issue 9: five runs in a row with the QEMU suite beside it).
+# cores.  The host suite is written to pass under exactly this load (issue 9: five runs in a row with
+# the QEMU suite beside it).
 # Each pytest run has its own base temp directory (concurrent runs must not clean each other's) and its own
 # log; the host suite's log is printed when it ends so CI output stays readable.
 set -uo pipefail

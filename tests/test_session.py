@@ -42,15 +42,16 @@ def test_calls_expire_each_at_its_own_deadline_and_answered_calls_are_untouched(
                     task.add_done_callback(lambda _: ended.append(name))
                     return task
 
-                late = call("late", "hang", 1.0)
+                late = call("late", "hang", 2.0)
                 await asyncio.sleep(0)  # sent first: the earlier deadline comes second
                 early = call("early", "hang", 0.2)
                 assert await call("answered", "ping", 30) == "pong"
-                for task, seconds in ((early, 0.2), (late, 1.0)):
+                for task, seconds in ((early, 0.2), (late, 2.0)):
                     error = await asyncio.gather(task, return_exceptions=True)
                     assert isinstance(error[0], RpcError) and error[0].code == RpcCode.CALL_TIMEOUT, error
                     assert f"did not answer hang within {seconds:g} s" in error[0].message
-                assert ended == ["answered", "early", "late"]
+                # the order of the two expiries, not the ping's round trip against 0.2 s (a loaded machine)
+                assert "answered" in ended and [name for name in ended if name != "answered"] == ["early", "late"]
                 # the timer is set again for a call made after the others expired
                 again = await asyncio.gather(caller.call("hang", timeout=0.1), return_exceptions=True)
                 assert isinstance(again[0], RpcError) and again[0].code == RpcCode.CALL_TIMEOUT
