@@ -10,7 +10,7 @@ from websockets.asyncio.server import serve
 
 from lmgw.codes import RpcCode
 from lmgw.jsonrpc import RpcError
-from lmgw.methods import MethodTable
+from lmgw.methods import MethodTable, Param
 from lmgw.session import RpcSession
 
 
@@ -56,6 +56,56 @@ def test_calls_expire_each_at_its_own_deadline_and_answered_calls_are_untouched(
                 again = await asyncio.gather(caller.call("hang", timeout=0.1), return_exceptions=True)
                 assert isinstance(again[0], RpcError) and again[0].code == RpcCode.CALL_TIMEOUT
                 assert await caller.call("ping", timeout=30) == "pong"
+                reader.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_plain_handlers_are_answered_by_the_reader_and_async_ones_by_a_task_each() -> None:
+    """A plain handler (``gw.ping``) is answered without a task; an error in it is still an answer."""
+    async def scenario() -> None:
+        tasks_seen: list[int] = []
+        sessions: list[RpcSession] = []
+        release = asyncio.Event()
+
+        def ping(payload: Any = None) -> dict[str, Any]:
+            tasks_seen.append(len(sessions[0]._tasks))
+            return {"payload": payload}
+
+        def broken() -> None:
+            raise KeyError("boom")
+
+        async def slow() -> str:
+            tasks_seen.append(len(sessions[0]._tasks))
+            await release.wait()
+            return "done"
+
+        async def handler(connection: Any) -> None:
+            table = MethodTable()
+            table.add("ping", ping, [Param("payload", int, required=False)])
+            table.add("broken", broken)
+            table.add("slow", slow)
+            assert table.immediate("ping") and table.immediate("unknown") and not table.immediate("slow")
+            sessions.append(RpcSession(connection, table, name="gateway"))
+            await sessions[0].run()
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = list(server.sockets)[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}/", proxy=None) as connection:
+                caller = RpcSession(connection, MethodTable(), name="dso")
+                reader = asyncio.create_task(caller.run())
+                assert await caller.call("ping", {"payload": 1}) == {"payload": 1}
+                slow_call = asyncio.create_task(caller.call("slow"))
+                while len(tasks_seen) < 2:
+                    await asyncio.sleep(0.01)
+                # served while the slow call waits in its task: the reader is not held up by it
+                assert await caller.call("ping", {"payload": 2}) == {"payload": 2}
+                error = (await asyncio.gather(caller.call("broken"), return_exceptions=True))[0]
+                assert isinstance(error, RpcError) and error.code == RpcCode.INTERNAL_ERROR
+                release.set()
+                assert await slow_call == "done"
+                assert tasks_seen == [0, 1, 1]  # the pings ran in no task of their own; the slow call in one
+                assert sessions[0].serving == 0
                 reader.cancel()
 
     asyncio.run(scenario())

@@ -1,13 +1,19 @@
 """Method tables: named handlers with declared, validated parameters.
 
-A handler is an ``async`` function taking the validated params as keyword
-arguments.  Validation happens before the handler runs, so a handler never
-sees a missing, unknown or mistyped parameter; the caller gets
-``INVALID_PARAMS`` with the parameter's name in ``data``.
+A handler takes the validated params as keyword arguments.  Validation
+happens before the handler runs, so a handler never sees a missing, unknown
+or mistyped parameter; the caller gets ``INVALID_PARAMS`` with the
+parameter's name in ``data``.
+
+A handler is an ``async`` function, or a plain one when it neither waits nor
+blocks (``gw.ping``): a plain handler is *immediate*, answered by the
+session's reader itself instead of a task of its own, which is a task
+switch less per call (`make bench`, docs/performance.md).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
@@ -19,7 +25,8 @@ from .rpcerrors import rpc_error
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
+"""An ``async`` function, or a plain one that neither waits nor blocks (immediate)."""
 Check = Callable[[Any], None]
 """Raises ``ValueError`` with a message a caller can act on."""
 
@@ -76,6 +83,7 @@ def validate(spec: Sequence[Param], params: dict[str, Any]) -> dict[str, Any]:
 class _Method:
     handler: Handler
     params: tuple[Param, ...]
+    immediate: bool
 
 
 class MethodTable:
@@ -87,10 +95,15 @@ class MethodTable:
     def add(self, name: str, handler: Handler, params: Sequence[Param] = ()) -> None:
         if name in self._methods:
             raise ValueError(f"method {name} registered twice")
-        self._methods[name] = _Method(handler, tuple(params))
+        self._methods[name] = _Method(handler, tuple(params), not inspect.iscoroutinefunction(handler))
 
     def names(self) -> list[str]:
         return sorted(self._methods)
+
+    def immediate(self, method: str) -> bool:
+        """Answered at once by a plain handler (or refused at once: an unknown method), without a task."""
+        entry = self._methods.get(method)
+        return entry is None or entry.immediate
 
     async def dispatch(self, method: str, params: dict[str, Any]) -> Any:
         """Validate and run one call; every failure becomes an ``RpcError`` (domain errors through ``rpc_error``)."""
@@ -99,6 +112,8 @@ class MethodTable:
             raise RpcError(RpcCode.METHOD_NOT_FOUND, f"unknown method {method!r}", {"methods": self.names()})
         kwargs = validate(entry.params, params)
         try:
+            if entry.immediate:
+                return entry.handler(**kwargs)
             return await entry.handler(**kwargs)
         except RpcError:
             raise

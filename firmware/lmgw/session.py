@@ -6,7 +6,8 @@ Every outgoing call has a timeout; on close, calls in flight fail with
 ``NOT_CONNECTED``.
 
 Memory per connection is bounded whatever the peer does: at most
-``max_calls`` of its calls are served at once (one task each); past that the
+``max_calls`` of its calls are served at once (one task each, but for
+immediate methods, which the reader answers itself); past that the
 reader answers ``TOO_MANY_CALLS`` itself.  The reader never stops for our own
 calls' sake, so answers to them and pings keep flowing however busy the
 handlers are.  It only waits while *writing* an immediate answer (a refusal,
@@ -111,7 +112,10 @@ class RpcSession:
                 if isinstance(event, Response):
                     self._resolve(event)
                 elif isinstance(event, (Request, Notification)):
-                    self._tasks.add(asyncio.create_task(self._serve(event)))
+                    if self.methods.immediate(event.method):
+                        await self._serve(event)  # waits only to write the answer, like a refusal
+                    else:
+                        self._tasks.add(asyncio.create_task(self._serve(event)))
                 else:
                     await self._handle(event)
         except ConnectionClosed:

@@ -54,6 +54,12 @@ def rss_mib(pid: int | str = "self") -> float:
     return 0.0
 
 
+def cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class CountingRelay:
     """A TCP relay on loopback that counts the TLS bytes each way."""
 
@@ -200,9 +206,10 @@ async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
                     await dso.call(gid, "gw.ping", {"payload": "x" * 64})
                     done += 1
 
-            start = time.monotonic()
+            start, cpu = time.monotonic(), (cpu_s(), cpu_s(child.pid))
             await asyncio.gather(*(worker(gid) for gid in ids))
             lmgw_rate = done / (time.monotonic() - start)
+            lmgw_cpu = ((cpu_s() - cpu[0]) / done, (cpu_s(child.pid) - cpu[1]) / done)
             lines.append(f"throughput: LMGW DSO -> {n} gateways, gw.ping: {lmgw_rate:.0f} calls/s "
                          f"(paper load: {PAPER_RATE:.0f} calls/s per gateway -> {lmgw_rate / PAPER_RATE:.0f} gateways at full rate)")
             lines.append(f"memory: DSO RSS with {n} gateways {rss_mib():.1f} MiB; {n} gateway agents in one process "
@@ -228,15 +235,20 @@ async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
                 await ws.recv()
                 done += 1
 
-        start = time.monotonic()
+        start, cpu = time.monotonic(), (cpu_s(), cpu_s(child.pid))
         await asyncio.gather(*(echo_worker(ws) for ws in clients))
         echo_rate = done / (time.monotonic() - start)
+        echo_cpu = ((cpu_s() - cpu[0]) / done, (cpu_s(child.pid) - cpu[1]) / done)
         for ws in clients:
             await ws.close()
     finally:
         await asyncio.to_thread(_stop, child)
     lines.append(f"throughput: bare websockets echo, same mTLS, {n} connections: {echo_rate:.0f} round trips/s; "
                  f"LMGW/bare ratio {lmgw_rate / echo_rate:.2f}")
+    # CPU per call is what the rate ratio stands for, and it is steadier when the machine is shared
+    lines.append(f"throughput: CPU per call LMGW {sum(lmgw_cpu) * 1e6:.0f} us (DSO {lmgw_cpu[0] * 1e6:.0f}, gateways "
+                 f"{lmgw_cpu[1] * 1e6:.0f}), echo {sum(echo_cpu) * 1e6:.0f} us (client {echo_cpu[0] * 1e6:.0f}, server "
+                 f"{echo_cpu[1] * 1e6:.0f}); echo/LMGW CPU ratio {sum(echo_cpu) / sum(lmgw_cpu):.2f}")
     return lines
 
 

@@ -85,7 +85,7 @@ class SimulatedGateway:
     async def _connected(self, session: RpcSession) -> None:
         pass
 
-    async def _ping(self, payload: Any = None) -> dict[str, Any]:
+    def _ping(self, payload: Any = None) -> dict[str, Any]:
         return {"payload": payload}
 
     async def _status(self) -> dict[str, Any]:

@@ -246,7 +246,7 @@ class GatewayAgent:
         self.renewer.request()
         return {"accepted": True, "in_use": self.identity.role.name.lower()}
 
-    async def _ping(self, payload: Any) -> dict[str, Any]:
+    def _ping(self, payload: Any) -> dict[str, Any]:
         return {"time": datetime.now(timezone.utc).isoformat(), "payload": payload}
 
     # -- main loop --------------------------------------------------------------------
