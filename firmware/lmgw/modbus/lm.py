@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-from pymodbus.pdu import ModbusPDU
-from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest, WriteSingleCoilRequest
-from pymodbus.pdu.register_message import (ReadHoldingRegistersRequest, ReadInputRegistersRequest,
-                                           WriteMultipleRegistersRequest, WriteSingleRegisterRequest)
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .codec import EncodeError, Value, decode
 from .config import LmConfig
@@ -15,8 +10,9 @@ from .errors import FramingError, ModbusError, NotWritable, OutOfRange, PointUnk
 from .profile import Point, Profile, ReadBlock, plan_reads
 from .transport import Health, Link
 
-_READS: dict[str, type[ModbusPDU]] = {"coil": ReadCoilsRequest, "discrete_input": ReadDiscreteInputsRequest,
-                                      "holding": ReadHoldingRegistersRequest, "input": ReadInputRegistersRequest}
+if TYPE_CHECKING:
+    from pymodbus.pdu import ModbusPDU
+# pymodbus: imported at the first request (transport.py says why).
 
 
 class LoadManager:
@@ -99,8 +95,7 @@ class LoadManager:
         return written
 
     async def _read_block(self, block: ReadBlock) -> list[int]:
-        response = await self._execute(_READS[block.register](address=block.address, count=block.count,
-                                                              dev_id=self.config.unit))
+        response = await self._execute(_read_request(block, self.config.unit))
         data = response.bits if block.register in ("coil", "discrete_input") else response.registers
         if len(data) < block.count:
             raise FramingError(f"{self.target} returned {len(data)} values for a read of {block.count}",
@@ -116,8 +111,19 @@ class LoadManager:
             raise
 
 
+def _read_request(block: ReadBlock, unit: int) -> ModbusPDU:
+    """FC 1, 2, 3 or 4 by the block's register type."""
+    from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest
+    from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, ReadInputRegistersRequest
+    kinds: dict[str, type[ModbusPDU]] = {"coil": ReadCoilsRequest, "discrete_input": ReadDiscreteInputsRequest,
+                                         "holding": ReadHoldingRegistersRequest, "input": ReadInputRegistersRequest}
+    return kinds[block.register](address=block.address, count=block.count, dev_id=unit)
+
+
 def _write_request(point: Point, registers: list[int], unit: int) -> ModbusPDU:
     """FC 5 for a coil, FC 6 for one register, FC 16 for more."""
+    from pymodbus.pdu.bit_message import WriteSingleCoilRequest
+    from pymodbus.pdu.register_message import WriteMultipleRegistersRequest, WriteSingleRegisterRequest
     if point.register == "coil":
         return WriteSingleCoilRequest(address=point.address, bits=[bool(registers[0])], dev_id=unit)
     if len(registers) == 1:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock, SystemClock
 from . import errors
-from .bridge import Bridge
 from .config import LmSections, parse_lm_sections
 from .errors import LmUnknown, NotWritable
 from .lm import LoadManager
@@ -23,6 +22,9 @@ from .profile import load_profile
 from .scheduler import EmitEvent, ShedScheduler
 from .shedding import Memory, ShedBook, ShedStore
 from .transport import Link
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,10 @@ class LmService:
             link = self.links.get(key) or self.links.setdefault(key, Link.tcp(lm))
             self.lms[name] = LoadManager(lm, load_profile(lm.profile), link)
         bridge = sections.bridge
-        self.bridge = Bridge(bridge, sections.buses[bridge.bus], self.links[bridge.bus]) if bridge.enabled else None
+        self.bridge: Bridge | None = None
+        if bridge.enabled:
+            from .bridge import Bridge  # pymodbus: imported when used (transport.py says why)
+            self.bridge = Bridge(bridge, sections.buses[bridge.bus], self.links[bridge.bus])
         limits = sections.shed
         store = ShedStore(data_dir / STATE_FILE, Memory(limits.remember_finished_s, limits.remember_finished_max))
         self.scheduler = ShedScheduler(self.lms, limits, store, emit_event, self.clock, rng or random.Random())

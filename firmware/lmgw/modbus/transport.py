@@ -31,16 +31,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Callable
-
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.client.base import ModbusBaseClient
-from pymodbus.exceptions import ConnectionException, ModbusException
-from pymodbus.pdu import ModbusPDU
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..backoff import Backoff
 from .config import BusConfig, LmConfig
 from .errors import BusBusy, DeviceException, DeviceTimeout, FramingError, ModbusError, Unreachable
+
+if TYPE_CHECKING:
+    from pymodbus.client.base import ModbusBaseClient
+    from pymodbus.pdu import ModbusPDU
+
+# pymodbus is imported where a link first talks to a device (here, lm.py, service.py), not when the
+# agent starts: its import took about 1 s of the boot on the way to the DSO's hello under TCG
+# (docs/performance.md, "Session 7").
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,7 @@ class Link:
     @classmethod
     def tcp(cls, lm: LmConfig) -> Link:
         def factory() -> ModbusBaseClient:
+            from pymodbus.client import AsyncModbusTcpClient
             return AsyncModbusTcpClient(lm.host, port=lm.port, name=lm.name, timeout=lm.timeout, retries=0,
                                         reconnect_delay=0)
         return cls(f"tcp {lm.host}:{lm.port}", factory, inter_frame=0.0, max_queue=lm.max_queue, stream=True)
@@ -130,6 +134,7 @@ class Link:
     @classmethod
     def serial(cls, bus: BusConfig) -> Link:
         def factory() -> ModbusBaseClient:
+            from pymodbus.client import AsyncModbusSerialClient
             return AsyncModbusSerialClient(bus.device, baudrate=bus.baudrate, parity=bus.parity,
                                            stopbits=bus.stopbits, bytesize=bus.bytesize, name=bus.name,
                                            timeout=bus.timeout, retries=0, reconnect_delay=0)
@@ -214,6 +219,7 @@ class Link:
                 await asyncio.sleep(self.inter_frame)
 
     async def _transact_locked(self, target: str, request: ModbusPDU, timeout: float) -> ModbusPDU:
+        from pymodbus.exceptions import ConnectionException, ModbusException
         client = await self._connect(target, timeout)
         if not self.stream:
             await self._settle(client, self.health(request.dev_id), timeout)
