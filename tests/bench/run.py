@@ -17,6 +17,7 @@ from __future__ import annotations
 import lmgw  # noqa: F401  first: points OPENSSL_CONF at lmgw's TLS policy before asyncio loads OpenSSL
 import argparse
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -26,8 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -189,67 +191,96 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.wait(10)
 
 
+SLICE_S = 1.0
+"""The two phases alternate in slices of this length, so a machine whose speed drifts (shared cores)
+weighs on both alike instead of on whichever ran second."""
+
+
+@dataclass
+class _Phase:
+    calls: int = 0
+    seconds: float = 0.0
+    cpu: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """CPU seconds of the bench's process and of the child, over the counted slices."""
+
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+    def cpu_us(self, which: int | None = None) -> float:
+        return (sum(self.cpu) if which is None else self.cpu[which]) / self.calls * 1e6
+
+
+async def _slice(phase: _Phase | None, seconds: float, child: int,
+                 calls: list[Callable[[], Awaitable[Any]]]) -> None:
+    """Each caller calls in a loop for ``seconds``; counted into ``phase`` (None: a warm-up)."""
+    deadline = time.monotonic() + seconds
+    done = 0
+
+    async def worker(call: Callable[[], Awaitable[Any]]) -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            await call()
+            done += 1
+
+    start, cpu = time.monotonic(), (cpu_s(), cpu_s(child))
+    await asyncio.gather(*(worker(call) for call in calls))
+    if phase is not None:
+        phase.calls += done
+        phase.seconds += time.monotonic() - start
+        phase.cpu[0] += cpu_s() - cpu[0]
+        phase.cpu[1] += cpu_s(child) - cpu[1]
+
+
 async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
+    """LMGW's DSO calling ``gw.ping`` on n gateway agents against a bare websockets echo over n connections
+    with the same mTLS, in alternating slices; each side's two processes (callers, answerers) as separate
+    processes, as the DSO and the gateways are."""
     pki = make_pki(work / "ca-load")
-    lines = []
+    params = {"payload": "x" * 64}
+    frame = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "gw.ping", "params": params})
+    ours, bare = _Phase(), _Phase()
     async with running_dso(pki, work) as dso:
-        child = await asyncio.to_thread(_child, "gateways", work, dso.port, n)
+        gateways = await asyncio.to_thread(_child, "gateways", work, dso.port, n)
+        port = free_port()
+        echo = await asyncio.to_thread(_child, "echo", work, port, n)
         try:
             await wait_until(lambda: len(dso.registry.entries()) == n, timeout=120, what=f"{n} gateways")
-            ids = [e.gateway_id for e in dso.registry.entries()]
-            done = 0
-            deadline = time.monotonic() + seconds
+            lmgw_calls = [functools.partial(dso.call, e.gateway_id, "gw.ping", params) for e in dso.registry.entries()]
+            await _slice(None, SLICE_S, gateways.pid, lmgw_calls)
+            memory = (f"memory: DSO RSS with {n} gateways {rss_mib():.1f} MiB; {n} gateway agents in one process "
+                      f"{rss_mib(gateways.pid):.1f} MiB")
+            key_cert = pki.gateway("GW-ECHO")
+            context = client_context(pki.ca_cert, key_cert[1], key_cert[0])
+            clients = [await connect(f"wss://localhost:{port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None)
+                       for _ in range(n)]
 
-            async def worker(gid: str) -> None:
-                nonlocal done
-                while time.monotonic() < deadline:
-                    await dso.call(gid, "gw.ping", {"payload": "x" * 64})
-                    done += 1
+            def round_trip(ws: Any) -> Callable[[], Awaitable[Any]]:
+                async def call() -> Any:
+                    await ws.send(frame)
+                    return await ws.recv()
+                return call
 
-            start, cpu = time.monotonic(), (cpu_s(), cpu_s(child.pid))
-            await asyncio.gather(*(worker(gid) for gid in ids))
-            lmgw_rate = done / (time.monotonic() - start)
-            lmgw_cpu = ((cpu_s() - cpu[0]) / done, (cpu_s(child.pid) - cpu[1]) / done)
-            lines.append(f"throughput: LMGW DSO -> {n} gateways, gw.ping: {lmgw_rate:.0f} calls/s "
-                         f"(paper load: {PAPER_RATE:.0f} calls/s per gateway -> {lmgw_rate / PAPER_RATE:.0f} gateways at full rate)")
-            lines.append(f"memory: DSO RSS with {n} gateways {rss_mib():.1f} MiB; {n} gateway agents in one process "
-                         f"{rss_mib(child.pid):.1f} MiB")
+            echo_calls = [round_trip(ws) for ws in clients]
+            await _slice(None, SLICE_S, echo.pid, echo_calls)
+            for _ in range(max(1, round(seconds / SLICE_S))):
+                await _slice(ours, SLICE_S, gateways.pid, lmgw_calls)
+                await _slice(bare, SLICE_S, echo.pid, echo_calls)
+            for ws in clients:
+                await ws.close()
         finally:
-            await asyncio.to_thread(_stop, child)
-
-    port = free_port()
-    child = await asyncio.to_thread(_child, "echo", work, port, n)
-    try:
-        key_cert = pki.gateway("GW-ECHO")
-        context = client_context(pki.ca_cert, key_cert[1], key_cert[0])
-        clients = [await connect(f"wss://localhost:{port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None)
-                   for _ in range(n)]
-        done = 0
-        deadline = time.monotonic() + seconds
-        frame = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "gw.ping", "params": {"payload": "x" * 64}})
-
-        async def echo_worker(ws: Any) -> None:
-            nonlocal done
-            while time.monotonic() < deadline:
-                await ws.send(frame)
-                await ws.recv()
-                done += 1
-
-        start, cpu = time.monotonic(), (cpu_s(), cpu_s(child.pid))
-        await asyncio.gather(*(echo_worker(ws) for ws in clients))
-        echo_rate = done / (time.monotonic() - start)
-        echo_cpu = ((cpu_s() - cpu[0]) / done, (cpu_s(child.pid) - cpu[1]) / done)
-        for ws in clients:
-            await ws.close()
-    finally:
-        await asyncio.to_thread(_stop, child)
-    lines.append(f"throughput: bare websockets echo, same mTLS, {n} connections: {echo_rate:.0f} round trips/s; "
-                 f"LMGW/bare ratio {lmgw_rate / echo_rate:.2f}")
-    # CPU per call is what the rate ratio stands for, and it is steadier when the machine is shared
-    lines.append(f"throughput: CPU per call LMGW {sum(lmgw_cpu) * 1e6:.0f} us (DSO {lmgw_cpu[0] * 1e6:.0f}, gateways "
-                 f"{lmgw_cpu[1] * 1e6:.0f}), echo {sum(echo_cpu) * 1e6:.0f} us (client {echo_cpu[0] * 1e6:.0f}, server "
-                 f"{echo_cpu[1] * 1e6:.0f}); echo/LMGW CPU ratio {sum(echo_cpu) / sum(lmgw_cpu):.2f}")
-    return lines
+            await asyncio.to_thread(_stop, echo)
+            await asyncio.to_thread(_stop, gateways)
+    return [
+        f"throughput: LMGW DSO -> {n} gateways, gw.ping: {ours.rate():.0f} calls/s (paper load: {PAPER_RATE:.0f} "
+        f"calls/s per gateway -> {ours.rate() / PAPER_RATE:.0f} gateways at full rate)",
+        memory,
+        f"throughput: bare websockets echo, same mTLS, {n} connections: {bare.rate():.0f} round trips/s; "
+        f"LMGW/bare ratio {ours.rate() / bare.rate():.2f} ({ours.seconds:.0f} s of each, alternating {SLICE_S:g} s slices)",
+        # CPU per call is what the rate ratio stands for, and it is steadier when the machine is shared
+        f"throughput: CPU per call LMGW {ours.cpu_us():.0f} us (DSO {ours.cpu_us(0):.0f}, gateways {ours.cpu_us(1):.0f}), "
+        f"echo {bare.cpu_us():.0f} us (client {bare.cpu_us(0):.0f}, server {bare.cpu_us(1):.0f}); "
+        f"echo/LMGW CPU ratio {bare.cpu_us() / ours.cpu_us():.2f}",
+    ]
 
 
 async def bench_handshakes(work: Path, seconds: float, concurrency: int = 8) -> list[str]:
