@@ -41,6 +41,7 @@ import nats  # noqa: E402
 import nats.errors  # noqa: E402
 
 from localfleet import LocalFleet  # noqa: E402
+from procfs import cpu_seconds, rss_kib  # noqa: E402
 from dso_side import stop_processes  # noqa: E402,I001 - localfleet put qemu/ on the path
 from lmgw.dso.cluster import wire  # noqa: E402
 
@@ -67,23 +68,6 @@ LB_RATE = os.environ.get("LMGW_FLEET_LB_RATE", str(max(1, 60 // BALANCERS)))
 of this shared 2-core machine handshake during a reconnect storm (docs/fleet.md); 0 = no limit."""
 PHASE_LIMIT = 120.0
 RECOVERY_LIMIT = float(os.environ.get("LMGW_FLEET_RECOVERY_S", "300"))
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class CpuMeter:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from conftest import gateway_config, running_dso, running_gateway, wait_until  # noqa: E402  (puts qemu/ on the path)
 from dso_side import free_port, make_pki, process, write_toml  # noqa: E402
+from procfs import cpu_seconds, rss_kib  # noqa: E402
 from lmgw import SUBPROTOCOL as SUBPROTOCOL_NAME  # noqa: E402
 from lmgw.dso.config import DsoConfig  # noqa: E402
 from lmgw.tls import client_context, server_context  # noqa: E402
@@ -50,16 +51,7 @@ PAPER_RATE = 4.0
 
 
 def rss_mib(pid: int | str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_s(pid: int | str = "self") -> float:
-    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return rss_kib(pid) / 1024
 
 
 class CountingRelay:
@@ -222,13 +214,13 @@ async def _slice(phase: _Phase | None, seconds: float, child: int,
             await call()
             done += 1
 
-    start, cpu = time.monotonic(), (cpu_s(), cpu_s(child))
+    start, cpu = time.monotonic(), (cpu_seconds(), cpu_seconds(child))
     await asyncio.gather(*(worker(call) for call in calls))
     if phase is not None:
         phase.calls += done
         phase.seconds += time.monotonic() - start
-        phase.cpu[0] += cpu_s() - cpu[0]
-        phase.cpu[1] += cpu_s(child) - cpu[1]
+        phase.cpu[0] += cpu_seconds() - cpu[0]
+        phase.cpu[1] += cpu_seconds(child) - cpu[1]
 
 
 async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
