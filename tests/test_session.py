@@ -66,7 +66,7 @@ def test_plain_handlers_are_answered_by_the_reader_and_async_ones_by_a_task_each
     async def scenario() -> None:
         tasks_seen: list[int] = []
         sessions: list[RpcSession] = []
-        release = asyncio.Event()
+        release, slow_started = asyncio.Event(), asyncio.Event()
 
         def ping(payload: Any = None) -> dict[str, Any]:
             tasks_seen.append(len(sessions[0]._tasks))
@@ -77,6 +77,7 @@ def test_plain_handlers_are_answered_by_the_reader_and_async_ones_by_a_task_each
 
         async def slow() -> str:
             tasks_seen.append(len(sessions[0]._tasks))
+            slow_started.set()
             await release.wait()
             return "done"
 
@@ -96,8 +97,7 @@ def test_plain_handlers_are_answered_by_the_reader_and_async_ones_by_a_task_each
                 reader = asyncio.create_task(caller.run())
                 assert await caller.call("ping", {"payload": 1}) == {"payload": 1}
                 slow_call = asyncio.create_task(caller.call("slow"))
-                while len(tasks_seen) < 2:
-                    await asyncio.sleep(0.01)
+                await asyncio.wait_for(slow_started.wait(), 30)
                 # served while the slow call waits in its task: the reader is not held up by it
                 assert await caller.call("ping", {"payload": 2}) == {"payload": 2}
                 error = (await asyncio.gather(caller.call("broken"), return_exceptions=True))[0]
