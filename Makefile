@@ -12,6 +12,8 @@ APT_PACKAGES += qemu-system-arm qemu-user-static binfmt-support arch-test mmdebs
 	squashfs-tools genimage dosfstools mtools fdisk cpio u-boot-qemu u-boot-tools
 # Raspberry Pi SD-card images: the .bmap beside the image (bmaptool create; docs/flashing.md).
 APT_PACKAGES += bmap-tools
+# Its boot test in raspi2b puts the card on the Pi's SDHCI in a copy of the device tree (fdtput; test_raspi_image.py).
+APT_PACKAGES += device-tree-compiler
 # Field updates: RAUC on the host builds and signs bundles (make bundle).
 APT_PACKAGES += rauc
 APT_PACKAGES += socat

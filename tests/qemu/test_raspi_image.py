@@ -37,7 +37,7 @@ pytestmark = pytest.mark.qemu
 
 IMAGE = REPO / "build" / "image-raspberrypi2" / "lmgw.img"
 GATEWAY = "GW-RASPI2-0001"
-BOOT_TIMEOUT = 600.0  # TCG on a shared two-core machine: seconds are measured and printed, never asserted
+BOOT_TIMEOUT = 900.0  # TCG on a shared two-core machine (load 25: multi-user.target 871 s after power-on): never asserted
 # The site configuration of the virt image's rig, its Modbus TCP LM only (the RS-485 LM needs the virtio console).
 LM_CONFIG = "[[lm]]" + RIG_LM_CONFIG.split("[[lm]]")[1]
 
@@ -50,28 +50,46 @@ USB_POWER_CYCLE, USB_FOUND = "usb usb1-port1: attempt power cycle", "usb 1-1: Ne
 FOREIGN_COMPATIBLE, FOREIGN_BUNDLE = "lmgw-qemu-arm-offline", "foreign.raucb"
 
 
-# QEMU's SD host controller (bcm2835-sdhost) as Linux sees it when the emulation is starved of CPU for seconds
-# on a loaded machine: the read fails (seen here at a load average of 30 on two cores, never on an idle one).
-SD_STARVED = "sdhost-bcm2835 3f202000.mmc: timeout waiting for hardware interrupt"
+# The card on the Pi's other SD controller in QEMU. A Pi 2 has two on GPIO 48-53: the SD host (bcm2835-sdhost,
+# which the image's device tree selects, as Raspberry Pi OS does) and the Arasan SDHCI (the image has both
+# drivers, in the initramfs too). QEMU's emulated SD host loses requests on a loaded machine: "sdhost-bcm2835
+# 3f202000.mmc: timeout waiting for hardware interrupt", then the boot hangs on its first writes (seen at a
+# load average of 25 on two cores here and in CI, where two boots in a row hung; Guenter Roeck's QEMU kernel
+# tests leave raspi's sdhost out for the same message). So the test's copy of the device tree routes the pins
+# to the SDHCI and disables the SD host: the same card, partitions and drivers, another controller. QEMU's GPIO
+# block gives the card to its SDHCI when pins 48-53 are inputs (function 0), not ALT3 as a Pi does.
+SDHCI_PINS = "/soc/gpio@7e200000/emmc_gpio48"
+SD_CONTROLLERS = (
+    ("/soc/mmc@7e202000", "status", "s", "disabled"),
+    ("/soc/mmc@7e300000", "status", "s", "okay"),
+    ("/soc/mmc@7e300000", "bus-width", "u", "4"),
+    ("/soc/mmc@7e300000", "pinctrl-names", "s", "default"),
+    (SDHCI_PINS, "brcm,function", "u", "0"),
+)
+# Linux's SDHCI driver when a request never completes: the boot cannot go on, so the test says it at once.
+SD_STUCK = "mmc0: Timeout waiting for hardware interrupt"
 
 
 class Pi:
-    """qemu-system-arm -M raspi2b on an SD card image; the serial console (PL011, ttyAMA0) in a file. A boot whose
-    SD reads timed out (SD_STARVED) is started once more from the card as it was before it."""
+    """qemu-system-arm -M raspi2b on an SD card image; the serial console (PL011, ttyAMA0) in a file."""
 
     def __init__(self, card: Path, work: Path, forwards: dict[tuple[str, int], int]) -> None:
         self.card, self.work, self.forwards = card, work, forwards
         self.console = work / "raspi2b-console.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.started = 0.0
-        self.pristine = copy_image(card, work / "card-before-boot.img")
-        self.restarted = False
 
     def start(self) -> None:
         boot = gpt.find(str(self.card), "boot")
         for name in ("u-boot.bin", "bcm2836-rpi-2-b.dtb"):
             subprocess.run(["mcopy", "-n", "-i", f"{self.card}@@{boot.offset}", f"::{name}", str(self.work / name)],
                            check=True)
+        dtb = str(self.work / "bcm2836-rpi-2-b.dtb")
+        for node, prop, kind, value in SD_CONTROLLERS:
+            subprocess.run(["fdtput", "-t", kind, dtb, node, prop, value], check=True)
+        pins = subprocess.run(["fdtget", "-t", "u", dtb, SDHCI_PINS, "phandle"], check=True, capture_output=True,
+                              text=True).stdout.strip()
+        subprocess.run(["fdtput", "-t", "u", dtb, "/soc/mmc@7e300000", "pinctrl-0", pins], check=True)
         uimage = self.work / "u-boot.uimg"
         subprocess.run(["mkimage", "-q", "-A", "arm", "-O", "linux", "-T", "kernel", "-C", "none", "-a", "0x8000",
                         "-e", "0x8000", "-n", "u-boot", "-d", str(self.work / "u-boot.bin"), str(uimage)], check=True)
@@ -116,10 +134,10 @@ class Pi:
         regex = re.compile(pattern)
         while True:
             text = self.text()
-            if SD_STARVED in text and not self.restarted:
-                self.restart()
-                continue
-            match = regex.search(text)
+            if SD_STUCK in text:
+                raise AssertionError(f"the SD card stopped answering ({SD_STUCK!r}): the boot cannot go on:\n{self.tail()}")
+            # Complete lines only: a pattern ending in (.*) must not match a line QEMU has half written.
+            match = regex.search(text, 0, text.rfind("\n") + 1)
             if match:
                 return match
             if self.process is None or self.process.poll() is not None:
@@ -127,14 +145,6 @@ class Pi:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {pattern!r} on the console after {timeout:g} s:\n{self.tail()}")
             time.sleep(0.5)
-
-    def restart(self) -> None:
-        print(f"NOTE raspi2b: SD reads timed out under load ({SD_STARVED!r}), booting once more from the same card")
-        self.stop()
-        self.restarted = True
-        self.console.rename(self.work / "raspi2b-console-starved.log")
-        copy_image(self.pristine, self.card)
-        self.start()
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
