@@ -124,6 +124,10 @@ def test_malformed_notification_is_ignored_not_answered():
     assert isinstance(Peer().receive('{"jsonrpc":"2.0","method":"x","params":3}'), Ignored)
 
 
-def test_nan_is_never_sent():
-    with pytest.raises(ValueError):
-        Peer().result(1, float("nan"))
+def test_a_result_that_is_not_json_is_never_sent_but_an_internal_error():
+    looped: dict[str, object] = {}
+    looped["self"] = looped
+    for result in (float("nan"), {1, 2}, object(), looped):
+        with pytest.raises(RpcError) as error:
+            Peer().result(1, result)
+        assert error.value.code == RpcCode.INTERNAL_ERROR and "not JSON" in error.value.message

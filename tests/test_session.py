@@ -62,7 +62,8 @@ def test_calls_expire_each_at_its_own_deadline_and_answered_calls_are_untouched(
 
 
 def test_plain_handlers_are_answered_by_the_reader_and_async_ones_by_a_task_each() -> None:
-    """A plain handler (``gw.ping``) is answered without a task; an error in it is still an answer."""
+    """A plain handler (``gw.ping``) is answered without a task; an error in it, or a result that is not
+    JSON, is still an answer."""
     async def scenario() -> None:
         tasks_seen: list[int] = []
         sessions: list[RpcSession] = []
@@ -75,6 +76,9 @@ def test_plain_handlers_are_answered_by_the_reader_and_async_ones_by_a_task_each
         def broken() -> None:
             raise KeyError("boom")
 
+        def not_json() -> float:
+            return float("nan")
+
         async def slow() -> str:
             tasks_seen.append(len(sessions[0]._tasks))
             slow_started.set()
@@ -85,6 +89,7 @@ def test_plain_handlers_are_answered_by_the_reader_and_async_ones_by_a_task_each
             table = MethodTable()
             table.add("ping", ping, [Param("payload", int, required=False)])
             table.add("broken", broken)
+            table.add("not_json", not_json)
             table.add("slow", slow)
             assert table.immediate("ping") and table.immediate("unknown") and not table.immediate("slow")
             sessions.append(RpcSession(connection, table, name="gateway"))
@@ -102,9 +107,13 @@ def test_plain_handlers_are_answered_by_the_reader_and_async_ones_by_a_task_each
                 assert await caller.call("ping", {"payload": 2}) == {"payload": 2}
                 error = (await asyncio.gather(caller.call("broken"), return_exceptions=True))[0]
                 assert isinstance(error, RpcError) and error.code == RpcCode.INTERNAL_ERROR
+                # a result json cannot encode is an answer too, and the reader reads on
+                error = (await asyncio.gather(caller.call("not_json"), return_exceptions=True))[0]
+                assert isinstance(error, RpcError) and error.code == RpcCode.INTERNAL_ERROR
+                assert await caller.call("ping", {"payload": 3}) == {"payload": 3}
                 release.set()
                 assert await slow_call == "done"
-                assert tasks_seen == [0, 1, 1]  # the pings ran in no task of their own; the slow call in one
+                assert tasks_seen == [0, 1, 1, 1]  # the pings ran in no task of their own; the slow call in one
                 assert sessions[0].serving == 0
                 reader.cancel()
 

@@ -163,7 +163,12 @@ class Peer:
         return encode({"jsonrpc": JSONRPC, "method": method, "params": params})
 
     def result(self, request_id: RequestId, result: Any) -> str:
-        return encode({"jsonrpc": JSONRPC, "id": request_id, "result": result})
+        """The answer's frame; ``RpcError(INTERNAL_ERROR)`` when a handler's result is not JSON (NaN, an
+        object json cannot encode, a cycle), so that the caller gets an error rather than no answer."""
+        try:
+            return encode({"jsonrpc": JSONRPC, "id": request_id, "result": result})
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise RpcError(RpcCode.INTERNAL_ERROR, f"the result is not JSON: {exc}") from None
 
     def error(self, request_id: RequestId, error: RpcError) -> str:
         return error_frame(request_id, error)

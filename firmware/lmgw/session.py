@@ -159,14 +159,18 @@ class RpcSession:
         try:
             try:
                 result = await self.methods.dispatch(call.method, call.params)
+                answer = self._peer.result(call.id, result) if isinstance(call, Request) else None
             except RpcError as error:
                 if isinstance(call, Notification):
                     log.warning("notification %s from %s failed: %s", call.method, self.name, error.message)
                 else:
+                    if error.code == RpcCode.INTERNAL_ERROR:
+                        log.error("%s from %s answered with an internal error: %s", call.method, self.name,
+                                  error.message)
                     await self._send(self._peer.error(call.id, error))
             else:
-                if isinstance(call, Request):
-                    await self._send(self._peer.result(call.id, result))
+                if answer is not None:
+                    await self._send(answer)
         finally:
             if (task := asyncio.current_task()) is not None:
                 self._tasks.discard(task)
