@@ -159,14 +159,11 @@ class RpcSession:
         try:
             try:
                 result = await self.methods.dispatch(call.method, call.params)
-                answer = self._peer.result(call.id, result) if isinstance(call, Request) else None
+                answer = self._answer(call, result)
             except RpcError as error:
                 if isinstance(call, Notification):
                     log.warning("notification %s from %s failed: %s", call.method, self.name, error.message)
                 else:
-                    if error.code == RpcCode.INTERNAL_ERROR:
-                        log.error("%s from %s answered with an internal error: %s", call.method, self.name,
-                                  error.message)
                     await self._send(self._peer.error(call.id, error))
             else:
                 if answer is not None:
@@ -177,6 +174,18 @@ class RpcSession:
             refused = self._peer.finished()
             if refused:
                 log.info("%s: serving calls again after refusing %d with %d", self.name, refused, RpcCode.TOO_MANY_CALLS)
+
+    def _answer(self, call: Request | Notification, result: Any) -> str | None:
+        """The frame that answers a served call (None for a notification). A result json cannot encode is
+        the handler's bug: logged here, once (``dispatch`` logs the handlers that raise), and answered with
+        the ``INTERNAL_ERROR`` that ``Peer.result`` raises."""
+        if isinstance(call, Notification):
+            return None
+        try:
+            return self._peer.result(call.id, result)
+        except RpcError as error:
+            log.error("%s from %s: %s", call.method, self.name, error.message)
+            raise
 
     async def _send(self, frame: str) -> None:
         try:
