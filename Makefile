@@ -40,8 +40,9 @@ APT_PACKAGES += gcc-arm-linux-gnueabihf
 IMAGE_BOARD := $(or $(BOARD),qemu-arm-offline)
 IMAGE_DIR := $(if $(filter-out qemu-arm-offline,$(IMAGE_BOARD)),build/image-$(IMAGE_BOARD),build/image)
 IMAGE := $(IMAGE_DIR)/lmgw.img
-IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader -type f \
-	-not -name '*.pyc' 2>/dev/null)
+# Directories too: a unit masked or unmasked is a symlink to /dev/null added or removed (its directory changes).
+IMAGE_INPUTS := $(shell find firmware/pyproject.toml firmware/lmgw overlay board rootfs qemu/guest buildroot-external/bootloader \
+	\( -type f -o -type d \) -not -name '*.pyc' -not -name __pycache__ 2>/dev/null)
 
 .PHONY: deps host-packages demo demo-host test lint bench clean image qemu-run bundle
 
