@@ -17,6 +17,9 @@ from typing import Any, Callable, Iterator
 
 
 LOWEST_PORT = 15000
+_handed_out: set[int] = set()
+"""Ports this process was given: a fleet takes eighteen before its servers bind them, and two equal draws
+among them (about 1 in 120 per fleet, one CI run in twelve over the suite's fleets) left a NATS route unbound."""
 
 
 def _ephemeral_low() -> int:
@@ -32,16 +35,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     A port the kernel hands out for ``bind(0)`` comes from the range it also gives outgoing connections their
     source ports from: with thousands of connections open (the fleet tests, a QEMU suite beside) one of them
     could take the port before the server bound it.  Below the range only another caller of this can, and the
-    random start makes two of them meeting unlikely."""
+    random start makes two of them meeting unlikely; this process never gets the same port twice."""
     low = _ephemeral_low()
     if low - LOWEST_PORT >= 1000:
+        if len(_handed_out) > (low - LOWEST_PORT) // 2:
+            _handed_out.clear()  # a long run: the first ones are servers bound long ago, or gone
         for _ in range(100):
             port = random.randrange(LOWEST_PORT, low)
+            if port in _handed_out:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind((host, port))
                 except OSError:
                     continue
+                _handed_out.add(port)
                 return port
     with socket.socket() as s:  # no room below the range: the kernel's pick
         s.bind((host, 0))

@@ -356,6 +356,34 @@ def test_retry_not_put_off_by_a_clock_set_back(pki, tmp_path):
     asyncio.run(scenario())
 
 
+def test_clock_set_by_trusted_time_brings_the_operational_pair_back_without_renewing(pki, tmp_path):
+    """A clock two days ahead sees the operational pair as expired: the gateway connects with its factory pair and
+    renews at once, which the DSO's rate limit refuses (a certificate was signed for it a minute ago).  When trusted
+    time sets the clock, the gateway reconnects with the operational pair, valid again, instead of retrying the
+    renewal for an hour (CI's QEMU run: the clock was set while the factory pair's handshake went on)."""
+    async def scenario():
+        async with running_dso(pki, tmp_path, enrol={"min_interval": 3600, "lifetime": 86400}) as dso:
+            config = renewing(pki, tmp_path, "GW-K", dso.port)
+            config["time"] = {"from_dso": True}
+            async with running_gateway(config, tmp_path):  # first connection: renewed at once, a pair for a day
+                pair = await wait_until(lambda: connected_with(dso, "GW-K", operational=True), 20, "operational")
+            signed = len(_inventory(dso))
+            clock = ManualClock(time.time() + 2 * 86400)
+            async with running_gateway(config, tmp_path, clock=clock) as gw:
+                await wait_until(lambda: connected_with(dso, "GW-K", operational=False), what="factory session")
+                failed = await wait_until(lambda: events_of(dso, "GW-K", "cert.renewal_failed"), what="renewal refused")
+                assert "at most one per 3600 s" in failed[0]["details"]["reason"]
+
+                async def apply(answer, nonce):  # what lmgw-settime.service does on the device
+                    clock.set(time.time())
+                gw.time.apply = apply
+                clock.advance(400)  # past the retry delay of the attempts made before (no set_command configured)
+                entry = await wait_until(lambda: connected_with(dso, "GW-K", operational=True), 20, "operational again")
+                assert entry.serial == pair.serial and gw.identity.role is Role.OPERATIONAL
+                assert events_of(dso, "GW-K", "time.set") and len(_inventory(dso)) == signed
+    asyncio.run(scenario())
+
+
 def test_dso_server_certificate_rotation_with_the_same_ca_needs_no_gateway_change(pki, tmp_path):
     async def scenario():
         first = running_dso(pki, tmp_path)

@@ -82,7 +82,7 @@ class GatewayAgent:
                                                       self.identity.key_file),
                              proxy=lambda: self._proxy_for(config.url), anchors=self.trust.anchors,
                              revoked=self._revoked, floor=build_date, emit=self.emit_event, apply=self._set_clock,
-                             proven=self.trust.proven)
+                             proven=self.trust.proven, clock_set=self._clock_set)
         self.outbox = Outbox(config.data_dir / "outbox")
         self.delivery = EventDelivery(self.outbox)
         self.watchdog = Watchdog()
@@ -131,14 +131,37 @@ class GatewayAgent:
         renewed = self.identities.connected(self.identity)
         if renewed is not None:
             self.emit_event(RENEWED, renewed)
+        if await self._reconnect_if_outdated(session):
+            return
         jobs = [self.delivery.deliver(session), self.updater.connected()]
         if self.renewal.enabled:
-            jobs.append(self.renewer.run(session, self.identity, lambda: self._reconnect(session)))
+            jobs.append(self.renewer.run(session, self.identity,
+                                         lambda: self._reconnect(session, "reconnecting with the renewed certificate")))
         await asyncio.gather(*jobs)
 
-    async def _reconnect(self, session: RpcSession) -> None:
-        """Close the channel so that the next attempt presents the renewed pair."""
-        await session.connection.close(CloseCode.NORMAL_CLOSURE, "reconnecting with the renewed certificate")
+    async def _reconnect(self, session: RpcSession, reason: str) -> None:
+        """Close the channel so that the next attempt presents the identity ``select`` picks then."""
+        await session.connection.close(CloseCode.NORMAL_CLOSURE, reason)
+
+    async def _reconnect_if_outdated(self, session: RpcSession) -> bool:
+        """Reconnect if the identity in use is not the one to use now: it was picked by a clock that trusted time
+        has set since (a clock a year ahead saw the operational pair as expired; the attempt picked the factory
+        pair, and trusted time set the clock before the handshake ended). Renewing from the factory pair instead
+        would be refused by the DSO's rate limit for an hour, and would waste a certificate."""
+        best = self.identities.select(self._now())
+        if best == self.identity:
+            return False
+        log.info("the %s certificate %x is usable by the clock as it is now: reconnecting with it instead of the %s "
+                 "certificate %x", best.role.name.lower(), best.serial, self.identity.role.name.lower(),
+                 self.identity.serial)
+        await self._reconnect(session, f"reconnecting with the {best.role.name.lower()} certificate")
+        return True
+
+    async def _clock_set(self) -> None:
+        """Trusted time set the clock: the identity in use may have been chosen by the wrong one."""
+        session = self.channel.session
+        if session is not None:
+            await self._reconnect_if_outdated(session)
 
     def _channel_status(self, message: str) -> None:
         """Every channel state change: tell systemd; pick the identity before each attempt."""

@@ -89,7 +89,8 @@ class TimeSync:
                  anchors: Callable[[], list[x509.Certificate]], revoked: Callable[[int], bool],
                  floor: Callable[[], datetime | None], emit: Callable[[str, dict[str, Any]], None],
                  apply: Callable[[dict[str, Any], str], Awaitable[None]],
-                 proven: Callable[[], list[tuple[bytes, bytes]]] = list) -> None:
+                 proven: Callable[[], list[tuple[bytes, bytes]]] = list,
+                 clock_set: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.dso_url = dso_url
         self.state = data_dir / "time.json"
@@ -104,6 +105,8 @@ class TimeSync:
         self.emit = emit
         self.apply = apply
         self.proven = proven
+        self.clock_set = clock_set
+        """Called once the clock was set: what was chosen by the wrong clock (the identity) is chosen again."""
         """The anchors added by ``trust.update``, each with its proof (``TrustStore.proven``), for the helper."""
         self.backoff = Backoff(1.0, 300.0)
         self.last_result: str | None = None
@@ -145,6 +148,8 @@ class TimeSync:
                 await self.apply(answer, nonce)
             log.warning("clock set from the DSO's signed time: %s (was off by %+.1f s)", when.isoformat(), offset)
             self.emit(SET, {"time": when.isoformat(), "offset_s": round(offset, 3)})
+            if self.clock_set is not None:
+                await self.clock_set()
         save_last_good(self.state, when)
         self.last_result = f"ok at {when.isoformat()}, offset {offset:+.1f} s"
         return when
