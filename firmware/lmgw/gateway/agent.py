@@ -44,7 +44,7 @@ from .delivery import EventDelivery
 from .anchors import REFUSED as ANCHOR_REFUSED
 from .anchors import UPDATED as TRUST_UPDATED
 from .anchors import AnchorRefused, TrustStore, fingerprint
-from .identity import Identity, IdentityStore
+from .identity import Identity, IdentityStore, Role
 from .lm_methods import register_lm_methods
 from .outbox import Outbox
 from .renewal import RENEWED, Renewer, RenewalSettings
@@ -76,6 +76,9 @@ class GatewayAgent:
         self.identity: Identity = self.identities.select(self._now())
         self.ssl = self.identities.context(self.identity)
         self._attempt_connected = False
+        self._clock_sets = 0
+        """How often trusted time set the clock; ``_picked_after``: its value when this attempt's identity was picked."""
+        self._picked_after = 0
         self._crl_tasks: list[asyncio.Task[None]] = []
         self.time = TimeSync(TimeSettings.parse(config.raw), config.url, config.data_dir, self.clock,
                              tls=lambda: time_context(self.trust.bundle_file, self.identity.cert_file,
@@ -128,11 +131,11 @@ class GatewayAgent:
 
     async def _connected(self, session: RpcSession) -> None:
         self._attempt_connected = True
+        if self._picked_after != self._clock_sets and await self._reconnect_if_outdated(session):
+            return
         renewed = self.identities.connected(self.identity)
         if renewed is not None:
             self.emit_event(RENEWED, renewed)
-        if await self._reconnect_if_outdated(session):
-            return
         jobs = [self.delivery.deliver(session), self.updater.connected()]
         if self.renewal.enabled:
             jobs.append(self.renewer.run(session, self.identity,
@@ -144,21 +147,25 @@ class GatewayAgent:
         await session.connection.close(CloseCode.NORMAL_CLOSURE, reason)
 
     async def _reconnect_if_outdated(self, session: RpcSession) -> bool:
-        """Reconnect if the identity in use is not the one to use now: it was picked by a clock that trusted time
-        has set since (a clock a year ahead saw the operational pair as expired; the attempt picked the factory
-        pair, and trusted time set the clock before the handshake ended). Renewing from the factory pair instead
-        would be refused by the DSO's rate limit for an hour, and would waste a certificate."""
-        best = self.identities.select(self._now())
-        if best == self.identity:
+        """After trusted time set the clock: reconnect if the identity in use was picked by the wrong clock (a
+        clock a year ahead saw the operational pair as expired, so the attempt presented the factory pair).
+        Renewing from the factory pair instead would be refused by the DSO's rate limit for an hour, and would
+        waste a certificate. Nothing to do when the operational pair is in use: no clock makes another better."""
+        if self.identity.role is Role.OPERATIONAL:
             return False
-        log.info("the %s certificate %x is usable by the clock as it is now: reconnecting with it instead of the %s "
+        best = self.identities.select(self._now())
+        if best.role is self.identity.role:
+            return False
+        log.info("clock set: the %s certificate %x is usable now; reconnecting with it instead of the %s "
                  "certificate %x", best.role.name.lower(), best.serial, self.identity.role.name.lower(),
                  self.identity.serial)
         await self._reconnect(session, f"reconnecting with the {best.role.name.lower()} certificate")
         return True
 
     async def _clock_set(self) -> None:
-        """Trusted time set the clock: the identity in use may have been chosen by the wrong one."""
+        """Trusted time set the clock: the identity in use, or the one being presented now, may have been
+        picked by the wrong one (``_connected`` checks an attempt that was under way)."""
+        self._clock_sets += 1
         session = self.channel.session
         if session is not None:
             await self._reconnect_if_outdated(session)
@@ -169,7 +176,7 @@ class GatewayAgent:
         if self.channel.state is ChannelState.BACKING_OFF and not self._attempt_connected:
             self.identities.failed(self.identity)
         elif self.channel.state is ChannelState.CONNECTING:
-            self._attempt_connected = False
+            self._attempt_connected, self._picked_after = False, self._clock_sets
             identity = self.identities.select(self._now())
             if identity != self.identity:
                 log.info("connecting with the %s certificate %x (until %s)", identity.role.name.lower(),
