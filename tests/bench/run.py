@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import functools
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -162,6 +164,57 @@ async def _echo_role(args: argparse.Namespace) -> None:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
 
+async def _floor_role(args: argparse.Namespace) -> None:
+    """Child process: n websockets clients answering JSON-RPC with the least code that can (parse, answer with
+    the fields ``gw.ping`` answers, encode): the floor of a JSON-RPC call over this transport, without LMGW."""
+    work = Path(args.work) / "ca-load"
+    issued = next((work / "gateways").glob("GW-FLOOR-*"))  # Pki.gateway's directory, named with the serial
+    context = client_context(work / "ca.crt", issued / "device.crt", issued / "device.key")
+
+    async def answer(ws: Any) -> None:
+        async for message in ws:
+            call = json.loads(message)
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {
+                "time": datetime.now(timezone.utc).isoformat(), "payload": call["params"]["payload"]}}))
+
+    clients = [await connect(f"wss://localhost:{args.port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None)
+               for _ in range(args.n)]
+    tasks = [asyncio.create_task(answer(ws)) for ws in clients]
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for task in tasks:
+        task.cancel()
+    for ws in clients:
+        await ws.close()
+
+
+class _FloorCaller:
+    """The bench's side of the floor: a websockets server whose calls wait on a future that a reader per
+    connection resolves, as any JSON-RPC peer with several calls in flight must (LMGW's ``RpcSession`` too)."""
+
+    def __init__(self) -> None:
+        self.connections: list[Any] = []
+        self.waiters: dict[int, asyncio.Future[Any]] = {}
+        self.ids = itertools.count(1)
+
+    async def handler(self, ws: Any) -> None:
+        self.connections.append(ws)
+        async for message in ws:
+            answer = json.loads(message)
+            waiter = self.waiters.pop(answer["id"], None)
+            if waiter is not None:
+                waiter.set_result(answer["result"])
+
+    def caller(self, ws: Any, params: dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+        async def call() -> Any:
+            call_id = next(self.ids)
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters[call_id] = waiter
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": call_id, "method": "gw.ping", "params": params}))
+            return await waiter
+        return call
+
+
 def _child(role: str, work: Path, port: int, n: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen([sys.executable, __file__, "--role", role, "--work", str(work), "--port", str(port), "--n", str(n)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -226,21 +279,31 @@ async def _slice(phase: _Phase | None, seconds: float, child: int,
 async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
     """LMGW's DSO calling ``gw.ping`` on n gateway agents against a bare websockets echo over n connections
     with the same mTLS, in alternating slices; each side's two processes (callers, answerers) as separate
-    processes, as the DSO and the gateways are."""
+    processes, as the DSO and the gateways are.  A third set-up in the same slices is the floor of JSON-RPC
+    over this transport: the same calls and answers with the least code (``_FloorCaller``, ``_floor_role``),
+    which shows how much of the gap to the echo is LMGW's and how much any JSON-RPC peer pays."""
     pki = make_pki(work / "ca-load")
+    pki.gateway("GW-FLOOR")
     params = {"payload": "x" * 64}
     frame = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "gw.ping", "params": params})
-    ours, bare = _Phase(), _Phase()
-    async with running_dso(pki, work) as dso:
+    ours, floor, bare = _Phase(), _Phase(), _Phase()
+    floor_side = _FloorCaller()
+    floor_port = free_port()
+    async with running_dso(pki, work) as dso, serve(floor_side.handler, "127.0.0.1", floor_port, subprotocols=[SUBPROTOCOL],
+                                                    ssl=server_context(pki.ca_cert, pki.dso_cert, pki.dso_key)):
         gateways = await asyncio.to_thread(_child, "gateways", work, dso.port, n)
         port = free_port()
         echo = await asyncio.to_thread(_child, "echo", work, port, n)
+        answerers = await asyncio.to_thread(_child, "floor", work, floor_port, n)
         try:
-            await wait_until(lambda: len(dso.registry.entries()) == n, timeout=120, what=f"{n} gateways")
+            await wait_until(lambda: len(dso.registry.entries()) == n and len(floor_side.connections) == n,
+                             timeout=120, what=f"{n} gateways and {n} floor connections")
             lmgw_calls = [functools.partial(dso.call, e.gateway_id, "gw.ping", params) for e in dso.registry.entries()]
             await _slice(None, SLICE_S, gateways.pid, lmgw_calls)
             memory = (f"memory: DSO RSS with {n} gateways {rss_mib():.1f} MiB; {n} gateway agents in one process "
                       f"{rss_mib(gateways.pid):.1f} MiB")
+            floor_calls = [floor_side.caller(ws, params) for ws in floor_side.connections]
+            await _slice(None, SLICE_S, answerers.pid, floor_calls)
             key_cert = pki.gateway("GW-ECHO")
             context = client_context(pki.ca_cert, key_cert[1], key_cert[0])
             clients = [await connect(f"wss://localhost:{port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None)
@@ -256,10 +319,12 @@ async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
             await _slice(None, SLICE_S, echo.pid, echo_calls)
             for _ in range(max(1, round(seconds / SLICE_S))):
                 await _slice(ours, SLICE_S, gateways.pid, lmgw_calls)
+                await _slice(floor, SLICE_S, answerers.pid, floor_calls)
                 await _slice(bare, SLICE_S, echo.pid, echo_calls)
             for ws in clients:
                 await ws.close()
         finally:
+            await asyncio.to_thread(_stop, answerers)
             await asyncio.to_thread(_stop, echo)
             await asyncio.to_thread(_stop, gateways)
     return [
@@ -268,8 +333,12 @@ async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
         memory,
         f"throughput: bare websockets echo, same mTLS, {n} connections: {bare.rate():.0f} round trips/s; "
         f"LMGW/bare ratio {ours.rate() / bare.rate():.2f} ({ours.seconds:.0f} s of each, alternating {SLICE_S:g} s slices)",
+        f"throughput: JSON-RPC floor (the same calls and answers, json and a future per call, no LMGW code), "
+        f"{n} connections: {floor.rate():.0f} calls/s; floor/bare ratio {floor.rate() / bare.rate():.2f}, "
+        f"LMGW/floor ratio {ours.rate() / floor.rate():.2f}",
         # CPU per call is what the rate ratio stands for, and it is steadier when the machine is shared
         f"throughput: CPU per call LMGW {ours.cpu_us():.0f} us (DSO {ours.cpu_us(0):.0f}, gateways {ours.cpu_us(1):.0f}), "
+        f"floor {floor.cpu_us():.0f} us (callers {floor.cpu_us(0):.0f}, answerers {floor.cpu_us(1):.0f}), "
         f"echo {bare.cpu_us():.0f} us (client {bare.cpu_us(0):.0f}, server {bare.cpu_us(1):.0f}); "
         f"echo/LMGW CPU ratio {bare.cpu_us() / ours.cpu_us():.2f}",
     ]
@@ -394,7 +463,7 @@ if __name__ == "__main__":
     parser.add_argument("--capacity", type=int, default=2000)
     parser.add_argument("--only", help="comma-separated parts: wire, throughput, handshakes, capacity, modbus")
     parser.add_argument("--skip-wire-ip", action="store_true", help="skip the packet capture (minutes: LMGW_BENCH_IDLE_S)")
-    parser.add_argument("--role", choices=["gateways", "echo", "idle"])
+    parser.add_argument("--role", choices=["gateways", "echo", "floor", "idle"])
     parser.add_argument("--work")
     parser.add_argument("--port", type=int)
     parser.add_argument("--n", type=int)
@@ -402,5 +471,5 @@ if __name__ == "__main__":
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one descriptor per gateway connection
     logging.basicConfig(level=logging.ERROR)  # figures only; the servers' own logs would drown them
-    roles = {"gateways": _gateways_role, "echo": _echo_role, "idle": _idle_role}
+    roles = {"gateways": _gateways_role, "echo": _echo_role, "floor": _floor_role, "idle": _idle_role}
     asyncio.run(roles[args.role](args) if args.role else main(args))
