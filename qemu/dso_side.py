@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator
 
 LOWEST_PORT = 15000
 _handed_out: set[int] = set()
-"""Ports this process was given: a fleet takes eighteen before its servers bind them, and two equal draws
-among them (about 1 in 120 per fleet, one CI run in twelve over the suite's fleets) left a NATS route unbound."""
+"""Ports this process was given: a fleet takes sixteen before its servers bind them, and two equal draws
+among them (about 1 in 150 per fleet, one CI run in fifteen over the suite's ten or so fleets) left a NATS route unbound."""
 
 
 def _ephemeral_low() -> int:
