@@ -105,9 +105,9 @@ class TimeSync:
         self.emit = emit
         self.apply = apply
         self.proven = proven
+        """The anchors added by ``trust.update``, each with its proof (``TrustStore.proven``), for the helper."""
         self.clock_set = clock_set
         """Called once the clock was set: what was chosen by the wrong clock (the identity) is chosen again."""
-        """The anchors added by ``trust.update``, each with its proof (``TrustStore.proven``), for the helper."""
         self.backoff = Backoff(1.0, 300.0)
         self.last_result: str | None = None
 
