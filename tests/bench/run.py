@@ -128,6 +128,12 @@ async def bench_wire(work: Path, seconds: float) -> list[str]:
 # -- throughput: LMGW DSO vs bare websockets echo, both over the same mTLS ----------------
 
 
+async def _serve_until_stopped() -> None:
+    """A child role's side of ``_child`` and ``_stop``: say it is ready, then run until the parent writes a line."""
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
 async def _gateways_role(args: argparse.Namespace) -> None:
     """Child process: N real gateway agents connected to the DSO."""
     from dso_side import Pki
@@ -144,8 +150,7 @@ async def _gateways_role(args: argparse.Namespace) -> None:
         context = running_gateway(config, work)
         agents.append(await context.__aenter__())
         stack.append(context)
-    print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await _serve_until_stopped()
     for context in stack:
         await context.__aexit__(None, None, None)
 
@@ -160,8 +165,7 @@ async def _echo_role(args: argparse.Namespace) -> None:
 
     context = server_context(work / "ca.crt", work / "dso.crt", work / "dso.key")
     async with serve(echo, "127.0.0.1", args.port, ssl=context, subprotocols=[SUBPROTOCOL]):
-        print("ready", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        await _serve_until_stopped()
 
 
 async def _floor_role(args: argparse.Namespace) -> None:
@@ -180,8 +184,7 @@ async def _floor_role(args: argparse.Namespace) -> None:
     clients = [await connect(f"wss://localhost:{args.port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None)
                for _ in range(args.n)]
     tasks = [asyncio.create_task(answer(ws)) for ws in clients]
-    print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await _serve_until_stopped()
     for task in tasks:
         task.cancel()
     for ws in clients:
@@ -373,8 +376,7 @@ async def _idle_role(args: argparse.Namespace) -> None:
         d = work / "gateways" / f"{n}"
         context = client_context(work / "ca.crt", d / "device.crt", d / "device.key")
         connections.append(await connect(f"wss://localhost:{args.port}/", ssl=context, subprotocols=[SUBPROTOCOL], proxy=None))
-    print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await _serve_until_stopped()
     for ws in connections:
         await ws.close()
 
