@@ -15,13 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import IMAGE_DIR, UBOOT, copy_image, write_uboot_env
+from harness import IMAGE_DIR, MACHINE, UBOOT, copy_image, write_uboot_env
 
 MARKS = (b"U-Boot 20", b"Hit any key", b"Scanning virtio", b"Starting kernel")
 
 
 def once(disk: Path, env: Path | None) -> dict[str, float]:
-    command = ["qemu-system-arm", "-M", "virt", "-cpu", "cortex-a15", "-smp", "2", "-m", "512", "-nographic",
+    command = ["qemu-system-arm", *MACHINE, "-m", "512", "-nographic",
                "-monitor", "none", "-bios", str(UBOOT), "-drive", f"if=none,file={disk},format=raw,id=hd0,cache=unsafe",
                "-device", "virtio-blk-device,drive=hd0", "-netdev", "user,id=n0,restrict=on",
                "-device", "virtio-net-device,netdev=n0",

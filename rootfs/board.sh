@@ -14,6 +14,7 @@
 #                           offline_board_boot OUT (board files the boot partition needs)
 #   OFFLINE_MODULES         kernel modules (paths under kernel/) the root needs besides the common ones
 #   OFFLINE_INITRD_MODULES  modules the initramfs loads (in order) to reach the root
+#   OFFLINE_KERNEL_FLAVOUR  Debian's armhf kernel flavour: armmp (default) or armmp-lpae
 #   CONSOLE                 the kernel console the A/B boot script passes (default ttyAMA0,115200)
 #   AB_ENV_FILE             the A/B state file on the boot partition (default uboot.env)
 #   RS485_DEVICE            kernel name of the RS-485 port; /dev/rs485 points to it
@@ -33,6 +34,7 @@ lmgw_offline_board() {
 	OFFLINE_HOOK=${OFFLINE_HOOK:-}
 	OFFLINE_MODULES=${OFFLINE_MODULES:-}
 	OFFLINE_INITRD_MODULES=${OFFLINE_INITRD_MODULES:-}
+	OFFLINE_KERNEL_FLAVOUR=${OFFLINE_KERNEL_FLAVOUR:-armmp}
 	CONSOLE=${CONSOLE:-}
 	AB_ENV_FILE=${AB_ENV_FILE:-}
 	RS485_DEVICE=${RS485_DEVICE:-}

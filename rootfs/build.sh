@@ -40,7 +40,8 @@ packages=systemd,systemd-sysv,udev,kmod,iproute2,e2fsprogs,python3,python3-cffi-
 packages=$packages,rauc,rauc-service,dbus,libubootenv-tool
 # Downloaded, not installed: the kernel is unpacked on the host (running its
 # initramfs hooks under emulation would take many minutes), busybox goes in the initramfs.
-extra_debs='busybox-static $(apt-cache depends linux-image-armmp | sed -n "s/ *Depends: \(linux-image-.*\)/\1/p")'
+# Both kernel flavours: the cache serves every board (OFFLINE_KERNEL_FLAVOUR of its meta).
+extra_debs='busybox-static $(apt-cache depends linux-image-armmp linux-image-armmp-lpae | sed -n "s/ *Depends: \(linux-image-.*\)/\1/p")'
 # Python packages pinned to Buildroot LTS 2026.02.3's versions (firmware/pyproject.toml).
 wheels="websockets==15.0.1 cryptography==46.0.3 pymodbus==3.11.4 pyserial==3.5"
 sdist_wheels="sdnotify==0.3.2"
@@ -56,7 +57,7 @@ ensure_binfmt() {
 }
 
 fetch_debs() {
-	[ -f "$cache/debs/Release" ] && [ "$(cat "$cache/debs/.packages" 2>/dev/null)" = "$packages" ] && return
+	[ -f "$cache/debs/Release" ] && [ "$(cat "$cache/debs/.packages" 2>/dev/null)" = "$packages $extra_debs" ] && return
 	rm -rf "$cache/debs"
 	log "downloading Debian packages into $cache/debs (first build only)"
 	mkdir -p "$cache/debs"
@@ -69,7 +70,7 @@ fetch_debs() {
 		"$suite" /dev/null "$mirror"
 	(cd "$cache/debs" && apt-ftparchive packages . > Packages &&
 		apt-ftparchive -o APT::FTPArchive::Release::Codename=$suite -o APT::FTPArchive::Release::Suite=$suite release . > Release)
-	echo "$packages" > "$cache/debs/.packages"
+	echo "$packages $extra_debs" > "$cache/debs/.packages"
 }
 
 fetch_wheels() {
@@ -127,9 +128,11 @@ base_root() {
 }
 
 install_kernel() {
-	log "kernel and modules from the armmp package"
+	local deb
+	deb=$(ls "$cache"/debs/linux-image-[0-9]*-"${OFFLINE_KERNEL_FLAVOUR}"_*.deb | head -1)
+	log "kernel and modules from the $OFFLINE_KERNEL_FLAVOUR package"
 	rm -rf "$out/kernel" && mkdir -p "$out/kernel"
-	dpkg-deb -x "$(ls "$cache"/debs/linux-image-[0-9]*-armmp_*.deb | head -1)" "$out/kernel"
+	dpkg-deb -x "$deb" "$out/kernel"
 	kver=$(ls "$out/kernel/lib/modules")
 	cp "$out/kernel/boot/vmlinuz-$kver" "$out/$KERNEL_FILE"
 	# Only what a QEMU 'virt' board and the root/identity/data filesystems
@@ -148,7 +151,7 @@ install_kernel() {
 	check_module_deps "$dst"
 	# QEMU's TPM (-device tpm-tis-device): the TIS core from the package, tpm_tis built for this kernel (docs/tpm.md).
 	(cd "$src" && find kernel/drivers/char/tpm/tpm_tis_core.ko | cpio -pdm --quiet "$dst")
-	"$top/rootfs/tpm-kernel-module.sh" "$(ls "$cache"/debs/linux-image-[0-9]*-armmp_*.deb | head -1)" "$dst/updates"
+	"$top/rootfs/tpm-kernel-module.sh" "$deb" "$dst/updates"
 	chroot "$out/rootfs" /sbin/depmod "$kver"
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tpm_tis.ko for the image's Debian armmp kernel: the driver of QEMU's `-device tpm-tis-device` (a TIS TPM
+# tpm_tis.ko for the image's Debian armmp or armmp-lpae kernel: the driver of QEMU's `-device tpm-tis-device` (a TIS TPM
 # on the virt machine's platform bus, compatible "tcg,tpm-tis-mmio"). Debian builds armmp without
 # CONFIG_TCG_TIS (bookworm 6.1, bookworm-backports and trixie 6.12 alike), so the QEMU test image gets this
 # one module, cross-built from Debian's own linux-source of the same version against the kernel's own
@@ -7,7 +7,7 @@
 #
 #   rootfs/tpm-kernel-module.sh KERNEL_DEB OUT_DIR     (OUT_DIR/tpm_tis.ko)
 #
-# The result is cached per kernel package version in $LMGW_CACHE/tpm-kmod/<version> (default build/cache);
+# The result is cached per kernel flavour and version in $LMGW_CACHE/tpm-kmod/<abi-flavour>/<version> (default build/cache);
 # a cold build downloads ~170 MB (linux-source is the whole tree) through a throw-away APT view of the
 # image's suite (signatures checked, nothing on the host's APT changes).
 set -euo pipefail
@@ -20,15 +20,16 @@ mirror=${LMGW_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 package=$(dpkg-deb -f "$deb" Package)      # linux-image-6.1.0-50-armmp
 version=$(dpkg-deb -f "$deb" Version)      # 6.1.176-1
-abi_flavour=${package#linux-image-}        # 6.1.0-50-armmp
-abi=${abi_flavour%-armmp}
+abi_flavour=${package#linux-image-}        # 6.1.0-50-armmp, 6.1.0-50-armmp-lpae
+abi=${abi_flavour%-armmp-lpae}
+abi=${abi%-armmp}                          # 6.1.0-50
 series=${abi%%.0-*}                        # 6.1
 if [ "$abi_flavour" = "$package" ] || [ "$abi" = "$abi_flavour" ]; then
-	echo "tpm-kernel-module.sh: $package is not an armmp kernel image" >&2
+	echo "tpm-kernel-module.sh: $package is not an armmp or armmp-lpae kernel image" >&2
 	exit 1
 fi
 stamp="$version $(sha256sum "$0" | cut -d' ' -f1)"
-built=$cache/$version
+built=$cache/$abi_flavour/$version
 mkdir -p "$out"
 if [ "$(cat "$built/.stamp" 2>/dev/null)" = "$stamp" ]; then
 	cp "$built/tpm_tis.ko" "$out/"
