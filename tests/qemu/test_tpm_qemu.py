@@ -90,7 +90,9 @@ def journal_line(guest: Guest, text: str, since: str = "") -> str:
     """The first line of lmgw's journal (since the guest's ``date +%s`` ``since``) containing ``text``."""
     window = f"--since @{since}" if since else ""
     _, out = guest.shell(f"journalctl -u lmgw {window} --no-pager -o cat | grep -F -m1 -- '{text}'", timeout=30)
-    return out.strip()
+    # The shell's output also carries journalctl's warnings, e.g. a runtime journal file that journald's
+    # flush to /data removed while it read (a poll during the boot).
+    return next((line.strip() for line in out.splitlines() if text in line), "")
 
 
 def push(guest: Guest, directory: str, files: dict[str, bytes]) -> None:
