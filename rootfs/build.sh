@@ -128,8 +128,9 @@ base_root() {
 }
 
 install_kernel() {
-	local deb
-	deb=$(ls "$cache"/debs/linux-image-[0-9]*-"${OFFLINE_KERNEL_FLAVOUR}"_*.deb | head -1)
+	local debs=("$cache"/debs/linux-image-[0-9]*-"$OFFLINE_KERNEL_FLAVOUR"_*.deb) deb
+	deb=${debs[0]}
+	[ -f "$deb" ] || lmgw_die "no Debian kernel of flavour $OFFLINE_KERNEL_FLAVOUR in $cache/debs (OFFLINE_KERNEL_FLAVOUR of $LMGW_META: armmp or armmp-lpae)"
 	log "kernel and modules from the $OFFLINE_KERNEL_FLAVOUR package"
 	rm -rf "$out/kernel" && mkdir -p "$out/kernel"
 	dpkg-deb -x "$deb" "$out/kernel"
