@@ -231,6 +231,12 @@ build_initramfs() {
 	kver=$(ls "$out/kernel/lib/modules")
 	rm -rf "$dir" && mkdir -p "$dir"/{bin,dev,proc,sys,newroot,etc,lib/modules}
 	dpkg-deb --fsys-tarfile "$(ls "$cache"/debs/busybox-static_*.deb)" | tar -x -C "$dir" ./bin/busybox
+	# Links for the applets init runs, made here rather than by init: busybox --install makes ~400, and
+	# each link init made itself was a process, under emulation.
+	local applet
+	for applet in sh mount umount insmod cat grep sed head seq sleep switch_root reboot; do
+		ln -s busybox "$dir/bin/$applet"
+	done
 	install -m 0755 "$top/rootfs/initramfs-init" "$dir/init"
 	# Load order: dependencies first.
 	local modules="lib/crc16.ko crypto/crc32c_generic.ko fs/mbcache.ko fs/jbd2/jbd2.ko fs/ext4/ext4.ko
