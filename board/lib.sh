@@ -169,10 +169,14 @@ lmgw_enable_units() {
 	fi 2> >(grep -v '^Failed to preset unit, unit .* is masked\.$' >&2)
 }
 
-# lmgw_mksquashfs ROOT OUT: the read-only root image of a root directory.
+# lmgw_mksquashfs ROOT OUT [OPTION...]: the read-only root image of a root
+# directory; the options choose the compression (default zstd).
 lmgw_mksquashfs() {
+	local root=$1 out=$2
+	shift 2
+	[ $# -gt 0 ] || set -- -comp zstd
 	# mksquashfs takes its timestamps from SOURCE_DATE_EPOCH.
-	SOURCE_DATE_EPOCH=$(lmgw_epoch) mksquashfs "$1" "$2" -comp zstd -noappend -quiet -wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
+	SOURCE_DATE_EPOCH=$(lmgw_epoch) mksquashfs "$root" "$out" "$@" -noappend -quiet -wildcards -e 'proc/*' 'sys/*' 'dev/*' 'run/*' 'tmp/*'
 }
 
 # lmgw_stage_partitions STAGE IMAGES: the inputs board/genimage.cfg expects

@@ -15,6 +15,7 @@
 #   OFFLINE_MODULES         kernel modules (paths under kernel/) the root needs besides the common ones
 #   OFFLINE_INITRD_MODULES  modules the initramfs loads (in order) to reach the root
 #   OFFLINE_KERNEL_FLAVOUR  Debian's armhf kernel flavour: armmp (default) or armmp-lpae
+#   OFFLINE_ROOT_COMPRESSION  the root squashfs: zstd (default) or none
 #   CONSOLE                 the kernel console the A/B boot script passes (default ttyAMA0,115200)
 #   AB_ENV_FILE             the A/B state file on the boot partition (default uboot.env)
 #   RS485_DEVICE            kernel name of the RS-485 port; /dev/rs485 points to it
@@ -35,6 +36,13 @@ lmgw_offline_board() {
 	OFFLINE_MODULES=${OFFLINE_MODULES:-}
 	OFFLINE_INITRD_MODULES=${OFFLINE_INITRD_MODULES:-}
 	OFFLINE_KERNEL_FLAVOUR=${OFFLINE_KERNEL_FLAVOUR:-armmp}
+	# mksquashfs' options for the root (lmgw_mksquashfs).
+	# shellcheck disable=SC2034 # read by build.sh and bundle.sh
+	case "${OFFLINE_ROOT_COMPRESSION:-zstd}" in
+	zstd) OFFLINE_SQUASHFS_OPTIONS=(-comp zstd) ;;
+	none) OFFLINE_SQUASHFS_OPTIONS=(-noI -noD -noF -noX) ;;
+	*) lmgw_die "OFFLINE_ROOT_COMPRESSION of $LMGW_META is zstd or none, not '$OFFLINE_ROOT_COMPRESSION'" ;;
+	esac
 	CONSOLE=${CONSOLE:-}
 	AB_ENV_FILE=${AB_ENV_FILE:-}
 	RS485_DEVICE=${RS485_DEVICE:-}

@@ -259,7 +259,7 @@ build_images() {
 	mkimage -q -A arm -T script -C none -n "LMGW A/B boot" -d "$out/boot.ush" "$out/boot.scr"
 	[ -z "$OFFLINE_HOOK" ] || offline_board_boot "$out" "$cache"
 	lmgw_stage_partitions "$stage" "$out"
-	lmgw_mksquashfs "$out/rootfs" "$stage/rootfs.squashfs"
+	lmgw_mksquashfs "$out/rootfs" "$stage/rootfs.squashfs" "${OFFLINE_SQUASHFS_OPTIONS[@]}"
 	lmgw_genimage "$stage" "$out"
 	# What rootfs/bundle.sh puts into a bundle.
 	cp "$stage/rootfs.squashfs" "$stage/kernel.vfat" "$out/"

@@ -41,6 +41,6 @@ if [ "$version" != "$built" ] || [ -n "$extra" ]; then
 	cp -a "$image/rootfs" "$work/rootfs"
 	echo "$version" > "$work/rootfs$LMGW_VERSION_FILE"
 	[ -z "$extra" ] || cp -a "$extra/." "$work/rootfs/"
-	lmgw_mksquashfs "$work/rootfs" "$root"
+	lmgw_mksquashfs "$work/rootfs" "$root" "${OFFLINE_SQUASHFS_OPTIONS[@]}"
 fi
 lmgw_rauc_bundle "$out" "$version" "$image/kernel.vfat" "$root" "$keyring" "$cert" "$key"
