@@ -46,6 +46,8 @@ UBOOT_ENV = REPO / "board" / "qemu-arm-offline" / "u-boot.env"
 # Debian's qemu_arm U-Boot keeps its environment at the start of the second flash bank (CONFIG_ENV_ADDR
 # 0x4000000, CONFIG_ENV_SIZE 0x40000); QEMU's virt flash banks are 64 MiB each.
 UBOOT_ENV_SIZE, FLASH_BANK_SIZE = 0x40000, 64 << 20
+# qemu/insncount.py's plugin, when a bench counts the guest's instructions (INSNS=1 make boot-time).
+INSN_PLUGIN: Path | None = None
 
 
 class GuestError(RuntimeError):
@@ -72,6 +74,11 @@ class Guest:
     def console_log(self) -> Path:
         return self.workdir / f"{self.name}-console-{self.boots}.log"
 
+    @property
+    def insn_log(self) -> Path:
+        """The instruction counter's samples of this QEMU run (with INSN_PLUGIN)."""
+        return self.workdir / f"{self.name}-insns-{self.boots}.txt"
+
     def command(self) -> list[str]:
         # cmd: spawns a relay per guest connection (a tcp: chardev would carry a single connection).
         forwards = "".join(f",guestfwd=tcp:{ip}:{port}-cmd:socat - TCP:127.0.0.1:{host}"
@@ -89,6 +96,7 @@ class Guest:
             # LMGW_UBOOT_DEFAULT_ENV=1: U-Boot's built-in environment, to compare (2 s delay, USB/SCSI probes).
             *([] if os.environ.get("LMGW_UBOOT_DEFAULT_ENV") else
               ["-drive", f"if=pflash,unit=1,format=raw,file={self.workdir / (self.name + '-uboot-env.img')}"]),
+            *([] if INSN_PLUGIN is None else ["-plugin", f"{INSN_PLUGIN},out={self.insn_log}"]),
         ]
 
     def run_interactive(self) -> int:
