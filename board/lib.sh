@@ -196,10 +196,13 @@ lmgw_stage_partitions() {
 		done
 	)
 	# A slot's kernel partition (the same image in kernel-a and kernel-b, and
-	# in a bundle): boot.ush loads zImage, and initrd.img where there is one.
+	# in a bundle): boot.ush loads zImage (or uImage, where KERNEL_FILE is
+	# one), and initrd.img where there is one.
 	[ -f "$images/$KERNEL_FILE" ] || lmgw_die "$images/$KERNEL_FILE missing (KERNEL_FILE in $LMGW_META)"
 	mkfs.vfat -n KERNEL -C "$stage/kernel.vfat" $((LMGW_KERNEL_SIZE_MB * 1024)) >/dev/null
-	mcopy -i "$stage/kernel.vfat" "$images/$KERNEL_FILE" ::zImage
+	local kernel=zImage
+	[ "${KERNEL_FILE##*/}" != uImage ] || kernel=uImage
+	mcopy -i "$stage/kernel.vfat" "$images/$KERNEL_FILE" "::$kernel"
 	if [ -n "$INITRD_FILE" ]; then
 		[ -f "$images/$INITRD_FILE" ] || lmgw_die "$images/$INITRD_FILE missing (INITRD_FILE in $LMGW_META)"
 		mcopy -i "$stage/kernel.vfat" "$images/$INITRD_FILE" ::initrd.img

@@ -10,8 +10,9 @@ phases come from three clocks that meet at known instants:
 - the DSO's hello line, which the gateway's ``connected`` line follows by one message.
 
 The guest's clock is placed on the host's by the last pair (connected == hello), so the phases add up
-to the total exactly; the kernel phase carries the zImage's decompression and any difference between the
-two clocks (TCG's guest clock follows the host's).
+to the total exactly; the kernel phase carries the zImage's decompression (U-Boot's phase the uImage's,
+where the image's kernel is one) and any difference between the two clocks (TCG's guest clock follows the
+host's).
 """
 
 from __future__ import annotations

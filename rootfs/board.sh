@@ -16,6 +16,9 @@
 #   OFFLINE_INITRD_MODULES  modules the initramfs loads (in order) to reach the root
 #   OFFLINE_KERNEL_FLAVOUR  Debian's armhf kernel flavour: armmp (default) or armmp-lpae
 #   OFFLINE_ROOT_COMPRESSION  the root squashfs: zstd (default) or none
+#   OFFLINE_KERNEL_UIMAGE   where U-Boot inflates the kernel to, as a gzip uImage (KERNEL_FILE uImage;
+#                           RAM start + 0x208000, the TEXT_OFFSET of Debian's multiplatform kernel);
+#                           unset: Debian's zImage. The boot script loads the uImage 32 MiB above it.
 #   CONSOLE                 the kernel console the A/B boot script passes (default ttyAMA0,115200)
 #   AB_ENV_FILE             the A/B state file on the boot partition (default uboot.env)
 #   RS485_DEVICE            kernel name of the RS-485 port; /dev/rs485 points to it
@@ -43,6 +46,7 @@ lmgw_offline_board() {
 	none) OFFLINE_SQUASHFS_OPTIONS=(-noI -noD -noF -noX) ;;
 	*) lmgw_die "OFFLINE_ROOT_COMPRESSION of $LMGW_META is zstd or none, not '$OFFLINE_ROOT_COMPRESSION'" ;;
 	esac
+	OFFLINE_KERNEL_UIMAGE=${OFFLINE_KERNEL_UIMAGE:-}
 	CONSOLE=${CONSOLE:-}
 	AB_ENV_FILE=${AB_ENV_FILE:-}
 	RS485_DEVICE=${RS485_DEVICE:-}
@@ -57,5 +61,7 @@ lmgw_offline_board() {
 lmgw_offline_boot_env() {
 	[ -z "$CONSOLE" ] || echo "setenv lmgw_console $CONSOLE"
 	[ -z "$AB_ENV_FILE" ] || echo "setenv lmgw_env_file $AB_ENV_FILE"
+	# Clear of the 22 MB the uImage inflates to.
+	[ -z "$OFFLINE_KERNEL_UIMAGE" ] || printf 'setenv lmgw_uimage_addr 0x%x\n' $((OFFLINE_KERNEL_UIMAGE + 0x2000000))
 	return 0
 }

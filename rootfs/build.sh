@@ -127,6 +127,32 @@ base_root() {
 	exec {lock}>&-
 }
 
+# kernel_uimage ZIMAGE OUT: Debian's kernel as a gzip uImage that U-Boot inflates to OFFLINE_KERNEL_UIMAGE:
+# the zImage inflates its XZ payload itself, 2 billion instructions under QEMU (docs/performance.md,
+# session 12), U-Boot a gzip one several times faster.
+kernel_uimage() {
+	local image=$out/kernel/Image
+	python3 - "$1" "$image" <<-'PY' || lmgw_die "no XZ-compressed kernel in $1"
+		import lzma, sys
+		data = open(sys.argv[1], "rb").read()
+		# The payload starts at one of the XZ magics in the zImage (others are not whole streams).
+		at = data.find(b"\xfd7zXZ\x00")
+		while at >= 0:
+		    try:
+		        kernel = lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(data[at:])
+		        break
+		    except lzma.LZMAError:
+		        at = data.find(b"\xfd7zXZ\x00", at + 1)
+		else:
+		    sys.exit(1)
+		open(sys.argv[2], "wb").write(kernel)
+	PY
+	gzip -9 -n -f "$image"
+	mkimage -q -A arm -O linux -T kernel -C gzip -a "$OFFLINE_KERNEL_UIMAGE" -e "$OFFLINE_KERNEL_UIMAGE" \
+		-n "Linux $kver" -d "$image.gz" "$2"
+	rm -f "$image.gz"
+}
+
 install_kernel() {
 	local debs=("$cache"/debs/linux-image-[0-9]*-"$OFFLINE_KERNEL_FLAVOUR"_*.deb) deb
 	deb=${debs[0]}
@@ -135,7 +161,11 @@ install_kernel() {
 	rm -rf "$out/kernel" && mkdir -p "$out/kernel"
 	dpkg-deb -x "$deb" "$out/kernel"
 	kver=$(ls "$out/kernel/lib/modules")
-	cp "$out/kernel/boot/vmlinuz-$kver" "$out/$KERNEL_FILE"
+	if [ -n "$OFFLINE_KERNEL_UIMAGE" ]; then
+		kernel_uimage "$out/kernel/boot/vmlinuz-$kver" "$out/$KERNEL_FILE"
+	else
+		cp "$out/kernel/boot/vmlinuz-$kver" "$out/$KERNEL_FILE"
+	fi
 	# Only what a QEMU 'virt' board and the root/identity/data filesystems
 	# need, and the board's own (OFFLINE_MODULES).
 	local src=$out/kernel/lib/modules/$kver dst=$out/rootfs/usr/lib/modules/$kver

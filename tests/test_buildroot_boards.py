@@ -34,7 +34,7 @@ def test_the_offline_pi_images_have_compatibles_of_their_own():
 
 
 def test_an_incomplete_meta_file_is_named(tmp_path):
-    (tmp_path / "meta").write_text((OFFLINE / "meta").read_text().replace('KERNEL_FILE="vmlinuz"\n', ""))
+    (tmp_path / "meta").write_text((OFFLINE / "meta").read_text().replace('KERNEL_FILE="uImage"\n', ""))
     result = library(f'lmgw_read_meta "{tmp_path}"')
     assert result.returncode != 0
     assert f"no KERNEL_FILE in {tmp_path}/meta" in result.stderr
@@ -44,7 +44,7 @@ def test_the_offline_board_gets_the_shared_layout_with_its_initramfs(tmp_path):
     # rootfs/build.sh's output as the library reads it through board/qemu-arm-offline/meta.
     images = tmp_path / "images"
     images.mkdir()
-    for name, data in (("vmlinuz", b"kernel" * 100), ("initrd.img", b"initramfs" * 100), ("boot.scr", b"script")):
+    for name, data in (("uImage", b"kernel" * 100), ("initrd.img", b"initramfs" * 100), ("boot.scr", b"script")):
         (images / name).write_bytes(data)
     (tmp_path / "root" / "etc").mkdir(parents=True)
     stage = tmp_path / "stage"
@@ -59,7 +59,7 @@ def test_the_offline_board_gets_the_shared_layout_with_its_initramfs(tmp_path):
     for slot in ("kernel-a", "kernel-b"):
         offset, size = parts[slot]
         assert size == 16 << 20  # board/genimage.cfg takes it from the library
-        assert fat_read(disk, offset, "zImage") == (images / "vmlinuz").read_bytes()
+        assert fat_read(disk, offset, "uImage") == (images / "uImage").read_bytes()
         assert fat_read(disk, offset, "initrd.img") == (images / "initrd.img").read_bytes()
     assert fat_read(disk, parts["boot"][0], "boot.scr") == b"script"
     assert parts["boot"][1] == 32 << 20  # BOOT_SIZE_MB of the offline board
