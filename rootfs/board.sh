@@ -39,14 +39,22 @@ lmgw_offline_board() {
 	OFFLINE_MODULES=${OFFLINE_MODULES:-}
 	OFFLINE_INITRD_MODULES=${OFFLINE_INITRD_MODULES:-}
 	OFFLINE_KERNEL_FLAVOUR=${OFFLINE_KERNEL_FLAVOUR:-armmp}
-	# mksquashfs' options for the root (lmgw_mksquashfs).
+	# mksquashfs' options for the root (lmgw_mksquashfs; none: its default, zstd).
 	# shellcheck disable=SC2034 # read by build.sh and bundle.sh
 	case "${OFFLINE_ROOT_COMPRESSION:-zstd}" in
-	zstd) OFFLINE_SQUASHFS_OPTIONS=(-comp zstd) ;;
+	zstd) OFFLINE_SQUASHFS_OPTIONS=() ;;
 	none) OFFLINE_SQUASHFS_OPTIONS=(-noI -noD -noF -noX) ;;
 	*) lmgw_die "OFFLINE_ROOT_COMPRESSION of $LMGW_META is zstd or none, not '$OFFLINE_ROOT_COMPRESSION'" ;;
 	esac
 	OFFLINE_KERNEL_UIMAGE=${OFFLINE_KERNEL_UIMAGE:-}
+	# The boot script loads uImage where the address is set, and the kernel partition holds the file under
+	# KERNEL_FILE's name (lmgw_stage_partitions): the two must agree.
+	if [ -n "$OFFLINE_KERNEL_UIMAGE" ]; then
+		[[ $OFFLINE_KERNEL_UIMAGE =~ ^0x[0-9a-fA-F]{1,8}$ ]] ||
+			lmgw_die "OFFLINE_KERNEL_UIMAGE of $LMGW_META is a load address (0x40208000), not '$OFFLINE_KERNEL_UIMAGE'"
+		[ "${KERNEL_FILE##*/}" = uImage ] ||
+			lmgw_die "OFFLINE_KERNEL_UIMAGE of $LMGW_META makes the kernel a uImage: KERNEL_FILE=\"uImage\", not '$KERNEL_FILE'"
+	fi
 	CONSOLE=${CONSOLE:-}
 	AB_ENV_FILE=${AB_ENV_FILE:-}
 	RS485_DEVICE=${RS485_DEVICE:-}

@@ -33,6 +33,22 @@ def test_the_offline_pi_images_have_compatibles_of_their_own():
     assert not set(offline.values()) & set(BOARDS.values())
 
 
+def test_offline_board_settings_the_builder_cannot_use_are_refused_in_one_line():
+    """Neither refusal is in a meta file of the repository: the variables come from the environment here, which
+    a meta file that does not set them leaves as they are."""
+    for setting, message in (
+            ("OFFLINE_ROOT_COMPRESSION=lzma", "OFFLINE_ROOT_COMPRESSION of {meta} is zstd or none, not 'lzma'"),
+            ("OFFLINE_KERNEL_UIMAGE=40208000", "OFFLINE_KERNEL_UIMAGE of {meta} is a load address (0x40208000), "
+                                               "not '40208000'"),
+            ("OFFLINE_KERNEL_UIMAGE=0x208000", "OFFLINE_KERNEL_UIMAGE of {meta} makes the kernel a uImage: "
+                                               "KERNEL_FILE=\"uImage\", not 'zImage'")):
+        result = library(f'. "{TOP}/rootfs/board.sh"; LMGW_BOARD=raspberrypi2 {setting} lmgw_offline_board')
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].endswith(f": {message.format(meta=TOP / 'board' / 'raspberrypi2' / 'meta')}"), \
+            result.stderr
+
+
 def test_an_incomplete_meta_file_is_named(tmp_path):
     (tmp_path / "meta").write_text((OFFLINE / "meta").read_text().replace('KERNEL_FILE="uImage"\n', ""))
     result = library(f'lmgw_read_meta "{tmp_path}"')
