@@ -3,7 +3,7 @@
  * the 3G/1G split, 0xC0000000) and elsewhere (user space, U-Boot, the kernel's decompressor), and writes
  * both counters with the host's wall clock every 20 ms to the file out=PATH names. Used by
  * qemu/insncount.py (INSNS=1 make boot-time): a boot's wall time moves by a quarter with this host's
- * load, its instruction count by a few percent.
+ * load, its instruction count by a tenth at most (user space: under 1%).
  *
  * Debian's QEMU 7.2 ships no plugin header and none of QEMU's example plugins, so the few declarations of
  * its plugin API (version 1) used here are written out below.
