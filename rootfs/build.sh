@@ -255,6 +255,19 @@ write_manifest() {
 	} > "$out/manifest.txt"
 }
 
+# initramfs_modules DIR KVER LIST MODULE...: copy the kernel's modules that exist into DIR's lib/modules
+# and name them, in order, in DIR/etc/modules.LIST.
+initramfs_modules() {
+	local dir=$1 kver=$2 list=$3 m
+	shift 3
+	: > "$dir/etc/modules.$list"
+	for m in "$@"; do
+		[ -f "$out/kernel/lib/modules/$kver/kernel/$m" ] || continue
+		cp "$out/kernel/lib/modules/$kver/kernel/$m" "$dir/lib/modules/"
+		basename "$m" >> "$dir/etc/modules.$list"
+	done
+}
+
 build_initramfs() {
 	log "initramfs"
 	local dir=$out/initramfs kver
@@ -268,15 +281,15 @@ build_initramfs() {
 		ln -s busybox "$dir/bin/$applet"
 	done
 	install -m 0755 "$top/rootfs/initramfs-init" "$dir/init"
-	# Load order: dependencies first.
-	local modules="lib/crc16.ko crypto/crc32c_generic.ko fs/mbcache.ko fs/jbd2/jbd2.ko fs/ext4/ext4.ko
-		fs/squashfs/squashfs.ko drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko $OFFLINE_INITRD_MODULES"
-	: > "$dir/etc/modules.order"
-	for m in $modules; do
-		[ -f "$out/kernel/lib/modules/$kver/kernel/$m" ] || continue
-		cp "$out/kernel/lib/modules/$kver/kernel/$m" "$dir/lib/modules/"
-		basename "$m" >> "$dir/etc/modules.order"
-	done
+	# Lists in load order (dependencies first), which init loads side by side: what reaches the root, ext4
+	# for the identity partition, and the boot partition's FAT and code pages, which systemd's /boot mount
+	# would otherwise load with a modprobe process each.
+	# shellcheck disable=SC2086 # the board's list of modules, one word each
+	initramfs_modules "$dir" "$kver" root fs/squashfs/squashfs.ko drivers/virtio/virtio_mmio.ko \
+		drivers/block/virtio_blk.ko $OFFLINE_INITRD_MODULES
+	initramfs_modules "$dir" "$kver" ext4 lib/crc16.ko crypto/crc32c_generic.ko fs/mbcache.ko fs/jbd2/jbd2.ko \
+		fs/ext4/ext4.ko
+	initramfs_modules "$dir" "$kver" fat fs/fat/fat.ko fs/fat/vfat.ko fs/nls/nls_cp437.ko fs/nls/nls_ascii.ko
 	(cd "$dir" && find . -print0 | sort -z | cpio -o -H newc --null --quiet --reproducible | gzip -9 -n) > "$out/$INITRD_FILE"
 }
 

@@ -63,9 +63,11 @@ def test_root_filesystem_refuses_writes_and_data_is_writable(booted):
     status, out = guest.shell("touch /usr/lmgw-was-here 2>&1; touch /etc/x 2>&1")
     assert "Read-only file system" in out
     status, out = guest.shell("findmnt -no FSTYPE,OPTIONS / ; findmnt -no FSTYPE,OPTIONS /identity ; "
-                              "touch /data/lmgw-probe && echo data-writable && rm /data/lmgw-probe")
-    root, identity = (line.split() for line in out.strip().splitlines()[:2])
+                              f"{WAIT_FOR_BOOT_JOBS}; findmnt -no FSTYPE /boot ; "
+                              "touch /data/lmgw-probe && echo data-writable && rm /data/lmgw-probe", timeout=360)
+    root, identity, boot = (line.split() for line in out.strip().splitlines()[:3])
     assert root[0] == "squashfs" and root[1].startswith("ro,") and identity[0] == "ext4" and identity[1].startswith("ro,")
+    assert boot == ["vfat"]  # nofail (off the way to the agent), but mounted: RAUC's A/B state is there
     assert "data-writable" in out
 
 
