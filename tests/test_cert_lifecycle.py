@@ -380,7 +380,9 @@ def test_clock_set_by_trusted_time_brings_the_operational_pair_back_without_rene
                 clock.advance(400)  # past the retry delay of the attempts made before (no set_command configured)
                 entry = await wait_until(lambda: connected_with(dso, "GW-K", operational=True), 20, "operational again")
                 assert entry.serial == pair.serial and gw.identity.role is Role.OPERATIONAL
-                assert events_of(dso, "GW-K", "time.set") and len(_inventory(dso)) == signed
+                # The event travels through the outbox after the reconnection: it may reach the DSO just after it.
+                await wait_until(lambda: events_of(dso, "GW-K", "time.set"), what="the time.set event")
+                assert len(_inventory(dso)) == signed
     asyncio.run(scenario())
 
 
