@@ -14,25 +14,25 @@ with the CSR signed there; the private key never exists outside it.
 
 from __future__ import annotations
 
-import ctypes
-import importlib
 import os
 import ssl
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, get, section
 from .tpmkey import MAX_FILE, TpmKey, TpmKeyError, is_tpm_key
+
+if TYPE_CHECKING:
+    from .libcrypto import Libcrypto
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 """The kernel's resource manager: it flushes what a process left loaded, so a crash cannot fill the TPM."""
 PROVIDER_DIRS = (Path("/usr/lib/lmgw-tpm/ossl-modules"), Path("/usr/lib/ossl-modules"))
 """Where tpm2.so is looked for: the Debian image's private copy (rootfs/tpm-provider.sh), then Buildroot's."""
 _MBSTRING_ASC = 0x1001
-_BIO_CTRL_INFO = 3
 
 
 class TpmError(ConfigError):
@@ -71,56 +71,6 @@ def _device(tcti: str) -> Path | None:
     return Path(conf or "/dev/tpmrm0") if kind == "device" else None
 
 
-class _Libcrypto:
-    """The OpenSSL functions used here, from the libcrypto that Python's ``ssl`` is linked with."""
-
-    def __init__(self) -> None:
-        # Through _ssl's handle: the libcrypto it is linked with, whatever its file name.
-        lib = ctypes.CDLL(getattr(importlib.import_module("_ssl"), "__file__", None) or "libcrypto.so.3")
-        p, s, i, u = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
-        signatures: dict[str, tuple[Any, list[Any]]] = {
-            "OSSL_PROVIDER_load": (p, [p, s]),
-            "OSSL_PROVIDER_set_default_search_path": (i, [p, s]),
-            "ERR_get_error_all": (u, [p, p, p, ctypes.POINTER(s), ctypes.POINTER(i)]),
-            "ERR_error_string_n": (None, [u, s, ctypes.c_size_t]),
-            "ERR_clear_error": (None, []),
-            "BIO_new": (p, [p]), "BIO_s_mem": (p, []), "BIO_new_mem_buf": (p, [s, i]), "BIO_free": (i, [p]),
-            "BIO_ctrl": (ctypes.c_long, [p, i, ctypes.c_long, p]),
-            "EVP_PKEY_CTX_new_from_name": (p, [p, s, s]), "EVP_PKEY_CTX_free": (None, [p]),
-            "EVP_PKEY_keygen_init": (i, [p]), "EVP_PKEY_CTX_set_group_name": (i, [p, s]),
-            "EVP_PKEY_generate": (i, [p, ctypes.POINTER(p)]), "EVP_PKEY_free": (None, [p]),
-            "PEM_write_bio_PrivateKey": (i, [p, p, p, p, i, p, p]),
-            "PEM_read_bio_PrivateKey": (p, [p, p, p, p]),
-            "X509_REQ_new": (p, []), "X509_REQ_free": (None, [p]), "X509_REQ_set_version": (i, [p, ctypes.c_long]),
-            "X509_REQ_get_subject_name": (p, [p]), "X509_REQ_set_pubkey": (i, [p, p]),
-            "X509_NAME_add_entry_by_txt": (i, [p, s, i, s, i, i, i]),
-            "EVP_sha256": (p, []), "X509_REQ_sign": (i, [p, p, p]), "PEM_write_bio_X509_REQ": (i, [p, p]),
-        }
-        for name, (restype, argtypes) in signatures.items():
-            function = getattr(lib, name)
-            function.restype, function.argtypes = restype, argtypes
-        self.lib = lib
-
-    def errors(self) -> str:
-        """OpenSSL's error queue as one line (the provider puts the TPM's answer there), emptied."""
-        lines: list[str] = []
-        data, flags = ctypes.c_char_p(), ctypes.c_int()
-        buffer = ctypes.create_string_buffer(256)
-        while code := self.lib.ERR_get_error_all(None, None, None, ctypes.byref(data), ctypes.byref(flags)):
-            self.lib.ERR_error_string_n(code, buffer, len(buffer))
-            text = buffer.value.decode(errors="replace").split(":", 5)[-1]
-            detail = data.value.decode(errors="replace") if data.value and flags.value & 0x02 else ""
-            line = detail if detail and text.startswith("reason(") else f"{text} ({detail})" if detail else text
-            if line not in lines:
-                lines.append(line)
-        return "; ".join(lines) or "no detail from OpenSSL"
-
-    def bio_bytes(self, bio: int) -> bytes:
-        pointer = ctypes.c_void_p()
-        length = self.lib.BIO_ctrl(bio, _BIO_CTRL_INFO, 0, ctypes.byref(pointer))
-        return ctypes.string_at(pointer.value, length) if pointer.value and length > 0 else b""
-
-
 _lock = threading.Lock()
 _loaded: dict[str, Tpm] = {}
 
@@ -128,7 +78,7 @@ _loaded: dict[str, Tpm] = {}
 class Tpm:
     """The TPM this process's OpenSSL reaches through the tpm2 provider (one per process: one TCTI)."""
 
-    def __init__(self, settings: TpmSettings, provider: Path, libcrypto: _Libcrypto) -> None:
+    def __init__(self, settings: TpmSettings, provider: Path, libcrypto: Libcrypto) -> None:
         self.settings = settings
         self.provider = provider
         self._crypto = libcrypto
@@ -157,7 +107,10 @@ class Tpm:
             os.environ["TPM2OPENSSL_TCTI"] = settings.tcti
             # The TPM's answer reaches our one log line through OpenSSL's error queue: tss2's own lines off.
             os.environ.setdefault("TSS2_LOG", "all+none")
-            crypto = _Libcrypto()
+            # Imported here, not with this module: ctypes is 2% of the agent's imports, paid at every start of
+            # a gateway without a TPM too (docs/performance.md, "Session 14").
+            from .libcrypto import Libcrypto
+            crypto = Libcrypto()
             crypto.lib.ERR_clear_error()
             # Loading a provider by hand switches off OpenSSL's implicit default provider: load it first.
             if not crypto.lib.OSSL_PROVIDER_load(None, b"default"):
@@ -223,12 +176,11 @@ class Tpm:
             context = pkey = request = bio = None
             try:
                 context = lib.EVP_PKEY_CTX_new_from_name(None, b"EC", b"provider=tpm2")
-                generated = ctypes.c_void_p()
-                if not (context and lib.EVP_PKEY_keygen_init(context) == 1
-                        and lib.EVP_PKEY_CTX_set_group_name(context, b"P-256") == 1
-                        and lib.EVP_PKEY_generate(context, ctypes.byref(generated)) == 1):
+                if context and lib.EVP_PKEY_keygen_init(context) == 1 \
+                        and lib.EVP_PKEY_CTX_set_group_name(context, b"P-256") == 1:
+                    pkey = self._crypto.generate(context)
+                if not pkey:
                     raise self._fail(f"the TPM at {self.settings.tcti} did not make a key: {self._crypto.errors()}")
-                pkey = generated.value
                 bio = lib.BIO_new(lib.BIO_s_mem())
                 if lib.PEM_write_bio_PrivateKey(bio, pkey, None, None, 0, None, None) != 1:
                     raise self._fail(f"the TPM key could not be written as TSS2 PEM: {self._crypto.errors()}")
