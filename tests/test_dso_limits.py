@@ -24,7 +24,7 @@ from websockets.asyncio.server import serve
 from websockets.protocol import State
 
 from conftest import VENV_BIN, Pki, free_port, process, running_dso, wait_until, write_toml
-from lmgw import SUBPROTOCOL
+from lmgw import SUBPROTOCOL, strictjson
 from relay import Relay
 from lmgw.codes import CloseCode, RpcCode
 from lmgw.dso.eventpolicy import EventLimits
@@ -506,3 +506,63 @@ def test_event_limits_come_from_the_events_section(tmp_path, pki):
     assert (config.events.per_minute, config.events.burst) == (2.0, 5)
     with pytest.raises(ConfigError, match="per_minute"):
         DsoConfig.load(write_toml(tmp_path / "c.toml", base | {"events": {"per_minute": 0}}))
+
+
+# -- JSON that json.loads takes but no UTF-8 JSON text carries back ---------------------------
+
+
+def test_json_the_channel_and_the_api_cannot_carry_back_gets_a_clear_error_and_costs_nothing(pki, tmp_path):
+    """An unpaired surrogate escape in a gateway's gw.ping made the DSO's answer unsendable: websockets
+    dropped the connection (1006) with a traceback; in an operator's call it dropped the gateway's
+    connection and the audit line failed (HTTP 500).  NaN and 1e400 reached the audit file as the non-JSON
+    ``NaN``/``Infinity``.  Played by a raw websockets client and curl on the API's local socket."""
+    from test_operator_api import curl
+
+    async def answer_calls(ws: ClientConnection) -> None:
+        async for message in ws:
+            call = json.loads(message)
+            result = "1e400" if call["params"].get("payload") == "overflow" else json.dumps(call["params"])
+            await ws.send('{"jsonrpc":"2.0","id":%d,"result":%s}' % (call["id"], result))
+
+    def api_call(body: str) -> tuple[int, dict[str, Any]]:
+        status, text = curl("--unix-socket", str(tmp_path / "api.sock"), "-X", "POST", "-H", "content-type: application/json",
+                            "--data-binary", body, "http://dso/api/v1/gateways/GW-0040/call")
+        return status, json.loads(text)
+
+    async def scenario(log: Path, port: int) -> None:
+        async with await raw_gateway(pki, port, "GW-0041") as ws:
+            assert "result" in await exchange(ws, "gw.hello", hello("GW-0041"))
+            for n, text in enumerate(['"\\ud800"', '{"\\udc00": 1}', "NaN"], 10):
+                await ws.send('{"jsonrpc":"2.0","id":%d,"method":"gw.ping","params":{"payload":%s}}' % (n, text))
+                answer = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                assert answer["error"]["code"] == RpcCode.PARSE_ERROR, answer
+            assert (await exchange(ws, "gw.ping", {"payload": "still here"}, 20))["result"]["payload"] == "still here"
+            await ws.send('{"jsonrpc":"2.0","id":21,"method":"gw.event","params":{"id":"e1","kind":"test.big",'
+                          '"time":"2026-11-24T11:58:02+00:00","details":{"x":1e400}}}')
+            assert refusal(json.loads(await asyncio.wait_for(ws.recv(), 30))) == (RpcCode.EVENT_REFUSED, "details")
+        async with await raw_gateway(pki, port, "GW-0042") as ws:
+            await ws.send('{"jsonrpc":"2.0","id":1,"method":"gw.hello","params":{"gateway_id":"GW-0042",'
+                          '"firmware_version":"0.0-test","lms":[{"rated_kw":1e400}]}}')
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 30))["error"]
+            assert refused["code"] == RpcCode.INVALID_PARAMS and refused["data"] == {"param": "lms"}, refused
+        async with await raw_gateway(pki, port, "GW-0040") as ws:
+            assert "result" in await exchange(ws, "gw.hello", hello("GW-0040"))
+            answering = asyncio.create_task(answer_calls(ws))
+            for body, words in [('{"method":"gw.ping","params":{"payload":"\\ud800"}}', "unpaired surrogate \\ud800"),
+                                ('{"method":"gw.ping","params":{"payload":NaN}}', "NaN is not a JSON value"),
+                                ('{"method":"gw.ping","params":{"payload":1e400}}', "1e400 is out of range"),
+                                ("[" * 100_000, "nested too deeply")]:
+                status, answer = await asyncio.to_thread(api_call, body)
+                assert status == 400 and words in answer["error"]["message"], (status, answer)
+            status, answer = await asyncio.to_thread(api_call, '{"method":"gw.ping","params":{"payload":"overflow"}}')
+            assert status == 502 and "GW-0040 answered gw.ping with a value JSON cannot carry" in answer["error"]["message"]
+            status, answer = await asyncio.to_thread(api_call, '{"method":"gw.ping","params":{"payload":"ok"}}')
+            assert (status, answer) == (200, {"result": {"payload": "ok"}})  # the gateway's connection stayed up
+            answering.cancel()
+        text = log.read_text()
+        assert "Traceback" not in text and "unexpected internal error" not in text and "(code 1006)" not in text, text
+        for line in (tmp_path / "audit.jsonl").read_text().splitlines():  # a strict reader takes every record
+            strictjson.loads(line)
+
+    with dso_process(pki, tmp_path) as (_, port, log):
+        asyncio.run(scenario(log, port))

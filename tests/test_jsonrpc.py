@@ -127,7 +127,35 @@ def test_malformed_notification_is_ignored_not_answered():
 def test_a_result_that_is_not_json_is_never_sent_but_an_internal_error():
     looped: dict[str, object] = {}
     looped["self"] = looped
-    for result in (float("nan"), {1, 2}, object(), looped):
+    for result in (float("nan"), float("inf"), "\udcff", {1, 2}, object(), looped):  # "\udcff": a file name's byte
         with pytest.raises(RpcError) as error:
             Peer().result(1, result)
         assert error.value.code == RpcCode.INTERNAL_ERROR and "not JSON" in error.value.message
+
+
+@pytest.mark.parametrize("value", ["NaN", "-Infinity", '"\\ud800"', '{"\\udc00": 1}', '"a\\ude00b"'])
+def test_frames_that_are_not_i_json_get_a_parse_error_that_names_the_problem(value):
+    """What json.loads takes but no UTF-8 JSON text can carry back (websockets failed to send the answer
+    and dropped the connection): refused where the frame is parsed."""
+    peer = Peer()
+    reply = peer.receive('{"jsonrpc":"2.0","id":1,"method":"gw.ping","params":{"payload":' + value + "}}")
+    error = error_of(reply)
+    assert error["code"] == RpcCode.PARSE_ERROR
+    assert "unpaired surrogate \\ud" in error["message"] or "is not a JSON value" in error["message"], error
+    reply.text.encode("utf-8")  # the refusal itself can be sent
+    assert peer.serving == 0
+
+
+def test_escaped_pairs_and_deep_nesting():
+    pair = Peer().receive('{"jsonrpc":"2.0","id":1,"method":"m","params":{"s":"\\ud83d\\ude00 \\u00e9"}}')
+    assert isinstance(pair, Request) and pair.params == {"s": "\U0001f600 \u00e9"}
+    assert error_of(Peer().receive("[" * 100_000))["code"] == RpcCode.PARSE_ERROR
+
+
+def test_params_that_cannot_be_sent_are_refused_before_the_call_goes_out():
+    peer = Peer()
+    for params in ({"x": float("inf")}, {"x": "\ud800"}):
+        with pytest.raises(RpcError) as error:
+            peer.call("lm.write", params)
+        assert error.value.code == RpcCode.INVALID_PARAMS and "lm.write" in error.value.message
+    assert peer.in_flight == 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any, Union
 
+from . import strictjson
 from .codes import RpcCode
 
 JSONRPC = "2.0"
@@ -115,8 +116,13 @@ ends in ``RecursionError`` instead of ``ValueError``."""
 
 
 def encode(message: dict[str, Any]) -> str:
-    """Compact JSON, UTF-8 safe, as sent on the wire."""
-    return "".join(_ENCODE(message, 0))
+    """Compact JSON as sent on the wire; ``ValueError`` for what a text frame cannot carry: NaN, an
+    infinite number, a string with an unpaired surrogate (from a file name, say), which websockets would
+    fail to send after the frame was queued, dropping the connection."""
+    text = "".join(_ENCODE(message, 0))
+    if not text.isascii():  # a flag of the str: free for the usual frame
+        text.encode("utf-8")  # UnicodeEncodeError, a ValueError
+    return text
 
 
 def error_frame(request_id: RequestId | None, error: RpcError) -> str:
@@ -156,8 +162,12 @@ class Peer:
         if len(self._pending) >= self.max_pending:
             raise RpcError(RpcCode.INTERNAL_ERROR, f"too many calls in flight ({self.max_pending})")
         request_id = next(self._ids)
+        try:
+            frame = encode({"jsonrpc": JSONRPC, "id": request_id, "method": method, "params": params})
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise RpcError(RpcCode.INVALID_PARAMS, f"the params of {method} are not JSON: {exc}") from None
         self._pending[request_id] = method
-        return request_id, encode({"jsonrpc": JSONRPC, "id": request_id, "method": method, "params": params})
+        return request_id, frame
 
     def notify(self, method: str, params: dict[str, Any]) -> str:
         return encode({"jsonrpc": JSONRPC, "method": method, "params": params})
@@ -208,8 +218,8 @@ class Peer:
         if isinstance(frame, bytes):
             return Reply(error_frame(None, RpcError(RpcCode.INVALID_REQUEST, "binary frames are not allowed; send JSON text")))
         try:
-            message = json.loads(frame)
-        except (ValueError, RecursionError) as exc:
+            message = strictjson.loads(frame)
+        except ValueError as exc:
             return Reply(error_frame(None, RpcError(RpcCode.PARSE_ERROR, f"frame is not valid JSON: {exc}")))
         if not isinstance(message, dict):
             return Reply(error_frame(None, RpcError(RpcCode.INVALID_REQUEST, "frame must be a JSON object (batches are not supported)")))

@@ -32,6 +32,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
+from .. import strictjson
 from ..config import ConfigError
 from ..logsetup import configure
 from . import cliformat
@@ -86,7 +87,7 @@ async def _serve(config: DsoConfig) -> None:
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = strictjson.loads(text, finite=True)
     except ValueError as exc:
         raise UsageError(f"{what} are not valid JSON: {exc}") from None
     if not isinstance(value, dict):

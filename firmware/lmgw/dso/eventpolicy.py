@@ -8,11 +8,12 @@ set for the rate bound (and, in ``EventLog``, for the storage bound) and
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from .. import strictjson
 
 KIND = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 """Dotted lower-case words, like ``security.tls_interception_suspected``."""
@@ -63,7 +64,7 @@ class EventRefused(Exception):
 
 
 def check_event(event: dict[str, Any], limits: EventLimits) -> None:
-    """Refuse an event that can never be accepted as it is: bad id, kind or time, or too large."""
+    """Refuse an event that can never be accepted as it is: bad id, kind, time or details, or too large."""
     if not 0 < len(event["id"]) <= MAX_ID_LENGTH:
         raise EventRefused("id", f"event id must be 1 to {MAX_ID_LENGTH} characters, not {len(event['id'])}")
     kind = event["kind"]
@@ -77,7 +78,10 @@ def check_event(event: dict[str, Any], limits: EventLimits) -> None:
     if time is None or time.tzinfo is None:
         raise EventRefused("time", f"event time {event['time'][:80]!r} must be an ISO 8601 time with a zone "
                                    "(e.g. 2026-11-24T11:58:02+00:00)")
-    size = len(json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode())
+    try:  # the frame parsed (no NaN, no unpaired surrogate), but 1e400 became an infinite float
+        size = len(strictjson.dumps(event).encode())
+    except ValueError as exc:
+        raise EventRefused("details", f"event details cannot be stored as JSON: {exc}") from None
     if size > limits.max_event_bytes:
         raise EventRefused("size", f"event of {size} bytes is larger than the {limits.max_event_bytes} bytes accepted")
 

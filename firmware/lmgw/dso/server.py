@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from .. import SUBPROTOCOL, __version__
+from .. import SUBPROTOCOL, __version__, strictjson
 from ..codes import CloseCode, RpcCode
 from ..deflate import release_idle_compressors
 from ..jsonrpc import RpcError
@@ -377,8 +377,9 @@ class DsoServer:
 
         bound_id = gateway_id
         table.add("gw.hello", hello, [
-            Param("gateway_id", str), Param("firmware_version", str), Param("lms", list),
-            Param("status", dict, required=False, default=None),
+            # kept and shown by the operator API: what a strict JSON reader cannot take back is refused here
+            Param("gateway_id", str), Param("firmware_version", str), Param("lms", list, check=strictjson.check_writable),
+            Param("status", dict, required=False, default=None, check=strictjson.check_writable),
         ])
         table.add("gw.event", event, [Param("id", str), Param("kind", str), Param("time", str), Param("details", dict)])
         table.add("gw.ping", ping, [Param("payload", (str, int, float, bool, list, dict), required=False)])

@@ -34,7 +34,6 @@ its own code and message (HTTP 502, 504 on a timeout), ``LookupError`` (gateway 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ... import strictjson
 from ...codes import RpcCode
 from ...jsonrpc import RpcError
 from ...pki.inventory import Inventory
@@ -147,8 +147,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = strictjson.loads(raw, finite=True)
+    except ValueError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ... import __version__
+from ... import __version__, strictjson
 from ...config import ConfigError
 from ...pki.ca import REASONS, PkiError
 from ...pki.operator import Role
@@ -68,6 +68,16 @@ def _gateway_id(request: web.Request) -> str:
         return check_gateway_id(request.match_info["gateway_id"])
     except TagError as exc:
         raise ApiError(400, str(exc)) from None
+
+
+def _gateway_answer(gateway_id: str, method: str, body: dict[str, Any]) -> web.Response:
+    """A gateway's answer as the API's JSON, refused (502) when a strict reader could not take it back:
+    a number beyond a double's range parses into an infinity that ``json.dumps`` writes as ``Infinity``."""
+    try:
+        text = strictjson.dumps(body)
+    except ValueError as exc:
+        raise ApiError(502, f"gateway {gateway_id} answered {method} with a value JSON cannot carry: {exc}") from None
+    return web.json_response(text=text)
 
 
 def _selector(request: web.Request, **fixed: list[str]) -> Selector:
@@ -209,8 +219,9 @@ async def show_gateway(request: web.Request) -> web.Response:
 
 async def gateway_status(request: web.Request) -> web.Response:
     """The gateway's own ``gw.status`` (a read: allowed to the read-only role)."""
-    result = await context(request).server.call(_gateway_id(request), "gw.status", {})
-    return web.json_response({"result": result})
+    gateway_id = _gateway_id(request)
+    result = await context(request).server.call(gateway_id, "gw.status", {})
+    return _gateway_answer(gateway_id, "gw.status", {"result": result})
 
 
 async def _events(request: web.Request, gateway_id: str | None, allowed: set[str]) -> web.Response:
@@ -325,7 +336,7 @@ async def call(request: web.Request) -> web.Response:
     audit_detail(request, rpc_method=method, params=params)
     result = await context(request).server.call(gateway_id, method, params,
                                                 None if timeout is None else float(timeout))
-    return web.json_response({"result": result})
+    return _gateway_answer(gateway_id, method, {"result": result})
 
 
 async def revoke(request: web.Request) -> web.Response:
@@ -367,4 +378,4 @@ async def update(request: web.Request) -> web.Response:
     except ConfigError as exc:
         raise ApiError(409 if "must be set" in str(exc) else 404, str(exc)) from None
     result = await ctx.server.call(gateway_id, "gw.update", params)
-    return web.json_response({"result": result, "params": params})
+    return _gateway_answer(gateway_id, "gw.update", {"result": result, "params": params})
