@@ -515,7 +515,8 @@ def test_json_the_channel_and_the_api_cannot_carry_back_gets_a_clear_error_and_c
     """An unpaired surrogate escape in a gateway's gw.ping made the DSO's answer unsendable: websockets
     dropped the connection (1006) with a traceback; in an operator's call it dropped the gateway's
     connection and the audit line failed (HTTP 500).  NaN and 1e400 reached the audit file as the non-JSON
-    ``NaN``/``Infinity``.  Played by a raw websockets client and curl on the API's local socket."""
+    ``NaN``/``Infinity``.  A request line past aiohttp's limit was logged with a traceback.  Played by a raw
+    websockets client and curl on the API's local socket."""
     from test_operator_api import curl
 
     async def answer_calls(ws: ClientConnection) -> None:
@@ -559,7 +560,12 @@ def test_json_the_channel_and_the_api_cannot_carry_back_gets_a_clear_error_and_c
             status, answer = await asyncio.to_thread(api_call, '{"method":"gw.ping","params":{"payload":"ok"}}')
             assert (status, answer) == (200, {"result": {"payload": "ok"}})  # the gateway's connection stayed up
             answering.cancel()
+        status, _ = await asyncio.to_thread(curl, "--unix-socket", str(tmp_path / "api.sock"),
+                                            "http://dso/api/v1/gateways?id=" + "x" * 10_000)  # past aiohttp's 8 KiB
+        assert status == 400
+        await wait_until(lambda: "malformed HTTP request" in log.read_text(), timeout=20, what="the refusal's log line")
         text = log.read_text()
+        assert "malformed HTTP request from the local socket refused with 400: Got more than 8190 bytes" in text, text
         assert "Traceback" not in text and "unexpected internal error" not in text and "(code 1006)" not in text, text
         for line in (tmp_path / "audit.jsonl").read_text().splitlines():  # a strict reader takes every record
             strictjson.loads(line)

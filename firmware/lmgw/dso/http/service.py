@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 
 from ...config import ConfigError
@@ -44,6 +45,24 @@ SHUTDOWN_TIMEOUT = 5.0
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a scanner's, a URL past 8 KiB) at ERROR with a traceback:
+    one line saying what was refused is what an operator can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.msg = "operator API: malformed HTTP request from %s refused with %d: %s"
+            record.args = (remote or "the local socket", exc.code, (exc.message.splitlines() or [""])[0][:200])
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_MALFORMED_REQUESTS = _MalformedRequests()
 
 
 def tls_context(config: ApiConfig) -> ssl.SSLContext:
@@ -115,6 +134,7 @@ class OperatorApi:
             feed.close()
 
         app.on_shutdown.append(end_feeds)
+        logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: addFilter skips a filter it has
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         if self.tcp:
