@@ -572,3 +572,19 @@ def test_json_the_channel_and_the_api_cannot_carry_back_gets_a_clear_error_and_c
 
     with dso_process(pki, tmp_path) as (_, port, log):
         asyncio.run(scenario(log, port))
+
+
+def test_a_frame_websockets_refuses_is_closed_with_its_code_and_the_log_says_why(pki, tmp_path):
+    """Invalid UTF-8 in a text frame: websockets closes with 1007; the peer that sent it rarely answers the
+    close, and the log said only "disconnected (code 1006)"."""
+    with dso_process(pki, tmp_path) as (_, port, log):
+        ws = HandWrittenWebSocket(pki, port, "GW-0050")
+        ws.send_text(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "gw.hello", "params": hello("GW-0050")}))
+        ws.receive_text()
+        ws.sock.sendall(b"\x81\x86\0\0\0\0" + b'{"a":\xff}')  # a masked text frame (zero key) that is not UTF-8
+        close = ws._read(4)
+        assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == 1007
+        ws.sock.close()
+        asyncio.run(wait_until(lambda: "GW-0050 disconnected" in log.read_text(), what="the disconnection's line"))
+    assert ("gateway GW-0050 disconnected (code 1006): this DSO had closed it with 1007 (invalid start byte"
+            in log.read_text())

@@ -119,6 +119,15 @@ def _connection_class(open_timeout: float) -> type[ServerConnection]:
     return GatewayConnection
 
 
+def _unanswered_close(connection: Connection) -> str:
+    """Why this DSO closed a connection whose peer never answered the close (1006): websockets closes on a
+    protocol error (invalid UTF-8, a bad frame) with a code and reason the log would otherwise lose."""
+    sent, received = connection.protocol.close_sent, connection.protocol.close_rcvd
+    if sent is None or received is not None:
+        return ""
+    return f": this DSO had closed it with {sent.code}" + (f" ({sent.reason})" if sent.reason else "")
+
+
 def _client_auth_allowed(certificate: x509.Certificate) -> bool:
     try:
         usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -303,7 +312,7 @@ class DsoServer:
             if self.registry.detach(gateway_id, session):
                 self.observer.disconnected(gateway_id)
             await self.backplane.detached(entry)
-            log.info("gateway %s disconnected (code %s)", gateway_id, connection.close_code)
+            log.info("gateway %s disconnected (code %s)%s", gateway_id, connection.close_code, _unanswered_close(connection))
 
     def _kick(self, entry: GatewayEntry, code: CloseCode, reason: str) -> None:
         """The back plane closes a session of this node (claimed elsewhere, revoked elsewhere)."""
