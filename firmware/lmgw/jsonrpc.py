@@ -130,6 +130,8 @@ def error_frame(request_id: RequestId | None, error: RpcError) -> str:
 
 
 def _valid_id(value: Any) -> bool:
+    if type(value) is int:  # ours, and most peers': one test (True is a bool, not an int, here)
+        return True
     if isinstance(value, bool):
         return False
     if isinstance(value, int):

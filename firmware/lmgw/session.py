@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -48,7 +49,12 @@ class RpcSession:
         """One timer per session, at the earliest deadline among ``_waiters`` (``_expire_due``): a timer
         per call was 4% of the DSO's CPU per call in `make bench` (docs/performance.md)."""
         self._tasks: set[asyncio.Task[None]] = set()
-        self.last_received = datetime.now(timezone.utc)
+        self._received_at = time.time()
+        """When the last frame came: a float per frame, the ``datetime`` only when asked (`make bench`)."""
+
+    @property
+    def last_received(self) -> datetime:
+        return datetime.fromtimestamp(self._received_at, timezone.utc)
 
     @property
     def serving(self) -> int:
@@ -106,14 +112,16 @@ class RpcSession:
         """Serve the connection until it closes."""
         try:
             async for frame in self.connection:
-                self.last_received = datetime.now(timezone.utc)
+                self._received_at = time.time()
                 event = self._peer.receive(frame)
                 # A call's two events (its request, its response) without a coroutine per frame (`make bench`)
                 if isinstance(event, Response):
                     self._resolve(event)
                 elif isinstance(event, (Request, Notification)):
                     if self.methods.immediate(event.method):
-                        await self._serve(event)  # waits only to write the answer, like a refusal
+                        answer = self._serve_now(event)
+                        if answer is not None:
+                            await self._send(answer)  # waits only to write the answer, like a refusal
                     else:
                         self._tasks.add(asyncio.create_task(self._serve(event)))
                 else:
@@ -152,28 +160,42 @@ class RpcSession:
             waiter.set_result(response.result)
 
     async def _serve(self, call: Request | Notification) -> None:
-        """Answer one of the peer's calls, then free its place (one coroutine per call: no nested ones).
+        """Answer one of the peer's calls in a task of its own, then free its place (one coroutine per
+        call: no nested ones).
 
         Its task leaves ``_tasks`` here rather than through a done callback, which would cost the loop one
         more callback per call (`make bench`, docs/performance.md)."""
         try:
             try:
-                result = await self.methods.dispatch(call.method, call.params)
-                answer = self._answer(call, result)
+                answer = self._answer(call, await self.methods.dispatch(call.method, call.params))
             except RpcError as error:
-                if isinstance(call, Notification):
-                    log.warning("notification %s from %s failed: %s", call.method, self.name, error.message)
-                else:
-                    await self._send(self._peer.error(call.id, error))
-            else:
-                if answer is not None:
-                    await self._send(answer)
+                answer = self._refusal(call, error)
+            if answer is not None:
+                await self._send(answer)
         finally:
             if (task := asyncio.current_task()) is not None:
                 self._tasks.discard(task)
-            refused = self._peer.finished()
-            if refused:
-                log.info("%s: serving calls again after refusing %d with %d", self.name, refused, RpcCode.TOO_MANY_CALLS)
+            self._finished()
+
+    def _serve_now(self, call: Request | Notification) -> str | None:
+        """An immediate method's answer (None for a notification), its place freed: no coroutine at all."""
+        try:
+            return self._answer(call, self.methods.dispatch_now(call.method, call.params))
+        except RpcError as error:
+            return self._refusal(call, error)
+        finally:
+            self._finished()
+
+    def _refusal(self, call: Request | Notification, error: RpcError) -> str | None:
+        if isinstance(call, Notification):
+            log.warning("notification %s from %s failed: %s", call.method, self.name, error.message)
+            return None
+        return self._peer.error(call.id, error)
+
+    def _finished(self) -> None:
+        refused = self._peer.finished()
+        if refused:
+            log.info("%s: serving calls again after refusing %d with %d", self.name, refused, RpcCode.TOO_MANY_CALLS)
 
     def _answer(self, call: Request | Notification, result: Any) -> str | None:
         """The frame that answers a served call (None for a notification). A result json cannot encode is

@@ -40,8 +40,14 @@ def loads(text: str | bytes, *, finite: bool = False) -> Any:
     beyond a double's range."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")  # strict: bytes that are not UTF-8 never become a str with surrogates
+    decoder = _FINITE_DECODER if finite else _DECODER
     try:
-        value = (_FINITE_DECODER if finite else _DECODER).decode(text)
+        try:  # no whitespace around the value, as every peer of ours sends it: decode's two regex scans skipped
+            value, end = decoder.raw_decode(text)
+        except ValueError:
+            end = -1
+        if end != len(text):
+            value = decoder.decode(text)  # whitespace around it, or json's own error for what is wrong
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     # A str decoded from UTF-8 (websockets, aiohttp, the line above) holds no surrogate of its own: only

@@ -15,8 +15,11 @@ from typing import Any, Protocol
 
 
 class Session(Protocol):
-    last_received: datetime
+    @property
+    def last_received(self) -> datetime: ...
+
     connection: Any
+
 
 SEEN_EVENT_IDS = 4096
 """Event ids remembered per gateway, to drop redelivered events."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 from ..events import EventLog
@@ -31,11 +32,13 @@ class EmbeddedBackplane:
     async def hello(self, entry: GatewayEntry) -> None:
         pass
 
-    async def call(self, gateway_id: str, method: str, params: dict[str, Any], timeout: float | None) -> Any:
+    def call(self, gateway_id: str, method: str, params: dict[str, Any], timeout: float | None) -> Coroutine[Any, Any, Any]:
+        """The session's own call, handed on rather than awaited here: one coroutine less per call (`make bench`)."""
         entry = self.registry.get(gateway_id)
         if entry is None:
             raise LookupError(f"gateway {gateway_id} is not connected")
-        return await entry.session.call(method, params, timeout=timeout)
+        call: Coroutine[Any, Any, Any] = entry.session.call(method, params, timeout=timeout)
+        return call
 
     async def gateways(self) -> list[dict[str, Any]]:
         return [entry.to_json() for entry in self.registry.entries()]
