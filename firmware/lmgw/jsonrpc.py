@@ -119,10 +119,7 @@ def encode(message: dict[str, Any]) -> str:
     """Compact JSON as sent on the wire; ``ValueError`` for what a text frame cannot carry: NaN, an
     infinite number, a string with an unpaired surrogate (from a file name, say), which websockets would
     fail to send after the frame was queued, dropping the connection."""
-    text = "".join(_ENCODE(message, 0))
-    if not text.isascii():  # a flag of the str: free for the usual frame
-        text.encode("utf-8")  # UnicodeEncodeError, a ValueError
-    return text
+    return strictjson.utf8_text("".join(_ENCODE(message, 0)))
 
 
 def error_frame(request_id: RequestId | None, error: RpcError) -> str:

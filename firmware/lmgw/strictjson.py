@@ -53,17 +53,22 @@ def loads(text: str | bytes, *, finite: bool = False) -> Any:
     # A str decoded from UTF-8 (websockets, aiohttp, the line above) holds no surrogate of its own: only
     # a \u escape makes one, and most texts have none, so this costs one search.
     if "\\u" in text:
-        _refuse_surrogates(value)
+        utf8_text(json.dumps(value, ensure_ascii=False))
     return value
 
 
-def _refuse_surrogates(value: Any) -> None:
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        found = exc.object[exc.start:exc.end].encode("unicode_escape").decode("ascii")
-        raise ValueError(f"a string holds the unpaired surrogate {found}, which is not Unicode text "
-                         "(RFC 7493): escape characters beyond U+FFFF as a pair or send them as UTF-8") from None
+def utf8_text(text: str) -> str:
+    """``text`` if UTF-8 can carry it, else ``ValueError`` naming the unpaired surrogate it holds (from a
+    ``\\u`` escape, or a file name's undecodable byte): JSON written with ``ensure_ascii=False`` must pass
+    here before it is sent or stored."""
+    if not text.isascii():  # a flag of the str: free for the usual text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            found = exc.object[exc.start:exc.end].encode("unicode_escape").decode("ascii")
+            raise ValueError(f"a string holds the unpaired surrogate {found}, which is not Unicode text "
+                             "(RFC 7493): escape characters beyond U+FFFF as a pair or send them as UTF-8") from None
+    return text
 
 
 def dumps(value: Any) -> str:
@@ -73,9 +78,7 @@ def dumps(value: Any) -> str:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:
         raise ValueError("it holds a number beyond a double's range (about 1.8e308) or NaN") from None
-    if not text.isascii():
-        text.encode("utf-8")  # UnicodeEncodeError (a ValueError) on an unpaired surrogate
-    return text
+    return utf8_text(text)
 
 
 def check_writable(value: Any) -> None:

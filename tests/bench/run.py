@@ -343,7 +343,7 @@ async def bench_throughput(work: Path, n: int, seconds: float) -> list[str]:
         memory,
         f"throughput: bare websockets echo, same mTLS, {n} connections: {bare.rate():.0f} round trips/s; "
         f"LMGW/bare ratio {ours.rate() / bare.rate():.2f} ({ours.seconds:.0f} s of each, alternating {SLICE_S:g} s slices)",
-        f"throughput: JSON-RPC floor (the same calls and answers, json and a future per call, no LMGW code), "
+        f"throughput: JSON-RPC floor (the same calls and answers, json made once and a future per call, no LMGW session code), "
         f"{n} connections: {floor.rate():.0f} calls/s; floor/bare ratio {floor.rate() / bare.rate():.2f}, "
         f"LMGW/floor ratio {ours.rate() / floor.rate():.2f}",
         # CPU per call is what the rate ratio stands for, and it is steadier when the machine is shared
